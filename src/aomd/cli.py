@@ -1,0 +1,49 @@
+"""What the Hydra entrypoints share: user errors as one line, and failed sweep jobs recorded."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from aomd.errors import UserError
+from aomd.tracking import read_metrics, write_json_atomic, METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(job_dir: Path, error: BaseException) -> None:
+    """Make the job's metrics.json say it failed (the tracker already does once training started)."""
+    state = read_metrics(job_dir) or {"best": None, "history": []}
+    if state.get("status") != "failed":
+        state.update(status="failed", error=f"{type(error).__name__}: {error}")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(job_dir / METRICS_FILE, state)
+
+
+def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str) -> float:
+    """Run a task function. A single run ends on bad input with one line on stderr and exit code 2;
+    in a sweep, a failed job (bad value, NaN, out of memory, ...) is recorded in its metrics.json
+    and returns NaN, so the other jobs go on."""
+    try:
+        return task(cfg)
+    except Exception as error:
+        if in_multirun():
+            job_dir = Path(HydraConfig.get().runtime.output_dir)
+            record_failure(job_dir, error)
+            log.error("Job %s failed: %s: %s", HydraConfig.get().job.num, type(error).__name__, error,
+                      exc_info=not isinstance(error, UserError))
+            return math.nan
+        if isinstance(error, UserError):
+            print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise

@@ -1,0 +1,159 @@
+"""The configuration schema and its validation, run before any data or model is built.
+
+Hydra composes `conf/train.yaml` with its groups; `validate` then checks the result against the
+typed schema below and the value rules, and raises `ConfigError` with one sentence naming the key.
+Group configs that map to a constructor (`dataset`, `sampler`, `loss`) keep their own keys; the
+constructors check those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from aomd.errors import ConfigError
+from aomd.models.backbones import BACKBONES
+
+
+def config_dir() -> str:
+    """Absolute path of the packaged Hydra configs (works installed, editable, or from a checkout)."""
+    packaged = Path(__file__).resolve().parent / "conf"  # a regular install ships conf/ inside the package
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "conf")  # editable install: the repository's conf/
+
+
+@dataclass
+class BackboneSchema:
+    name: str = MISSING
+    pretrained: bool = False
+
+
+@dataclass
+class TrainSchema:
+    epochs: int = MISSING
+    iters_per_epoch: int = MISSING
+    batch_size: int = MISSING
+    images_per_class: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = 0.0
+    lr_decay_epochs: list[int] = field(default_factory=list)
+    lr_decay_gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    pin_memory: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalSchema:
+    recall_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    batch_size: int = 256
+    chunk_size: int = 1024
+
+
+@dataclass
+class LoggerSchema:
+    enabled: bool = True
+    mode: str = "offline"
+    project: str = "aomd"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TeacherSchema:
+    backbone: str = "resnet50"
+    embedding_size: int = 512
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    train_if_missing: bool = True
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfigSchema:
+    dataset: Any = MISSING
+    backbone: BackboneSchema = field(default_factory=BackboneSchema)
+    sampler: Any = MISSING
+    loss: Any = MISSING
+    teacher: TeacherSchema = field(default_factory=TeacherSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    embedding_size: int = 128
+    l2normalize: bool = True
+    train: TrainSchema = field(default_factory=TrainSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    paths: dict[str, Any] = field(default_factory=dict)
+    skip_finished: bool = True
+
+
+def _typed(cfg: DictConfig, schema: type) -> DictConfig:
+    """`cfg` merged onto the schema: wrong types and unknown keys become a ConfigError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        OmegaConf.resolve(merged)
+        return merged
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or getattr(error, "key", None)
+        reason = getattr(error, "msg", None) or str(error)
+        reason = reason.splitlines()[0].rstrip(".")
+        raise ConfigError(f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file.") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_train(train) -> None:
+    """Value rules of the `train` section (shared by student and teacher recipes)."""
+    _require(train.epochs >= 0, f"train.epochs must be 0 or more, got {train.epochs}.")
+    _require(train.iters_per_epoch >= 1, f"train.iters_per_epoch must be at least 1, got {train.iters_per_epoch}.")
+    _require(train.lr > 0, f"train.lr must be positive, got {train.lr}.")
+    _require(train.weight_decay >= 0, f"train.weight_decay must be 0 or more, got {train.weight_decay}.")
+    _require(train.lr_decay_gamma > 0, f"train.lr_decay_gamma must be positive, got {train.lr_decay_gamma}.")
+    _require(train.images_per_class >= 2,
+             f"train.images_per_class must be at least 2 so that batches hold positive pairs, got {train.images_per_class}.")
+    _require(train.batch_size >= 2 * train.images_per_class,
+             f"train.batch_size ({train.batch_size}) must be at least 2 x train.images_per_class "
+             f"({2 * train.images_per_class}) so that every batch holds negatives.")
+    _require(train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:"),
+             f"train.device must be auto, cpu or cuda, got {train.device!r}.")
+    _require(train.num_workers >= 0, f"train.num_workers must be 0 or more, got {train.num_workers}.")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """The composed config, typed and resolved; raises ConfigError on the first bad value."""
+    cfg = _typed(cfg, TrainConfigSchema)
+    _require(cfg.backbone.name in BACKBONES,
+             f"backbone.name must be one of {', '.join(BACKBONES)}, got {cfg.backbone.name!r}.")
+    _require(cfg.teacher.backbone in BACKBONES,
+             f"teacher.backbone must be one of {', '.join(BACKBONES)}, got {cfg.teacher.backbone!r}.")
+    _require(cfg.embedding_size >= 1, f"embedding_size must be at least 1, got {cfg.embedding_size}.")
+    _require(cfg.teacher.embedding_size >= 1, f"teacher.embedding_size must be at least 1, got {cfg.teacher.embedding_size}.")
+    check_train(cfg.train)
+    _require(len(cfg.eval.recall_k) > 0 and all(k >= 1 for k in cfg.eval.recall_k),
+             f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
+    _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")
+    _require(cfg.logger.mode in ("online", "offline", "disabled"),
+             f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}.")
+    image_size = cfg.dataset.get("image_size")
+    _require(image_size is None or (isinstance(image_size, int) and image_size >= 32),
+             f"dataset.image_size must be an integer of at least 32, got {image_size!r}.")
+    base_size = cfg.dataset.get("base_size")
+    _require(base_size is None or image_size is None or base_size >= image_size,
+             f"dataset.image_size ({image_size}) cannot be larger than dataset.base_size ({base_size}), the stored size it is cropped from.")
+    return cfg
+
+
+def check_test_size(recall_k, test_images: int) -> None:
+    """Recall@K needs K other images for every query."""
+    _require(max(recall_k) < test_images,
+             f"eval.recall_k asks for K = {max(recall_k)} but the test split has only {test_images} images; "
+             f"use values below {test_images}.")

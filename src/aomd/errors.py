@@ -1,0 +1,10 @@
+"""Errors that mean the user asked for something impossible; the entrypoints print them as one line."""
+
+
+class UserError(Exception):
+    """Bad input: configuration, checkpoint, dataset or environment. The message says what was
+    wrong and what to do, in one sentence."""
+
+
+class ConfigError(UserError, ValueError):
+    """The configuration has a wrong type or an impossible value."""

@@ -1,0 +1,114 @@
+"""AOMD: architecture oriented mapping distillation (METHODS.md section 3)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def match_spatial(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two feature maps [N, C, H, W] to the other's spatial size."""
+    if teacher.shape[-2:] == student.shape[-2:]:
+        return teacher, student
+    if teacher.shape[-2] * teacher.shape[-1] > student.shape[-2] * student.shape[-1]:
+        return F.adaptive_avg_pool2d(teacher, student.shape[-2:]), student
+    return teacher, F.adaptive_avg_pool2d(student, teacher.shape[-2:])
+
+
+def full_mapping_term(x_s, y_s, x_t, y_t) -> torch.Tensor:
+    """Mode 1: mean over N * Dy * Dx entries of (y_s x_s^T - y_t x_t^T)^2, without the outer product.
+
+    Per sample ||y_s x_s^T - y_t x_t^T||_F^2 = |y_s|^2 |x_s|^2 - 2 (y_s . y_t)(x_s . x_t) + |y_t|^2 |x_t|^2.
+    x: bottom descriptors [N, Dx], y: top descriptors [N, Dy]. The dot products are taken in
+    float64 because the three terms nearly cancel when student and teacher agree.
+    """
+    x_s, y_s, x_t, y_t = (v.double() for v in (x_s, y_s, x_t, y_t))
+    per_sample = (
+        (y_s * y_s).sum(1) * (x_s * x_s).sum(1)
+        - 2.0 * (y_s * y_t).sum(1) * (x_s * x_t).sum(1)
+        + (y_t * y_t).sum(1) * (x_t * x_t).sum(1)
+    )
+    n, dx, dy = x_s.shape[0], x_s.shape[1], y_s.shape[1]
+    return (per_sample.sum() / (n * dx * dy)).float()
+
+
+def pooled_mapping_term(x_s, y_s, x_t, y_t) -> torch.Tensor:
+    """Mode 2: mean over N * Dy entries of (y_s * mean(x_s) - y_t * mean(x_t))^2.
+
+    y * mean(x) is the mode-1 mapping y x^T averaged over its bottom axis.
+    """
+    m_s = y_s * x_s.mean(1, keepdim=True)
+    m_t = y_t * x_t.mean(1, keepdim=True)
+    return (m_s - m_t).pow(2).mean()
+
+
+class AOMDLoss(nn.Module):
+    """AOMD between teacher and (already adapted) student stage features.
+
+    Called as ``loss(teacher_feats, student_feats)`` with two equally long lists of [N, C_l, H_l, W_l]
+    tensors (student channels already mapped to the teacher's by the adapters). Per stage l:
+    global descriptor g_l = mean over H, W [N, C_l]; local descriptor q_l = mean over C [N, H_l W_l].
+    For each consecutive pair (l, l+1) of the same descriptor kind, the mapping term is
+    `full_mapping_term` (mode 1) or `pooled_mapping_term` (mode 2), and
+
+        AOMD = global_weight * sum(global terms) + local_weight * sum(local terms).
+
+    Memory is O(N * (C + H*W)); no per-sample matrix is formed. Where a student stage has another
+    spatial size than the teacher's, the larger map is average-pooled to the smaller first.
+    """
+
+    def __init__(self, mode: int = 2, global_weight: float = 1.0, local_weight: float = 1.0):
+        super().__init__()
+        if mode not in (1, 2):
+            raise ValueError(f"AOMD mode must be 1 (full mapping) or 2 (pooled mapping), not {mode}.")
+        self.mode, self.global_weight, self.local_weight = mode, global_weight, local_weight
+        self.mapping_term = full_mapping_term if mode == 1 else pooled_mapping_term
+
+    def forward(self, teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert len(teacher_feats) == len(student_feats) >= 2, "need two or more stages of each network"
+        global_t, global_s, local_t, local_s = [], [], [], []
+        for t, s in zip(teacher_feats, student_feats):
+            assert t.shape[:2] == s.shape[:2], f"student stage {tuple(s.shape)} not adapted to teacher {tuple(t.shape)}"
+            t, s = match_spatial(t, s)
+            if self.global_weight:
+                global_t.append(t.mean((2, 3)))
+                global_s.append(s.mean((2, 3)))
+            if self.local_weight:
+                local_t.append(t.mean(1).flatten(1))
+                local_s.append(s.mean(1).flatten(1))
+        total = student_feats[0].new_zeros(())
+        for weight, t, s in ((self.global_weight, global_t, global_s), (self.local_weight, local_t, local_s)):
+            if weight:
+                total = total + weight * sum(
+                    self.mapping_term(s[l], s[l + 1], t[l], t[l + 1]) for l in range(len(s) - 1)
+                )
+        return total
+
+
+class StageAdapters(nn.Module):
+    """Per-stage 1x1 convolution + ReLU from student to teacher channels (student parameters)."""
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int]):
+        super().__init__()
+        assert len(student_channels) == len(teacher_channels)
+        self.adapters = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(s, t, kernel_size=1), nn.ReLU(inplace=True))
+            for s, t in zip(student_channels, teacher_channels)
+        )
+
+    def forward(self, student_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [adapter(f) for adapter, f in zip(self.adapters, student_feats)]
+
+
+class AdaptedAOMD(nn.Module):
+    """The AOMD training term: the student's stages go through their adapters, then `AOMDLoss`."""
+
+    def __init__(self, student_channels, teacher_channels, mode: int = 2, global_weight: float = 1.0, local_weight: float = 1.0):
+        super().__init__()
+        self.adapters = StageAdapters(student_channels, teacher_channels)
+        self.aomd = AOMDLoss(mode, global_weight, local_weight)
+
+    def forward(self, teacher_feats, student_feats) -> torch.Tensor:
+        return self.aomd(teacher_feats, self.adapters(student_feats))

@@ -1,0 +1,114 @@
+"""The five negative samplers of METHODS.md section 2, vectorised over the batch.
+
+A sampler takes embeddings [N, D] and labels [N] and returns three index tensors
+(anchors, positives, negatives) of equal length T, one entry per triplet. Anchor-positive pairs
+are every ordered pair (a, p) with y_a = y_p and a != p; the sampler chooses negatives n
+(y_n != y_a) for them. Distances are Euclidean and computed without gradient.
+"""
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import nn
+
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class NegativeSampler(nn.Module, abc.ABC):
+    """Base class: finds the anchor-positive pairs, subclasses choose negatives."""
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        with torch.no_grad():
+            same = labels[:, None] == labels[None, :]
+            eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+            anchors, positives = (same & ~eye).nonzero(as_tuple=True)
+            negative_mask = ~same  # [N, N]: n is a negative of anchor a
+            dist = torch.cdist(embeddings.detach().float(), embeddings.detach().float())
+            return self.choose(dist, anchors, positives, negative_mask, embeddings.shape[1])
+
+    @abc.abstractmethod
+    def choose(self, dist: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor,
+               negative_mask: torch.Tensor, dim: int) -> Triplets:
+        """Negatives for the pairs (anchors[i], positives[i]), given distances [N, N], the
+        negative mask [N, N] and the embedding size `dim`."""
+
+
+def _one_per_pair(weights: torch.Tensor, anchors, positives) -> Triplets:
+    """Draw one negative per pair from per-pair weights [P, N] (rows must have a positive sum)."""
+    negatives = torch.multinomial(weights, 1).squeeze(1) if len(anchors) else anchors
+    return anchors, positives, negatives
+
+
+def _keep_pairs_with_negatives(anchors, positives, negative_mask):
+    has_negative = negative_mask[anchors].any(1)
+    return anchors[has_negative], positives[has_negative]
+
+
+class RandomNegatives(NegativeSampler):
+    """One uniformly random negative per anchor-positive pair."""
+
+    def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
+        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
+        return _one_per_pair(negative_mask[anchors].float(), anchors, positives)
+
+
+class HardNegatives(NegativeSampler):
+    """The closest negative of the anchor."""
+
+    def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
+        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
+        negative_dist = dist.masked_fill(~negative_mask, math.inf)
+        return anchors, positives, negative_dist.argmin(1)[anchors]
+
+
+class SemiHardNegatives(NegativeSampler):
+    """The closest negative farther than the positive; if there is none, the farthest negative."""
+
+    def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
+        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
+        row = dist[anchors]  # [P, N]
+        is_negative = negative_mask[anchors]
+        semihard = is_negative & (row > dist[anchors, positives][:, None])
+        closest_semihard = row.masked_fill(~semihard, math.inf).argmin(1)
+        farthest = row.masked_fill(~is_negative, -math.inf).argmax(1)
+        return anchors, positives, torch.where(semihard.any(1), closest_semihard, farthest)
+
+
+class DistanceWeightedNegatives(NegativeSampler):
+    """Distance-weighted sampling (Wu et al., 2017) for l2-normalised embeddings.
+
+    With s the anchor-negative distance clipped below at `cutoff` and d the embedding size,
+    weight(n) ~ s^(2-d) * (1 - s^2/4)^((3-d)/2), i.e. the inverse of the density of distances
+    between points uniform on the unit sphere; zero where s >= `nonzero_loss_cutoff`. Computed in
+    log space and normalised per anchor; an anchor with no weight left samples uniformly.
+    """
+
+    def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4):
+        super().__init__()
+        self.cutoff = cutoff
+        self.nonzero_loss_cutoff = nonzero_loss_cutoff
+
+    def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
+        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
+        d = float(dim)
+        s = dist.clamp(min=self.cutoff, max=1.999)  # upper clamp keeps log(1 - s^2/4) finite
+        log_w = (2.0 - d) * s.log() + ((3.0 - d) / 2.0) * (1.0 - s.pow(2) / 4.0).log()
+        allowed = negative_mask & (dist < self.nonzero_loss_cutoff)
+        log_w = log_w.masked_fill(~allowed, -math.inf)
+        # normalise per anchor in log space: subtract the row maximum before exponentiating
+        row_max = log_w.max(1, keepdim=True).values
+        weights = (log_w - row_max.masked_fill(~torch.isfinite(row_max), 0.0)).exp()
+        empty = weights.sum(1) == 0
+        weights[empty] = negative_mask[empty].float()  # no weight left: uniform over negatives
+        weights = weights / weights.sum(1, keepdim=True)
+        return _one_per_pair(weights[anchors], anchors, positives)
+
+
+class AllNegatives(NegativeSampler):
+    """Every (anchor, positive, negative) combination."""
+
+    def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
+        pair, negatives = negative_mask[anchors].nonzero(as_tuple=True)
+        return anchors[pair], positives[pair], negatives

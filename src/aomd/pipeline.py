@@ -1,0 +1,89 @@
+"""Builds the parts of a training job from a validated config and runs it (student or teacher)."""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from aomd.config import check_test_size
+from aomd.data import RetrievalData
+from aomd.engine import fit
+from aomd.errors import ConfigError, UserError
+from aomd.losses.objective import NetworkShape, Objective
+from aomd.models import EmbeddingNet
+from aomd.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, **kwargs)`, with a user's mistake reported as a ConfigError."""
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        reason = str(cause or error).splitlines()[0]
+        raise ConfigError(f"The {what} config could not be built: {reason}") from None
+
+
+def build_network(backbone: str, embedding_size: int, l2normalize: bool, pretrained: bool) -> EmbeddingNet:
+    return EmbeddingNet(backbone, embedding_size, l2normalize, pretrained)
+
+
+def network_shape(model: EmbeddingNet, image_size: int) -> NetworkShape:
+    return NetworkShape(tuple(model.stage_channels(image_size)), model.architecture.embedding_size)
+
+
+def build_objective(cfg: DictConfig, student: EmbeddingNet, teacher: EmbeddingNet | None) -> Objective:
+    """The `loss` group's Objective, with the `sampler` group's negative sampler."""
+    image_size = cfg.dataset.get("image_size", 64)
+    return build(
+        cfg.loss, "loss",
+        sampler=build(cfg.sampler, "sampler"),
+        student=network_shape(student, image_size),
+        teacher=None if teacher is None else network_shape(teacher, image_size),
+    )
+
+
+def load_data(cfg: DictConfig) -> RetrievalData:
+    """The `dataset` group's data, with the test split checked against `eval.recall_k`."""
+    data = build(cfg.dataset, "dataset")
+    summary = data.summary()
+    log.info("%s: %d train images of %d classes, %d test images of %d classes", data.name,
+             summary["train_images"], summary["train_classes"], summary["test_images"], summary["test_classes"])
+    check_test_size(cfg.eval.recall_k, summary["test_images"])
+    return data
+
+
+def train_network(cfg: DictConfig, data: RetrievalData, model: EmbeddingNet, objective: Objective, out_dir: Path,
+                  job_type: str, teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
+                  run_name: str | None = None, tags: list[str] | None = None) -> dict[str, Any]:
+    """Fit `model` and track the job (W&B run, metrics.json, console table); the best record."""
+    first_metric = f"recall@{min(cfg.eval.recall_k)}"
+    tracker = Tracker(cfg, out_dir, job_type, data.summary(), first_metric, run_name, tags)
+    try:
+        if teacher_metrics is not None:
+            tracker.log_teacher(teacher_metrics)
+        best = fit(model, objective, data, cfg, out_dir, tracker.log_epoch, teacher)
+    except BaseException as error:
+        tracker.finish("failed", error=f"{type(error).__name__}: {error}")
+        raise
+    tracker.finish("finished")
+    print(f"\n{job_type} {model.architecture.backbone}-{model.architecture.embedding_size} on {data.name} "
+          f"(Recall@K and MAP@R in %, * = best):\n{tracker.summary_table()}\n", flush=True)
+    return best
