@@ -47,3 +47,24 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
             print(f"{program}: error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
+
+
+def check_group_options(argv: list[str], config_path: str, program: str) -> None:
+    """Exit with one line when a `group=option` override names an option that does not exist.
+
+    Hydra reports this too, over many lines; this says it in one, with the valid options.
+    """
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        group = Path(config_path) / key
+        if "." in key or "/" in key or not group.is_dir() or any(c in value for c in "()[]{}$"):
+            continue  # a key, a Hydra group such as hydra/launcher, or a sweep expression
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in options and option != "null":
+                print(f"{program}: error: unknown {key} option {option!r}; choose one of: {', '.join(options)}.",
+                      file=sys.stderr, flush=True)
+                sys.exit(2)

@@ -93,17 +93,26 @@ class TrainConfigSchema:
     skip_finished: bool = True
 
 
+@dataclass
+class EvaluateConfigSchema(TrainConfigSchema):
+    checkpoint: str = MISSING
+    output: Optional[str] = None
+
+
 def _typed(cfg: DictConfig, schema: type) -> DictConfig:
     """`cfg` merged onto the schema: wrong types and unknown keys become a ConfigError."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         OmegaConf.resolve(merged)
-        return merged
+        missing = sorted(OmegaConf.missing_keys(merged))
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or getattr(error, "key", None)
         reason = getattr(error, "msg", None) or str(error)
         reason = reason.splitlines()[0].rstrip(".")
         raise ConfigError(f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file.") from None
+    if missing:
+        raise ConfigError(f"`{missing[0]}` has no value; set it on the command line, e.g. {missing[0]}=<value>.")
+    return merged
 
 
 def _require(condition: bool, message: str) -> None:
@@ -128,9 +137,9 @@ def check_train(train) -> None:
     _require(train.num_workers >= 0, f"train.num_workers must be 0 or more, got {train.num_workers}.")
 
 
-def validate(cfg: DictConfig) -> DictConfig:
+def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
     """The composed config, typed and resolved; raises ConfigError on the first bad value."""
-    cfg = _typed(cfg, TrainConfigSchema)
+    cfg = _typed(cfg, schema)
     _require(cfg.backbone.name in BACKBONES,
              f"backbone.name must be one of {', '.join(BACKBONES)}, got {cfg.backbone.name!r}.")
     _require(cfg.teacher.backbone in BACKBONES,

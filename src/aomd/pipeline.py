@@ -29,16 +29,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate(node, **kwargs)`, with a user's mistake reported as a ConfigError."""
+def build(node: DictConfig, what: str, **objects: Any) -> Any:
+    """Instantiate a config group's `_target_` with `objects` (built Python objects) as extra
+    arguments; a user's mistake in the group's keys is reported as a ConfigError."""
     try:
-        return instantiate(node, **kwargs, _convert_="all")
+        # partial first: Hydra would turn the extra objects into configs if passed to instantiate
+        factory = instantiate(node, _partial_=True, _convert_="all")
     except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        reason = str(cause or error).splitlines()[0]
-        raise ConfigError(f"The {what} config could not be built: {reason}") from None
+        raise ConfigError(f"The {what} config could not be built: {_first_line(error.__cause__ or error)}") from None
+    try:
+        return factory(**objects)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as error:  # unknown keys, impossible values
+        raise ConfigError(f"The {what} config could not be built: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0]
 
 
 def build_network(backbone: str, embedding_size: int, l2normalize: bool, pretrained: bool) -> EmbeddingNet:

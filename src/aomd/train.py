@@ -6,13 +6,14 @@ trains and evaluates; returns the best test Recall@1 so Hydra sweepers can optim
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from aomd.cli import in_multirun, run_task
+from aomd.cli import check_group_options, in_multirun, run_task
 from aomd.config import config_dir, validate
 from aomd.engine import evaluate, resolve_device
 from aomd.losses.objective import Objective
@@ -71,4 +72,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_group_options(sys.argv[1:], config_dir(), "aomd.train")
     main()

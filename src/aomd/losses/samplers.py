@@ -90,11 +90,10 @@ class DistanceWeightedNegatives(NegativeSampler):
         self.cutoff = cutoff
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
 
-    def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
-        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
-        d = float(dim)
-        s = dist.clamp(min=self.cutoff, max=1.999)  # upper clamp keeps log(1 - s^2/4) finite
-        log_w = (2.0 - d) * s.log() + ((3.0 - d) / 2.0) * (1.0 - s.pow(2) / 4.0).log()
+    def weights(self, dist: torch.Tensor, negative_mask: torch.Tensor, dim: int) -> torch.Tensor:
+        """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows)."""
+        s = dist.clamp(min=self.cutoff, max=1.999)  # the upper clamp keeps log(1 - s^2/4) finite
+        log_w = (2.0 - dim) * s.log() + ((3.0 - dim) / 2.0) * (1.0 - s.pow(2) / 4.0).log()
         allowed = negative_mask & (dist < self.nonzero_loss_cutoff)
         log_w = log_w.masked_fill(~allowed, -math.inf)
         # normalise per anchor in log space: subtract the row maximum before exponentiating
@@ -102,8 +101,11 @@ class DistanceWeightedNegatives(NegativeSampler):
         weights = (log_w - row_max.masked_fill(~torch.isfinite(row_max), 0.0)).exp()
         empty = weights.sum(1) == 0
         weights[empty] = negative_mask[empty].float()  # no weight left: uniform over negatives
-        weights = weights / weights.sum(1, keepdim=True)
-        return _one_per_pair(weights[anchors], anchors, positives)
+        return weights / weights.sum(1, keepdim=True).clamp(min=1e-30)
+
+    def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
+        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
+        return _one_per_pair(self.weights(dist, negative_mask, dim)[anchors], anchors, positives)
 
 
 class AllNegatives(NegativeSampler):

@@ -1,0 +1,52 @@
+"""Evaluate a checkpoint: `python -m aomd.evaluate checkpoint=<path> [dataset=...]`.
+
+Prints Recall@K and MAP@R on the dataset's test split and writes them to a JSON file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from aomd.cli import check_group_options, run_task
+from aomd.config import EvaluateConfigSchema, config_dir, validate
+from aomd.engine import evaluate as evaluate_split
+from aomd.engine import resolve_device
+from aomd.models import load_model
+from aomd.pipeline import load_data
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> float:
+    cfg = validate(cfg, EvaluateConfigSchema)
+    model = load_model(cfg.checkpoint)  # fails early, before any data is read, on a bad checkpoint
+    data = load_data(cfg)
+    metrics = evaluate_split(model.to(resolve_device(cfg.train.device)), data.test, data.image_size, cfg.eval,
+                             resolve_device(cfg.train.device), cfg.train.num_workers, cfg.train.progress)
+    output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "evaluation.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "architecture": model.architecture.as_dict(),
+              "dataset": data.summary(), "metrics": metrics}
+    output.write_text(json.dumps(result, indent=2))
+    print(f"{model.architecture.backbone}-{model.architecture.embedding_size} on {data.name} test "
+          f"({data.summary()['test_images']} images):")
+    for key, value in metrics.items():
+        print(f"  {key:>10}  {100 * value:6.2f}")
+    print(f"written to {output}")
+    return metrics[f"recall@{min(cfg.eval.recall_k)}"]
+
+
+@hydra.main(config_path=config_dir(), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    return run_task(evaluate, cfg, "aomd.evaluate")
+
+
+if __name__ == "__main__":
+    check_group_options(sys.argv[1:], config_dir(), "aomd.evaluate")
+    main()

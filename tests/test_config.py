@@ -1,0 +1,90 @@
+"""Config composition, validation, and bad input reported as one line without a traceback."""
+import pytest
+from omegaconf import OmegaConf
+
+from aomd.config import config_dir, validate
+from aomd.errors import ConfigError
+from conftest import compose, run_module
+
+from pathlib import Path
+
+GROUPS = {
+    "dataset": {"synthetic"},
+    "backbone": {"resnet18", "resnet34", "resnet50", "resnet101", "googlenet"},
+    "sampler": {"distance", "semihard", "hard", "random", "all"},
+    "loss": {"triplet", "triplet_l1", "contrastive", "aomd_mode1", "aomd_mode2", "sp", "at", "fitnet", "darkrank", "rkd"},
+    "logger": {"wandb", "none"},
+}
+
+
+def test_defaults_compose_and_validate():
+    cfg = validate(compose())
+    assert cfg.backbone.name == "resnet18" and cfg.backbone.pretrained is False  # synthetic trains from scratch
+    assert cfg.embedding_size == 128 and cfg.l2normalize is True
+    assert list(cfg.eval.recall_k) == [1, 2, 4, 8]
+    assert cfg.loss.triplet_ratio == 1.0 and cfg.loss.aomd_ratio == 0.0
+    assert cfg.logger.mode in ("offline", "online", "disabled")
+    assert cfg.teacher.backbone == "resnet50" and cfg.teacher.embedding_size == 512
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in sorted(options)])
+def test_every_group_option_composes(group, option):
+    assert {p.stem for p in (Path(config_dir()) / group).glob("*.yaml")} >= GROUPS[group]
+    cfg = validate(compose(f"{group}={option}"))
+    assert cfg is not None
+
+
+def test_logger_mode_follows_wandb_mode(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert validate(compose()).logger.mode == "online"
+    monkeypatch.delenv("WANDB_MODE")
+    assert validate(compose()).logger.mode == "offline"
+
+
+def test_rkd_turns_off_l2_normalisation():
+    assert validate(compose("loss=rkd")).l2normalize is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", "train.lr must be positive"),
+    ("train.lr=abc", "train.lr"),
+    ("train.batch_size=6", "at least 2 x train.images_per_class"),
+    ("train.epochs=two", "train.epochs"),
+    ("eval.recall_k=[0]", "eval.recall_k"),
+    ("logger.mode=sometimes", "logger.mode"),
+    ("backbone.name=vgg", "backbone.name must be one of"),
+])
+def test_validation_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate(compose(override))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["loss=foo"], ["unknown loss option 'foo'", "aomd_mode2", "triplet"]),
+    (["sampler=nearest"], ["unknown sampler option", "semihard"]),
+    (["train.lr=-0.1"], ["train.lr must be positive"]),
+    (["train.lr=fast"], ["train.lr"]),
+    (["train.batch_size=8", "train.images_per_class=5"], ["train.batch_size (8)"]),
+    (["eval.recall_k=[1,5000]"], ["eval.recall_k", "test split has only"]),
+    (["loss=aomd_mode2", "loss.mode=3"], ["mode must be 1"]),
+    (["loss=aomd_mode2", "teacher.checkpoint=/nonexistent/teacher.pt"], ["/nonexistent/teacher.pt does not exist"]),
+])
+def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
+    result = run_module("aomd.train", "logger=none", "train.progress=false", "dataset.num_classes=12",
+                        "dataset.images_per_class=8", f"hydra.run.dir={tmp_path}", *overrides)
+    assert_one_line_error(result, *fragments)
+
+
+def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
+    assert_one_line_error(run_module("aomd.evaluate", f"checkpoint={tmp_path}/none.pt", f"hydra.run.dir={tmp_path}"),
+                          "does not exist")
+    assert_one_line_error(run_module("aomd.evaluate", f"hydra.run.dir={tmp_path}"), "checkpoint", "no value")

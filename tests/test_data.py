@@ -1,0 +1,95 @@
+"""The synthetic dataset and its cache, class-balanced batches and tensor-op augmentation."""
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from aomd.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from aomd.data.cache import cache_file
+from aomd.data.sampler import ClassBalancedBatchSampler
+from aomd.data.synthetic import generate, load_synthetic
+
+
+def test_synthetic_is_deterministic_and_varied():
+    images, labels = generate(num_classes=4, images_per_class=5, size=40, seed=3)
+    assert images.shape == (20, 40, 40, 3) and images.dtype == np.uint8
+    assert np.array_equal(labels, np.repeat(np.arange(4), 5))
+    again, _ = generate(num_classes=4, images_per_class=5, size=40, seed=3)
+    assert np.array_equal(images, again)
+    other, _ = generate(num_classes=4, images_per_class=5, size=40, seed=4)
+    assert not np.array_equal(images, other)
+    # images of one class differ (pose, colour, clutter), and so do the classes
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 5
+    assert images.std() > 20
+
+
+def test_synthetic_splits_are_class_disjoint_halves_and_cached(tmp_path):
+    data = load_synthetic(num_classes=10, images_per_class=6, base_size=40, image_size=32, cache_dir=tmp_path)
+    assert data.summary() == {"train_images": 30, "test_images": 30, "train_classes": 5, "test_classes": 5}
+    assert set(data.train.labels) == set(range(5)) and set(data.test.labels) == set(range(5, 10))
+    assert data.train.images.shape == (30, 40, 40, 3) and (data.base_size, data.image_size) == (40, 32)
+    (path,) = tmp_path.glob("synthetic-*.h5")
+    built = path.stat().st_mtime_ns
+    again = load_synthetic(num_classes=10, images_per_class=6, base_size=40, image_size=32, cache_dir=tmp_path)
+    assert path.stat().st_mtime_ns == built, "the cache is reused, not rebuilt"
+    assert np.array_equal(again.test.images, data.test.images)
+
+
+def test_a_partial_or_stale_cache_is_rebuilt(tmp_path):
+    kwargs = dict(num_classes=4, images_per_class=4, base_size=36, image_size=32, cache_dir=tmp_path)
+    reference = load_synthetic(**kwargs).train.images
+    (path,) = tmp_path.glob("synthetic-*.h5")
+    with h5py.File(path, "a") as h5:  # as if the build had been interrupted before the end
+        del h5.attrs["complete"]
+        h5["train/images"][...] = 0
+    assert np.array_equal(load_synthetic(**kwargs).train.images, reference)
+    path.write_bytes(b"not an hdf5 file")  # truncated / corrupt
+    assert np.array_equal(load_synthetic(**kwargs).train.images, reference)
+
+
+def test_cache_key_separates_settings(tmp_path):
+    a = cache_file(tmp_path, "synthetic", {"seed": 0, "size": 72})
+    assert a == cache_file(tmp_path, "synthetic", {"size": 72, "seed": 0})
+    assert a != cache_file(tmp_path, "synthetic", {"seed": 1, "size": 72})
+
+
+def test_class_balanced_batches_follow_the_recipe():
+    labels = np.repeat(np.arange(40), 7)
+    sampler = ClassBalancedBatchSampler(labels, batch_size=128, images_per_class=5, num_batches=20, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 20
+    for batch in batches:
+        assert len(batch) == 128 and len(set(batch)) == 128  # no image twice in a batch
+        counts = sorted(np.bincount(labels[batch]).tolist(), reverse=True)
+        counts = [c for c in counts if c]
+        assert counts == [5] * 25 + [3]  # 128 = 25 classes x 5 + 3
+    assert batches[0] != batches[1]
+
+
+def test_small_classes_give_what_they_have():
+    labels = np.array([0, 0, 1, 1, 1, 1, 1, 1])
+    batch = next(iter(ClassBalancedBatchSampler(labels, batch_size=6, images_per_class=4, num_batches=1, seed=0)))
+    assert len(batch) == 6 and sorted(np.bincount(labels[batch]).tolist()) in ([2, 4], )
+
+
+def test_train_transform_crops_flips_and_normalises():
+    images = torch.arange(2 * 6 * 6 * 3, dtype=torch.uint8).reshape(2, 6, 6, 3)
+    out = train_transform(images, 4, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    raw = (out * std + mean) * 255  # back to pixel values
+    for b in range(2):
+        source = images[b].permute(2, 0, 1).float()
+        windows = [source[:, t:t + 4, l:l + 4] for t in range(3) for l in range(3)]
+        windows += [w.flip(2) for w in windows]
+        assert any(torch.allclose(raw[b], w, atol=1e-3) for w in windows)
+    # over many draws both flips and several offsets occur
+    seen = {tuple(train_transform(images[:1], 4, torch.Generator().manual_seed(s))[0, 0, 0, :2].tolist()) for s in range(40)}
+    assert len(seen) > 4
+
+
+def test_eval_transform_is_the_centre_crop():
+    images = torch.randint(0, 255, (3, 8, 8, 3), dtype=torch.uint8)
+    out = eval_transform(images, 4)
+    expected = eval_transform(images[:, 2:6, 2:6], 4)
+    assert torch.equal(out, expected) and out.shape == (3, 3, 4, 4)

@@ -1,0 +1,334 @@
+"""aomd.report: reading a sweep directory, grouping jobs over seeds, the Markdown table, the plots
+and the CLI. Most tests write small fake sweep directories (the files Hydra and aomd.train write);
+the slow one runs a real tiny sweep."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aomd import report
+from aomd.report import ConfigRow, aggregate, main, read_sweep, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_job(sweep: Path, name: str, overrides: list[str], *, loss: str = "triplet", seed: int = 0,
+              aomd_ratio: float = 0.0, mode: int = 2, metrics: dict | None = None, status: str = "finished",
+              error: str | None = None, teacher: dict | None = None, write_metrics: bool = True) -> Path:
+    """One job folder as a multirun writes it: .hydra/{overrides,config,hydra}.yaml and metrics.json."""
+    job = sweep / name
+    hydra_dir = job / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"train": {"seed": seed, "epochs": 1}, "skip_finished": True,
+              "loss": {"_target_": "aomd.losses.Objective", "aomd_ratio": aomd_ratio, "mode": mode},
+              "dataset": {"_target_": "aomd.data.synthetic.load_synthetic"}}
+    (hydra_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    hydra = {"hydra": {"runtime": {"choices": {"loss": loss, "dataset": "synthetic"}}, "job": {"num": name}}}
+    (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    if write_metrics:
+        best = None if metrics is None else {"epoch": 3, "loss": 0.25, **metrics}
+        state = {"status": status, "job_type": "student", "best": best, "history": [best] if best else [],
+                 "dataset": {"train_images": 30, "test_images": 30, "train_classes": 5, "test_classes": 5}}
+        if teacher is not None:
+            state["teacher"] = teacher
+        if error is not None:
+            state["error"] = error
+        (job / "metrics.json").write_text(json.dumps(state))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    return job
+
+
+def m(r1: float, r2: float, mapr: float) -> dict:
+    return {"recall@1": r1, "recall@2": r2, "map@r": mapr}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """An AOMD sweep over aomd_ratio x mode with two seeds, a baseline, and three unfinished jobs."""
+    root = tmp_path / "sweep"
+    common = ["train.epochs=1"]
+    num = 0
+    values = {  # (mode, ratio) -> recall@1 per seed
+        (1, 10): (0.50, 0.54), (1, 100): (0.56, 0.60),
+        (2, 10): (0.52, 0.52), (2, 100): (0.61, 0.65),
+    }
+    for (mode, ratio), r1s in values.items():
+        for seed, r1 in enumerate(r1s):
+            write_job(root, str(num), ["loss=aomd_mode2", f"loss.aomd_ratio={ratio}", f"loss.mode={mode}",
+                                       f"train.seed={seed}", *common],
+                      loss="aomd_mode2", seed=seed, aomd_ratio=ratio, mode=mode,
+                      metrics=m(r1, r1 + 0.1, r1 / 3), teacher=m(0.7, 0.8, 0.3))
+            num += 1
+    for seed, r1 in enumerate((0.40, 0.44)):
+        write_job(root, str(num), ["loss=triplet", f"train.seed={seed}", *common], seed=seed, metrics=m(r1, 0.5, 0.1))
+        num += 1
+    # one seed of sp failed, the other finished; a running job; a job that crashed before metrics.json
+    write_job(root, str(num), ["loss=sp", "train.seed=0", *common], loss="sp", seed=0, metrics=m(0.45, 0.5, 0.15))
+    write_job(root, str(num + 1), ["loss=sp", "train.seed=1", *common], loss="sp", seed=1, status="failed",
+              error="ValueError: loss is NaN at epoch 2\nTraceback ...")
+    write_job(root, str(num + 2), ["loss=contrastive", "train.seed=0", *common], loss="contrastive", status="running",
+              metrics=m(0.3, 0.4, 0.1))
+    write_job(root, str(num + 3), ["loss=rkd", "train.seed=0", *common], loss="rkd", write_metrics=False)
+    return root
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """The data rows of the first Markdown table: configuration (no backticks) -> its cells."""
+    rows = {}
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        rows[cells[1].strip("`")] = cells
+    return rows
+
+
+def expected_cell(values: list[float]) -> str:
+    """What the table must show for these metrics.json values, computed independently."""
+    mean = 100 * sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def test_read_sweep_reads_every_job_in_job_order(sweep: Path):
+    jobs = read_sweep(sweep)
+    assert [j.name for j in jobs] == [str(i) for i in range(14)]  # "10" after "9", not after "1"
+    first = jobs[0]
+    assert first.status == "finished" and first.loss == "aomd_mode2" and first.seed == 0
+    assert first.aomd_ratio == 10.0 and first.mode == 1
+    assert first.config_overrides == ("loss=aomd_mode2", "loss.aomd_ratio=10", "loss.mode=1", "train.epochs=1")
+    assert first.best["recall@1"] == 0.50 and first.teacher["recall@1"] == 0.7
+    statuses = {j.name: j.status for j in jobs}
+    assert (statuses["11"], statuses["12"], statuses["13"]) == ("failed", "running", "missing")
+    assert jobs[11].error.startswith("ValueError: loss is NaN")
+
+
+def test_config_overrides_drop_seed_skip_finished_and_hydra():
+    overrides = ["loss=sp", "+train.seed=3", "skip_finished=false", "hydra.launcher.n_jobs=2",
+                 "hydra/launcher=joblib", "loss.sp_ratio=20"]
+    assert report.config_overrides(overrides) == ("loss=sp", "loss.sp_ratio=20")
+
+
+def test_unreadable_files_make_an_unreadable_job_not_a_crash(tmp_path: Path):
+    write_job(tmp_path, "0", ["loss=triplet"], metrics=m(0.5, 0.6, 0.2))
+    (tmp_path / "0" / "metrics.json").write_text("{not json")
+    write_job(tmp_path, "1", ["loss=sp"], metrics=m(0.5, 0.6, 0.2))
+    (tmp_path / "1" / ".hydra" / "config.yaml").write_text("a: [unclosed")
+    jobs = read_sweep(tmp_path)
+    assert [j.status for j in jobs] == ["unreadable", "unreadable"]
+    assert "metrics.json" in jobs[0].error and ".hydra" in jobs[1].error
+
+
+def test_finished_without_evaluation_is_not_a_result(tmp_path: Path):
+    write_job(tmp_path, "0", ["loss=triplet"], metrics=None, status="finished")
+    (job,) = read_sweep(tmp_path)
+    assert job.status == "no result"
+    assert aggregate([job])[0].n == 0
+
+
+def test_read_sweep_rejects_a_missing_or_empty_directory(tmp_path: Path):
+    with pytest.raises(report.ReportError, match="does not exist"):
+        read_sweep(tmp_path / "nope")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(report.ReportError, match="no job folders"):
+        read_sweep(tmp_path / "empty")
+
+
+def test_a_single_run_folder_is_a_sweep_of_one(tmp_path: Path):
+    job = write_job(tmp_path, "run", ["loss=triplet"], metrics=m(0.5, 0.6, 0.2))
+    (checkpoints := job / "checkpoints").mkdir()
+    (checkpoints / "metrics.json").write_text("{}")  # inside a job: not another job
+    jobs = read_sweep(job)
+    assert [(j.name, j.status) for j in jobs] == [("run", "finished")]
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation
+
+
+def test_aggregate_groups_seeds_and_ranks_best_first(sweep: Path):
+    rows = aggregate(read_sweep(sweep))
+    labels = [row.label for row in rows]
+    assert labels[:6] == [
+        "loss=aomd_mode2 loss.aomd_ratio=100 loss.mode=2 train.epochs=1",  # 63
+        "loss=aomd_mode2 loss.aomd_ratio=100 loss.mode=1 train.epochs=1",  # 58
+        "loss=aomd_mode2 loss.aomd_ratio=10 loss.mode=1 train.epochs=1",   # 52 (tie broken by label)
+        "loss=aomd_mode2 loss.aomd_ratio=10 loss.mode=2 train.epochs=1",   # 52
+        "loss=sp train.epochs=1",                                          # 45, one of two seeds
+        "loss=triplet train.epochs=1",                                     # 42
+    ]
+    # the configurations without a finished job come last, still present
+    assert {row.label for row in rows[6:]} == {"loss=contrastive train.epochs=1", "loss=rkd train.epochs=1"}
+    assert all(row.n == 0 and not row.mean for row in rows[6:])
+
+    best = rows[0]
+    assert best.n == 2 and sorted(best.seeds) == [0, 1] and best.mode == 2 and best.aomd_ratio == 100
+    assert best.mean["recall@1"] == pytest.approx(0.63)
+    assert best.std["recall@1"] == pytest.approx(statistics.stdev([0.61, 0.65]))
+    assert best.mean["map@r"] == pytest.approx((0.61 + 0.65) / 6)
+    sp = rows[4]
+    assert sp.n == 1 and len(sp.jobs) == 2 and sp.std["recall@1"] == 0.0
+
+
+def test_metric_keys_order_recall_by_k_then_map():
+    row = ConfigRow(("x",), "x", ("x",), "triplet", 0.0, 2,
+                    mean={"map@r": 0.1, "recall@8": 0.4, "recall@16": 0.5, "recall@2": 0.3})
+    assert report.metric_keys([row]) == ["recall@2", "recall@8", "recall@16", "map@r"]
+    assert report.primary_metric([row]) == "recall@2"  # no recall@1 evaluated: the smallest K
+
+
+def test_label_without_overrides_is_the_loss_choice(tmp_path: Path):
+    write_job(tmp_path, "0", ["train.seed=0"], loss="sp", metrics=m(0.5, 0.6, 0.2))
+    write_job(tmp_path, "1", ["train.seed=1"], loss="sp", metrics=m(0.6, 0.6, 0.2), seed=1)
+    (row,) = aggregate(read_sweep(tmp_path))
+    assert row.label == "sp" and row.n == 2
+
+
+def test_short_labels_leave_out_common_overrides(sweep: Path):
+    rows = aggregate(read_sweep(sweep))
+    assert report.common_overrides(rows) == ["train.epochs=1"]
+    labels = report.short_labels(rows)
+    assert labels[rows[0].key] == "loss=aomd_mode2 loss.aomd_ratio=100 loss.mode=2"
+    assert labels[rows[5].key] == "loss=triplet"
+
+
+# --------------------------------------------------------------------------------------------
+# the report: table values equal metrics.json, unfinished jobs listed, plots
+
+
+def test_table_values_equal_the_jobs_metrics_json(sweep: Path, capsys):
+    assert main([str(sweep)]) == 0
+    markdown = (sweep / "report.md").read_text(encoding="utf-8")
+    # expected cells straight from the metrics.json files, grouped by overrides minus the seed
+    groups: dict[str, list[dict]] = {}
+    for job_dir in sweep.iterdir():
+        if not (job_dir / "metrics.json").is_file():
+            continue
+        state = json.loads((job_dir / "metrics.json").read_text())
+        if state["status"] != "finished":
+            continue
+        overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+        label = " ".join(o for o in overrides if not o.startswith(("train.seed=", "train.epochs=")))
+        groups.setdefault(label, []).append(state["best"])
+    rows = table_rows(markdown)
+    assert set(groups) <= set(rows)
+    for label, bests in groups.items():
+        cells = rows[label]
+        assert cells[2] == str(len(bests)) or cells[2].startswith(f"{len(bests)} of ")
+        assert cells[3:] == [expected_cell([b[k] for b in bests]) for k in ("recall@1", "recall@2", "map@r")]
+    assert rows["loss=aomd_mode2 loss.aomd_ratio=100 loss.mode=2"][3] == "63.00 ± 2.83"
+    assert rows["loss=sp"][2:4] == ["1 of 2", "45.00"]  # one seed: the mean alone
+    assert rows["loss=rkd"][0] == "-" and rows["loss=rkd"][3:] == ["-", "-", "-"]
+    # the header, and the same table on stdout
+    assert "| # | configuration | n | Recall@1 | Recall@2 | MAP@R |" in markdown
+    stdout = capsys.readouterr().out
+    assert table_rows(stdout) == rows
+    # best first
+    order = [cells[1].strip("`") for cells in rows.values()]
+    assert order[0] == "loss=aomd_mode2 loss.aomd_ratio=100 loss.mode=2"
+
+
+def test_unfinished_jobs_are_listed_not_dropped(sweep: Path, capsys):
+    assert main([str(sweep)]) == 0
+    markdown = (sweep / "report.md").read_text(encoding="utf-8")
+    section = markdown.split("## Jobs not finished (3)", 1)[1].split("## Plots")[0]
+    lines = [line for line in section.splitlines() if line.startswith("- job")]
+    assert len(lines) == 3
+    assert lines[0].startswith("- job `11`: `loss=sp`, seed 1: failed: ValueError: loss is NaN at epoch 2")
+    assert "Traceback" not in section  # the first line of the error only
+    assert lines[1].startswith("- job `12`: `loss=contrastive`, seed 0: running, 1 epoch(s) evaluated")
+    assert lines[2].startswith("- job `13`: `loss=rkd`, seed 0: no metrics.json")
+    assert "14 jobs (11 finished, 1 failed, 1 without metrics.json, 1 running)" in markdown
+    assert "## Jobs not finished (3)" in capsys.readouterr().out
+    assert "Teacher (8 jobs): Recall@1 70.00, Recall@2 80.00, MAP@R 30.00" in markdown
+
+
+def test_plots_are_written_and_linked(sweep: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    result = write_report(sweep, out)
+    assert [p.name for p in result.files] == ["report.md", "recall_vs_aomd_ratio.png", "baselines.png"]
+    for name in ("recall_vs_aomd_ratio.png", "baselines.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert "![Recall@1 against loss.aomd_ratio](recall_vs_aomd_ratio.png)" in markdown
+    assert "![Recall@1 per configuration](baselines.png)" in markdown
+    assert not (sweep / "report.md").exists()  # --out: nothing written into the sweep
+
+
+def test_no_aomd_job_skips_the_ratio_plot_with_a_note(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    write_job(sweep, "0", ["loss=triplet"], metrics=m(0.5, 0.6, 0.2))
+    write_job(sweep, "1", ["loss=sp"], loss="sp", metrics=m(0.4, 0.6, 0.2))
+    (sweep / "recall_vs_aomd_ratio.png").write_bytes(PNG_MAGIC)  # from an earlier report
+    write_report(sweep)
+    markdown = (sweep / "report.md").read_text(encoding="utf-8")
+    assert "Recall@1 against loss.aomd_ratio: no plot (no finished job with a non-zero loss.aomd_ratio)" in markdown
+    assert not (sweep / "recall_vs_aomd_ratio.png").exists()
+    assert (sweep / "baselines.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_no_finished_job_still_writes_a_report(tmp_path: Path):
+    write_job(tmp_path, "0", ["loss=triplet"], status="failed", error="RuntimeError: out of memory")
+    assert main([str(tmp_path)]) == 0
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "failed: RuntimeError: out of memory" in markdown
+    assert "per configuration: no plot (no finished job)" in markdown
+    assert not list(tmp_path.glob("*.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aomd.report: error: ") and "does not exist" in err and err.count("\n") == 1
+    assert main([str(tmp_path)]) == 2
+    assert "no job folders" in capsys.readouterr().err
+
+
+def test_python_m_entrypoint(sweep: Path, tmp_path: Path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "aomd.report", str(sweep), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| # | configuration | n |" in done.stdout
+    assert (tmp_path / "o" / "report.md").is_file()
+    bad = subprocess.run([sys.executable, "-m", "aomd.report", str(tmp_path / "nope")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [f"aomd.report: error: {tmp_path / 'nope'} does not exist"]
+
+
+@pytest.mark.slow
+def test_report_of_a_real_sweep(tmp_path: Path):
+    """A real two-seed sweep of aomd.train: one row, n = 2, values equal to the jobs' metrics.json."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "AOMD_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    subprocess.run(
+        [sys.executable, "-m", "aomd.train", "-m", "loss=triplet", "train.seed=0,1", "train.epochs=1",
+         "train.iters_per_epoch=1", "train.batch_size=8", "train.images_per_class=2", "dataset.num_classes=6",
+         "dataset.images_per_class=4", "eval.recall_k=[1,2]", "logger=none", "train.progress=false",
+         f"hydra.sweep.dir={sweep}"],
+        check=True, capture_output=True, env=env, timeout=300, cwd=tmp_path)
+    result = write_report(sweep)
+    (row,) = result.rows
+    assert row.n == 2 and sorted(row.seeds) == [0, 1]
+    bests = [json.loads((sweep / str(i) / "metrics.json").read_text())["best"] for i in (0, 1)]
+    cells = table_rows(result.markdown)[row.label]  # one configuration: its full override string
+    assert cells[2] == "2"
+    assert cells[3:] == [expected_cell([b[k] for b in bests]) for k in ("recall@1", "recall@2", "map@r")]
+    assert (sweep / "baselines.png").read_bytes()[:8] == PNG_MAGIC

@@ -1,0 +1,119 @@
+"""The five negative samplers on hand-built batches (METHODS.md section 2) and the triplet losses."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aomd.losses import (
+    AllNegatives,
+    ContrastiveLoss,
+    DistanceWeightedNegatives,
+    HardNegatives,
+    RandomNegatives,
+    SemiHardNegatives,
+    TripletLoss,
+)
+
+# points on a line; classes 0, 0, 1, 1, 2
+LINE = torch.tensor([[0.0], [1.0], [0.3], [5.0], [-2.0]])
+LABELS = torch.tensor([0, 0, 1, 1, 2])
+PAIRS = {(0, 1), (1, 0), (2, 3), (3, 2)}
+
+
+def triplets(sampler, embeddings=LINE, labels=LABELS):
+    a, p, n = sampler(embeddings, labels)
+    return sorted(zip(a.tolist(), p.tolist(), n.tolist()))
+
+
+def test_all_gives_every_combination():
+    expected = sorted((a, p, n) for a, p in PAIRS for n in range(5) if LABELS[n] != LABELS[a])
+    assert triplets(AllNegatives()) == expected
+    assert len(expected) == 12
+
+
+def test_hard_takes_the_closest_negative_of_the_anchor():
+    assert triplets(HardNegatives()) == [(0, 1, 2), (1, 0, 2), (2, 3, 0), (3, 2, 1)]
+
+
+def test_semihard_takes_the_closest_negative_beyond_the_positive_else_the_farthest():
+    # (0,1): d_ap 1, negatives at 0.3 (2), 5 (3), 2 (4) -> 4;  (1,0): 0.7, 4, 3 -> 4
+    # (2,3): d_ap 4.7, negatives at 0.3, 0.7, 2.3: none beyond -> farthest, 4
+    # (3,2): d_ap 4.7, negatives at 5 (0), 4 (1), 7 (4) -> 0
+    assert triplets(SemiHardNegatives()) == [(0, 1, 4), (1, 0, 4), (2, 3, 4), (3, 2, 0)]
+
+
+def test_random_is_one_uniform_negative_per_pair():
+    torch.manual_seed(0)
+    counts = np.zeros((5, 5))
+    for _ in range(600):
+        found = triplets(RandomNegatives())
+        assert {(a, p) for a, p, _ in found} == PAIRS and len(found) == 4
+        for a, _, n in found:
+            assert LABELS[n] != LABELS[a]
+            counts[a, n] += 1
+    # each anchor has 3 negatives: each drawn about 1/3 of the time (600 draws per anchor)
+    for a in range(4):
+        negatives = [n for n in range(5) if LABELS[n] != LABELS[a]]
+        assert np.allclose(counts[a, negatives] / 600, 1 / 3, atol=0.07)
+
+
+def test_distance_weighted_weights_follow_the_formula():
+    torch.manual_seed(0)
+    dim = 8
+    e = torch.nn.functional.normalize(torch.randn(12, dim), dim=1)
+    labels = torch.arange(12) // 3
+    dist = torch.cdist(e, e)
+    negative = labels[:, None] != labels[None, :]
+    sampler = DistanceWeightedNegatives(cutoff=0.5, nonzero_loss_cutoff=1.4)
+    weights = sampler.weights(dist, negative, dim).numpy()
+    d = dist.double().numpy()
+    for a in range(12):
+        s = np.clip(d[a], 0.5, None)
+        w = s ** (2 - dim) * (1 - s**2 / 4) ** ((3 - dim) / 2)
+        w[~negative[a].numpy() | (d[a] >= 1.4)] = 0
+        expected = w / w.sum() if w.sum() > 0 else negative[a].numpy() / negative[a].sum().item()
+        assert np.allclose(weights[a], expected, rtol=1e-4, atol=1e-9)
+
+
+def test_distance_weighted_falls_back_to_uniform_when_every_negative_is_far():
+    # two antipodal classes: every negative at distance 2 >= 1.4 gets no weight -> uniform
+    e = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    weights = DistanceWeightedNegatives().weights(torch.cdist(e, e), labels[:, None] != labels[None, :], 2)
+    assert torch.allclose(weights, torch.tensor([[0, 0, 0.5, 0.5]] * 2 + [[0.5, 0.5, 0, 0]] * 2))
+    a, p, n = DistanceWeightedNegatives()(e, labels)
+    assert len(a) == 4 and all(labels[n] != labels[a])
+
+
+def test_distance_weighted_draws_follow_the_weights():
+    torch.manual_seed(1)
+    e = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    sampler = DistanceWeightedNegatives()
+    expected = sampler.weights(torch.cdist(e, e), labels[:, None] != labels[None, :], 4)
+    counts = torch.zeros(8, 8)
+    for _ in range(1500):
+        a, _, n = sampler(e, labels)
+        counts.index_put_((a, n), torch.ones(len(a)), accumulate=True)
+    # each anchor is in one pair per batch -> 1500 draws per anchor
+    assert torch.allclose(counts / 1500, expected, atol=0.05)
+
+
+def test_triplet_losses_match_their_formula():
+    a, p, n = AllNegatives()(LINE, LABELS)
+    for p_norm in (1, 2):
+        d_ap = (LINE[a] - LINE[p]).norm(p=p_norm, dim=1)
+        d_an = (LINE[a] - LINE[n]).norm(p=p_norm, dim=1)
+        expected = (d_ap - d_an + 0.2).clamp(min=0).mean()
+        assert TripletLoss(AllNegatives(), 0.2, p_norm)(LINE, LABELS).item() == pytest.approx(expected.item())
+    d_ap, d_an = (LINE[a] - LINE[p]).norm(dim=1), (LINE[a] - LINE[n]).norm(dim=1)
+    expected = torch.cat([d_ap.pow(2), (0.5 - d_an).clamp(min=0).pow(2)]).mean()
+    assert ContrastiveLoss(AllNegatives(), 0.5)(LINE, LABELS).item() == pytest.approx(expected.item())
+
+
+def test_a_batch_without_positive_pairs_gives_zero_loss_with_a_gradient():
+    e = torch.randn(4, 3, requires_grad=True)
+    loss = TripletLoss(DistanceWeightedNegatives())(e, torch.arange(4))
+    assert loss.item() == 0 and loss.requires_grad
+    assert not math.isnan(loss.item())

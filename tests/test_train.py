@@ -1,0 +1,96 @@
+"""The train and evaluate entrypoints, run for real on the synthetic dataset."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import aomd
+from conftest import TINY, run_module, train
+from test_config import assert_one_line_error
+from wandb_files import read_offline_run
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """The acceptance command: one epoch of three batches of 32 on the default synthetic dataset."""
+    run_dir = tmp_path_factory.mktemp("short-run")
+    result = run_module("aomd.train", "train.epochs=1", "train.iters_per_epoch=3", "train.batch_size=32",
+                        f"hydra.run.dir={run_dir}", "logger=none", "train.progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def test_short_run_writes_metrics_checkpoints_and_config(short_run):
+    run_dir, stdout = short_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished"
+    assert metrics["dataset"] == {"train_images": 2000, "test_images": 2000, "train_classes": 50, "test_classes": 50}
+    keys = {"epoch", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
+    assert keys <= metrics["best"].keys()
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+    assert "loss" in metrics["history"][1] and "loss/triplet" in metrics["history"][1]
+    assert all(0 <= metrics["best"][k] <= 1 for k in keys - {"epoch"})
+    best_epoch = max(metrics["history"], key=lambda h: h["recall@1"])["epoch"]
+    assert metrics["best"]["epoch"] == best_epoch
+    for name in ("best.pt", "last.pt"):
+        payload = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert payload["architecture"] == {"backbone": "resnet18", "embedding_size": 128, "l2normalize": True}
+        assert payload["aomd_version"] == aomd.__version__ and "recall@1" in payload["metrics"]
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["metrics"]["epoch"] == 1
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "recall@1" in stdout and "best" in stdout  # the console summary table
+
+
+def test_evaluate_reproduces_the_checkpoint_metrics(short_run, tmp_path):
+    run_dir, _ = short_run
+    out = tmp_path / "eval.json"
+    result = run_module("aomd.evaluate", f"checkpoint={run_dir}/checkpoints/best.pt", f"output={out}",
+                        f"hydra.run.dir={tmp_path}", "train.progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(out.read_text())["metrics"]
+    stored = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)["metrics"]
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
+        assert evaluated[key] == pytest.approx(stored[key], abs=1e-6)
+    assert "recall@1" in result.stdout
+
+
+def test_load_model_embeds_a_batch(short_run):
+    run_dir, _ = short_run
+    model = aomd.load_model(run_dir / "checkpoints" / "best.pt")
+    embeddings = model(torch.randn(4, 3, 64, 64))
+    assert embeddings.shape == (4, 128)
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_teacher_checkpoint_of_another_architecture_is_refused(short_run, tmp_path):
+    run_dir, _ = short_run
+    result = run_module("aomd.train", *TINY, "loss=aomd_mode2", f"teacher.checkpoint={run_dir}/checkpoints/best.pt",
+                        "logger=none", f"hydra.run.dir={tmp_path}")
+    assert_one_line_error(result, "resnet18", "resnet50")
+
+
+def test_runs_from_any_directory_and_repeat_exactly(tmp_path):
+    first = train(tmp_path / "a", cwd=tmp_path)
+    second = train(tmp_path / "b", cwd=Path("/"))
+    strip = lambda history: [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in history]
+    assert strip(first["history"]) == strip(second["history"])
+    assert first["history"][1]["loss"] > 0
+
+
+def test_wandb_offline_run_holds_what_was_logged(tmp_path):
+    metrics = train(tmp_path, "logger=wandb", "logger.mode=offline", "logger.project=aomd-test", logger="",
+                    env={"WANDB_MODE": "offline"})
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert run["job_type"] == "student"
+    assert "loss:triplet" in run["tags"] and "dataset:synthetic" in run["tags"]
+    assert run["config"]["loss.triplet_ratio"] == 1.0 and run["config"]["train.epochs"] == 1
+    logged = [h for h in run["history"] if "test/recall@1" in h]
+    assert [h["epoch"] for h in logged] == [0, 1]
+    for h, expected in zip(logged, metrics["history"]):
+        assert h["test/recall@1"] == pytest.approx(expected["recall@1"])
+        assert h["test/map@r"] == pytest.approx(expected["map@r"])
+    assert logged[1]["train/loss"] == pytest.approx(metrics["history"][1]["loss"])
+    assert run["summary"]["best/recall@1"] == pytest.approx(metrics["best"]["recall@1"])
+    assert run["summary"]["status"] == "finished"
