@@ -91,6 +91,7 @@ class TrainConfigSchema:
     eval: EvalSchema = field(default_factory=EvalSchema)
     paths: dict[str, Any] = field(default_factory=dict)
     skip_finished: bool = True
+    preset: Any = None
 
 
 @dataclass

@@ -74,6 +74,9 @@ def load_data(cfg: DictConfig) -> RetrievalData:
     summary = data.summary()
     log.info("%s: %d train images of %d classes, %d test images of %d classes", data.name,
              summary["train_images"], summary["train_classes"], summary["test_images"], summary["test_classes"])
+    if summary["train_classes"] < 2:
+        raise ConfigError(f"The {data.name} train split has {summary['train_images']} images of "
+                          f"{summary['train_classes']} classes; training needs at least 2 classes, check dataset.root and the dataset settings.")
     check_test_size(cfg.eval.recall_k, summary["test_images"])
     return data
 

@@ -21,6 +21,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         labels = np.asarray(labels)
         self.classes, inverse = np.unique(labels, return_inverse=True)
         self.indices_of_class = [np.flatnonzero(inverse == c) for c in range(len(self.classes))]
+        assert len(labels) > 0, "no images to sample from"
         self.batch_size = batch_size
         self.images_per_class = images_per_class
         self.num_batches = num_batches

@@ -17,6 +17,37 @@ def match_spatial(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.T
     return teacher, F.adaptive_avg_pool2d(student, teacher.shape[-2:])
 
 
+class _StageDescriptors(torch.autograd.Function):
+    """(global [N, C], local [N, H*W]) of a feature map [N, C, H, W], with a fused backward.
+
+    Autograd's own backward of the two means would write two map-sized gradients and add them;
+    this writes the map's gradient once: grad = g_global / (H W) (broadcast over H, W)
+    + g_local / C (broadcast over C).
+    """
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor):
+        n, c, h, w = feats.shape
+        ctx.shape = feats.shape
+        return feats.mean((2, 3)), feats.mean(1).reshape(n, h * w)
+
+    @staticmethod
+    def backward(ctx, grad_global, grad_local):
+        n, c, h, w = ctx.shape
+        grad = None
+        if grad_global is not None:
+            grad = (grad_global / (h * w))[:, :, None, None].expand(n, c, h, w)
+        if grad_local is not None:
+            local = (grad_local / c).reshape(n, 1, h, w)
+            grad = local.expand(n, c, h, w) if grad is None else grad + local
+        return grad.contiguous()
+
+
+def stage_descriptors(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global descriptor g = mean over H, W [N, C] and local descriptor q = mean over C [N, H*W]."""
+    return _StageDescriptors.apply(feats)
+
+
 def full_mapping_term(x_s, y_s, x_t, y_t) -> torch.Tensor:
     """Mode 1: mean over N * Dy * Dx entries of (y_s x_s^T - y_t x_t^T)^2, without the outer product.
 
@@ -24,6 +55,7 @@ def full_mapping_term(x_s, y_s, x_t, y_t) -> torch.Tensor:
     x: bottom descriptors [N, Dx], y: top descriptors [N, Dy]. The dot products are taken in
     float64 because the three terms nearly cancel when student and teacher agree.
     """
+    dtype = x_s.dtype
     x_s, y_s, x_t, y_t = (v.double() for v in (x_s, y_s, x_t, y_t))
     per_sample = (
         (y_s * y_s).sum(1) * (x_s * x_s).sum(1)
@@ -31,7 +63,7 @@ def full_mapping_term(x_s, y_s, x_t, y_t) -> torch.Tensor:
         + (y_t * y_t).sum(1) * (x_t * x_t).sum(1)
     )
     n, dx, dy = x_s.shape[0], x_s.shape[1], y_s.shape[1]
-    return (per_sample.sum() / (n * dx * dy)).float()
+    return (per_sample.sum() / (n * dx * dy)).to(dtype)
 
 
 def pooled_mapping_term(x_s, y_s, x_t, y_t) -> torch.Tensor:
@@ -72,12 +104,11 @@ class AOMDLoss(nn.Module):
         for t, s in zip(teacher_feats, student_feats):
             assert t.shape[:2] == s.shape[:2], f"student stage {tuple(s.shape)} not adapted to teacher {tuple(t.shape)}"
             t, s = match_spatial(t, s)
-            if self.global_weight:
-                global_t.append(t.mean((2, 3)))
-                global_s.append(s.mean((2, 3)))
-            if self.local_weight:
-                local_t.append(t.mean(1).flatten(1))
-                local_s.append(s.mean(1).flatten(1))
+            (g_t, q_t), (g_s, q_s) = stage_descriptors(t), stage_descriptors(s)
+            global_t.append(g_t)
+            global_s.append(g_s)
+            local_t.append(q_t)
+            local_s.append(q_s)
         total = student_feats[0].new_zeros(())
         for weight, t, s in ((self.global_weight, global_t, global_s), (self.local_weight, local_t, local_s)):
             if weight:
