@@ -88,6 +88,16 @@ def test_train_transform_crops_flips_and_normalises():
     assert len(seen) > 4
 
 
+def test_cpu_and_accelerator_paths_of_train_transform_agree():
+    from aomd.data.augment import _crop_flip_normalise_cpu, _crop_flip_normalise_gather
+
+    images = torch.randint(0, 255, (5, 9, 9, 3), dtype=torch.uint8)
+    top, left = torch.tensor([0, 1, 2, 3, 1]), torch.tensor([3, 0, 2, 1, 1])
+    flip = torch.tensor([True, False, True, False, True])
+    assert torch.allclose(_crop_flip_normalise_cpu(images, 6, top, left, flip),
+                          _crop_flip_normalise_gather(images, 6, top, left, flip), atol=1e-5)
+
+
 def test_eval_transform_is_the_centre_crop():
     images = torch.randint(0, 255, (3, 8, 8, 3), dtype=torch.uint8)
     out = eval_transform(images, 4)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -68,3 +69,16 @@ def check_group_options(argv: list[str], config_path: str, program: str) -> None
                 print(f"{program}: error: unknown {key} option {option!r}; choose one of: {', '.join(options)}.",
                       file=sys.stderr, flush=True)
                 sys.exit(2)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a sweep, say how many jobs finished and which failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        states = {job.parent.name: read_metrics(job.parent) for job in sorted(sweep_dir.glob("*/.hydra"))}
+        failed = {name: s.get("error", "") for name, s in states.items() if (s or {}).get("status") != "finished"}
+        print(f"\nSweep {sweep_dir}: {len(states) - len(failed)} of {len(states)} jobs finished.", flush=True)
+        for name, error in failed.items():
+            print(f"  job {name} failed: {error or 'no metrics.json'}", flush=True)
+        print(f"Compare the jobs with: python -m aomd.report {sweep_dir}", flush=True)

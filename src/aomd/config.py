@@ -78,11 +78,35 @@ class TeacherSchema:
 
 
 @dataclass
+class LossSchema:
+    """The keys of `aomd.losses.Objective` (conf/objective.yaml): term ratios and hyperparameters."""
+
+    _target_: str = "aomd.losses.Objective"
+    triplet_ratio: float = 0.0
+    triplet_p: int = 2
+    contrastive_ratio: float = 0.0
+    margin: float = 0.2
+    aomd_ratio: float = 0.0
+    mode: int = 2
+    global_weight: float = 1.0
+    local_weight: float = 1.0
+    sp_ratio: float = 0.0
+    at_ratio: float = 0.0
+    fitnet_ratio: float = 0.0
+    dark_ratio: float = 0.0
+    dark_alpha: float = 2.0
+    dark_beta: float = 3.0
+    permute_len: int = 4
+    dist_ratio: float = 0.0
+    angle_ratio: float = 0.0
+
+
+@dataclass
 class TrainConfigSchema:
     dataset: Any = MISSING
     backbone: BackboneSchema = field(default_factory=BackboneSchema)
     sampler: Any = MISSING
-    loss: Any = MISSING
+    loss: LossSchema = field(default_factory=LossSchema)
     teacher: TeacherSchema = field(default_factory=TeacherSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     embedding_size: int = 128
@@ -111,6 +135,9 @@ def _typed(cfg: DictConfig, schema: type) -> DictConfig:
         reason = getattr(error, "msg", None) or str(error)
         reason = reason.splitlines()[0].rstrip(".")
         raise ConfigError(f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file.") from None
+    if "dataset.root" in missing:
+        raise ConfigError("dataset.root is not set: pass the folder that holds the dataset, e.g. dataset.root=/data/cub200 "
+                          "(the layouts each dataset accepts are in docs/datasets.md).")
     if missing:
         raise ConfigError(f"`{missing[0]}` has no value; set it on the command line, e.g. {missing[0]}=<value>.")
     return merged
@@ -138,6 +165,19 @@ def check_train(train) -> None:
     _require(train.num_workers >= 0, f"train.num_workers must be 0 or more, got {train.num_workers}.")
 
 
+def check_loss(loss) -> None:
+    """Value rules of the `loss` section."""
+    ratios = {key: value for key, value in loss.items() if key.endswith("_ratio")}
+    negative = [f"loss.{key}" for key, value in ratios.items() if value < 0]
+    _require(not negative, f"{', '.join(negative)} must be 0 or more (0 switches a term off).")
+    _require(any(value > 0 for value in ratios.values()),
+             "Every loss.*_ratio is 0, so there is nothing to train; set one, e.g. loss.triplet_ratio=1.")
+    _require(loss.mode in (1, 2), f"loss.mode must be 1 (full mapping) or 2 (pooled mapping), got {loss.mode}.")
+    _require(loss.triplet_p in (1, 2), f"loss.triplet_p must be 1 (L1) or 2 (L2), got {loss.triplet_p}.")
+    _require(loss.global_weight >= 0 and loss.local_weight >= 0, "loss.global_weight and loss.local_weight must be 0 or more.")
+    _require(loss.permute_len >= 1, f"loss.permute_len must be at least 1, got {loss.permute_len}.")
+
+
 def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
     """The composed config, typed and resolved; raises ConfigError on the first bad value."""
     cfg = _typed(cfg, schema)
@@ -148,6 +188,7 @@ def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
     _require(cfg.embedding_size >= 1, f"embedding_size must be at least 1, got {cfg.embedding_size}.")
     _require(cfg.teacher.embedding_size >= 1, f"teacher.embedding_size must be at least 1, got {cfg.teacher.embedding_size}.")
     check_train(cfg.train)
+    check_loss(cfg.loss)
     _require(len(cfg.eval.recall_k) > 0 and all(k >= 1 for k in cfg.eval.recall_k),
              f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
     _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from aomd.cli import check_group_options, in_multirun, run_task
 from aomd.config import config_dir, validate
@@ -24,15 +25,31 @@ from aomd.tracking import read_metrics
 log = logging.getLogger(__name__)
 
 
+def swept_keys() -> set[str]:
+    """The keys a sweep varies: the sweeper's params and the sweep's `key=a,b` overrides."""
+    hydra_cfg = HydraConfig.get()
+    keys = set((hydra_cfg.sweeper.get("params") or {}).keys())
+    multirun = Path(hydra_cfg.sweep.dir) / "multirun.yaml"  # written by the sweeper before any job
+    if multirun.is_file():
+        overrides = OverridesParser.create().parse_overrides(list(OmegaConf.load(multirun).hydra.overrides.task))
+        keys.update(o.get_key_element() for o in overrides if o.is_sweep_override())
+    return {key.lstrip("+~") for key in keys}
+
+
 def job_identity(cfg: DictConfig) -> tuple[str | None, list[str]]:
-    """W&B run name (what this sweep job overrides, seeds excluded) and tags (loss, mode, dataset)."""
+    """W&B run name and tags. In a sweep the name is what this job sets of what the sweep varies
+    (seeds excluded, so the seeds of one configuration share a name); elsewhere it is the
+    command line's overrides. Tags carry the loss, the AOMD mode and the dataset."""
     hydra_cfg = HydraConfig.get()
     choices = hydra_cfg.runtime.choices
     tags = [f"loss:{choices.get('loss')}", f"dataset:{choices.get('dataset')}"]
     if float(cfg.loss.get("aomd_ratio", 0) or 0):
         tags.append(f"mode:{cfg.loss.mode}")
-    name = hydra_cfg.job.override_dirname or None
-    return name, tags
+    if not in_multirun():
+        return hydra_cfg.job.override_dirname or None, tags
+    varied = swept_keys() - {"train.seed"}
+    parts = [o.lstrip("+~") for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") in varied]
+    return " ".join(parts) or f"loss={choices.get('loss')}", tags
 
 
 def train(cfg: DictConfig) -> float:
@@ -46,6 +63,7 @@ def train(cfg: DictConfig) -> float:
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
 
+    data = load_data(cfg)  # before the networks: a wrong dataset.root is reported before any weight download
     seed_everything(cfg.train.seed)
     student = build_network(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
@@ -53,7 +71,6 @@ def train(cfg: DictConfig) -> float:
         # built without weights now for its shapes; the weights are loaded (or trained) below
         teacher = build_network(cfg.teacher.backbone, cfg.teacher.embedding_size, True, False)
     objective = build_objective(cfg, student, teacher)
-    data = load_data(cfg)
 
     teacher_metrics = None
     if teacher is not None:

@@ -5,6 +5,7 @@ Eval: the centre crop. Both end with ImageNet mean/std normalisation (METHODS.md
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,16 +25,39 @@ def train_transform(images: torch.Tensor, image_size: int, generator: torch.Gene
     b, h, w, _ = images.shape
     assert h >= image_size and w >= image_size, "crop larger than the stored images"
     device = images.device
-    top = torch.randint(0, h - image_size + 1, (b,), generator=generator).to(device)
-    left = torch.randint(0, w - image_size + 1, (b,), generator=generator).to(device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(device)
-    # gather each sample's crop with one advanced-indexing op: rows [B, s, 1], cols [B, 1, s]
-    offsets = torch.arange(image_size, device=device)
+    top = torch.randint(0, h - image_size + 1, (b,), generator=generator)
+    left = torch.randint(0, w - image_size + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    if device.type == "cpu":
+        return _crop_flip_normalise_cpu(images, image_size, top, left, flip)
+    return _crop_flip_normalise_gather(images, image_size, top.to(device), left.to(device), flip.to(device))
+
+
+def _crop_flip_normalise_gather(images, size: int, top, left, flip) -> torch.Tensor:
+    """The accelerator path: every sample's crop in one advanced-indexing op, rows [B, s, 1] and
+    columns [B, 1, s] (reversed where flipped)."""
+    offsets = torch.arange(size, device=images.device)
     rows = (top[:, None] + offsets)[:, :, None]
     cols = left[:, None] + offsets
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]
-    crops = images[torch.arange(b, device=device)[:, None, None], rows, cols]
+    crops = images[torch.arange(len(images), device=images.device)[:, None, None], rows, cols]
     return _normalise(crops)
+
+
+def _crop_flip_normalise_cpu(images: torch.Tensor, size: int, top, left, flip) -> torch.Tensor:
+    """The CPU path of `train_transform`: per-sample numpy slices (views) written straight into
+    the output; on a CPU this is an order of magnitude faster than the batched gather."""
+    source = images.numpy()
+    tops, lefts, flips = top.tolist(), left.tolist(), flip.tolist()
+    out = np.empty((len(tops), 3, size, size), np.float32)
+    scale = (1.0 / (255.0 * np.array(IMAGENET_STD, np.float32))).reshape(3, 1, 1)
+    shift = (-np.array(IMAGENET_MEAN, np.float32) / np.array(IMAGENET_STD, np.float32)).reshape(3, 1, 1)
+    for i, (top, left, flip) in enumerate(zip(tops, lefts, flips)):
+        crop = source[i, top : top + size, left : left + size]
+        out[i] = (crop[:, ::-1] if flip else crop).transpose(2, 0, 1)
+        out[i] *= scale
+        out[i] += shift
+    return torch.from_numpy(out)
 
 
 def eval_transform(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""Training-batch throughput: the packed HDF5 cache against decoding the original JPEGs.
+
+    python benchmarks/data_loading.py [--images 300] [--seconds 8] [--batch-size 32] [--workers 0] [--threads N]
+
+Writes Cars196-like JPEGs (about 700 x 480 px) into a temporary folder as a class-per-folder
+collection, packs them with `dataset=folder`'s loader (256 px, as for the real benchmarks), then
+draws class-balanced training batches through the same DataLoader and the same augmentation
+(random 224 crop + flip + normalisation, `aomd.data.augment.train_transform`) from
+1. the cache, read on demand (the default, `dataset.in_memory=false`),
+2. the cache loaded into memory (`dataset.in_memory=true`),
+3. the original files, decoded and resized to 256 px for every image of every batch (what the
+   reference implementation does every epoch),
+and prints images per second of each, with and without the augmentation, and the ratio of (1)
+to (3) with it. Exits with status 1 when the cached path is less than --target times faster
+(default 5).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from aomd.data.augment import train_transform
+from aomd.data.folder import load_folder
+from aomd.data.images import DecodedImages
+from aomd.data.loader import train_loader
+from aomd.data.splits import ImageSplit
+
+BASE_SIZE, IMAGE_SIZE = 256, 224
+
+
+def write_car_like_jpegs(root: Path, count: int, classes: int, seed: int = 0) -> None:
+    """`count` JPEGs of about 700 x 480 px in `classes` class folders: a gradient background, a
+    few filled shapes and mild noise, so they compress (and decode) like photographs."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        width, height = int(rng.integers(640, 760)), int(rng.integers(430, 530))
+        ramp = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+        top, bottom = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
+        pixels = top * (1 - ramp) + bottom * ramp + rng.normal(0, 6, (height, width, 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, width - 100)), int(rng.integers(0, height - 80))
+            box = (x0, y0, x0 + int(rng.integers(60, 300)), y0 + int(rng.integers(40, 200)))
+            fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        folder = root / f"class_{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def images_per_second(split: ImageSplit, batch_size: int, seconds: float, workers: int, augment: bool = True) -> float:
+    """Class-balanced batches of `split` through the DataLoader (and the train augmentation when
+    `augment`), for about `seconds` after one warm-up batch; the images per second."""
+    batches = max(4, int(seconds * 100))  # an upper bound; the loop stops on time
+    loader = train_loader(split, batch_size, images_per_class=5, num_batches=batches, seed=0, num_workers=workers)
+    generator = torch.Generator().manual_seed(0)
+    done, started = 0, None
+    for images, _ in loader:
+        if augment:
+            train_transform(images, IMAGE_SIZE, generator)
+        if started is None:  # the first batch pays for opening files and starting workers
+            started = time.perf_counter()
+            continue
+        done += len(images)
+        if time.perf_counter() - started >= seconds and done >= 3 * batch_size:
+            break
+    return done / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300, help="JPEGs to generate (default 300)")
+    parser.add_argument("--classes", type=int, default=30, help="class folders (default 30)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per path (default 8)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, the same for every path")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--target", type=float, default=5.0, help="the speed-up the cache must reach (default 5)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="aomd-bench-") as tmp:
+        root, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"
+        started = time.perf_counter()
+        write_car_like_jpegs(root, args.images, args.classes)
+        sizes = [p.stat().st_size for p in root.rglob("*.jpg")]
+        widths = [Image.open(p).size for p in list(root.rglob("*.jpg"))[:20]]
+        print(f"{len(sizes)} JPEGs, about {np.mean([w for w, _ in widths]):.0f} x {np.mean([h for _, h in widths]):.0f} px, "
+              f"{np.mean(sizes) / 1e3:.0f} kB each (written in {time.perf_counter() - started:.1f} s)")
+
+        # train_fraction close to 1: (nearly) every image is in the train split that is measured
+        options = dict(train_fraction=0.97, base_size=BASE_SIZE, image_size=IMAGE_SIZE, cache_dir=cache_dir,
+                       skip_bad_images=False, decode_workers=None, progress=False)
+        started = time.perf_counter()
+        cached = load_folder(root, in_memory=False, **options).train
+        packing = time.perf_counter() - started
+        print(f"packing the cache once: {packing:.1f} s ({args.images / packing:.0f} images/s, all cores)")
+        in_memory = load_folder(root, in_memory=True, **options).train
+        decoded = ImageSplit(DecodedImages(cached.paths, BASE_SIZE), cached.labels, cached.paths)
+
+        print(f"training batches of {args.batch_size} ({IMAGE_SIZE} px crops of {BASE_SIZE} px images), "
+              f"{len(cached)} images, {args.workers} DataLoader workers, {torch.get_num_threads()} torch threads:")
+        print(f"  {'':<24} {'loading + augmentation':>24} {'loading only':>14}")
+        rates, loading = {}, {}
+        for name, split in (("cache, read on demand", cached), ("cache, in memory", in_memory),
+                            ("decoding the JPEGs", decoded)):
+            rates[name] = images_per_second(split, args.batch_size, args.seconds, args.workers)
+            loading[name] = images_per_second(split, args.batch_size, args.seconds / 2, args.workers, augment=False)
+            print(f"  {name:<24} {rates[name]:15.0f} images/s {loading[name]:7.0f} images/s", flush=True)
+
+    ratio = rates["cache, read on demand"] / rates["decoding the JPEGs"]
+    verdict = "OK" if ratio >= args.target else f"BELOW the {args.target:g}x target"
+    print(f"loading only: the cache (read on demand) is "
+          f"{loading['cache, read on demand'] / loading['decoding the JPEGs']:.0f}x faster than decoding")
+    print(f"speed-up of the cache (read on demand) over decoding, same augmentation: {ratio:.1f}x ({verdict})")
+    return 0 if ratio >= args.target else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

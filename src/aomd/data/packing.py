@@ -1,0 +1,159 @@
+"""From a dataset listing to a `RetrievalData` read from the packed HDF5 cache.
+
+On first use the listed files are decoded once (in parallel processes), resized to `base_size`
+and streamed into the cache file chunk by chunk, so a dataset larger than memory is never held
+at once; later runs read only the cache. The cache key covers the dataset, its root, the base
+size, the decoding recipe and a fingerprint of the listed files and labels: any change builds a
+new cache, and an interrupted build is never used (see `aomd.data.cache`).
+
+Nothing under the dataset root is written: the cache lives under `cache_dir`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from contextlib import closing
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from aomd.data.cache import SplitWriter, cache_file, ensure_cache, read_skipped, read_split, write_skipped
+from aomd.data.errors import BadImageError, DatasetError
+from aomd.data.images import decode_all
+from aomd.data.layout import DatasetListing, SplitFiles, check_counts
+from aomd.data.splits import RetrievalData
+from aomd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# the decoding recipe (aomd.data.images.decode); change it when decoding changes, so caches rebuild
+DECODE_FORMAT = "pil-rgb-bilinear-v1"
+# the cache must not take the last of the disk: this much is kept free
+DISK_MARGIN = 1.05
+
+
+def open_listing(
+    listing: DatasetListing,
+    *,
+    base_size: int,
+    image_size: int,
+    cache_dir: str | Path,
+    in_memory: bool,
+    skip_bad_images: bool,
+    decode_workers: int | None,
+    progress: bool,
+) -> RetrievalData:
+    """The dataset of `listing`, read from its cache (built first if needed).
+
+    Images are uint8 [N, base_size, base_size, 3], loaded into memory when `in_memory`, read on
+    demand otherwise. An unreadable image stops the build with a BadImageError naming it, or,
+    with `skip_bad_images`, is left out with a warning (and reported on every later run).
+    """
+    _check_options(base_size=base_size, image_size=image_size, in_memory=in_memory,
+                   skip_bad_images=skip_bad_images, decode_workers=decode_workers)
+    check_counts(listing)
+    key = {
+        "format": DECODE_FORMAT,
+        "dataset": listing.name,
+        "root": str(listing.root),
+        "base_size": base_size,
+        "files": listing.digest(),
+    }
+
+    def fill(h5: h5py.File) -> None:
+        _check_files_exist(listing)
+        _check_disk_space(listing, base_size, Path(cache_dir).expanduser())
+        skipped = []
+        for split, files in listing.splits().items():
+            skipped += _pack_split(h5, split, files, listing, base_size, skip_bad_images, decode_workers, progress)
+        write_skipped(h5, skipped)
+
+    path = ensure_cache(cache_file(cache_dir, listing.name, key), key, fill)
+    log.info("%s: reading the cache %s", listing.name, path)
+    _report_skipped(path, listing, skip_bad_images)
+    train, test = (read_split(path, split, in_memory) for split in ("train", "test"))
+    for split, data in (("train", train), ("test", test)):
+        if len(data) == 0:
+            raise DatasetError(f"{listing.name}: no readable images are left in the {split} split; "
+                               f"replace the unreadable files in {listing.root} and delete {path}.")
+    return RetrievalData(listing.name, train, test, base_size=base_size, image_size=image_size)
+
+
+def _check_options(base_size, image_size, in_memory, skip_bad_images, decode_workers) -> None:
+    """The loader options are typed only here (dataset groups have no schema): a wrong value is a
+    ConfigError naming the key, before any work."""
+    def require(ok: bool, key: str, what: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"dataset.{key} must be {what}, got {value!r}.")
+
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    require(is_int(base_size) and base_size >= 1, "base_size", "a positive number of pixels", base_size)
+    require(is_int(image_size) and 1 <= image_size <= base_size, "image_size",
+            f"a number of pixels no larger than dataset.base_size ({base_size})", image_size)
+    require(isinstance(in_memory, bool), "in_memory", "true or false", in_memory)
+    require(isinstance(skip_bad_images, bool), "skip_bad_images", "true or false", skip_bad_images)
+    require(decode_workers is None or (is_int(decode_workers) and decode_workers >= 0), "decode_workers",
+            "null (all cores) or a number of processes, 0 or more", decode_workers)
+
+
+def _pack_split(h5: h5py.File, split: str, files: SplitFiles, listing: DatasetListing, base_size: int,
+                skip_bad_images: bool, decode_workers: int | None, progress: bool) -> list[tuple[str, str]]:
+    """Decode one split into the cache file; the (path, reason) of the files left out."""
+    writer = SplitWriter(h5, split, len(files), base_size)
+    keep = np.ones(len(files), dtype=bool)
+    skipped = []
+    chunks = decode_all(files.files, base_size, workers=decode_workers, progress=progress,
+                        desc=f"packing {listing.name} {split}")
+    with closing(chunks):  # closing stops the worker processes at once on an error
+        for chunk in chunks:
+            for index, reason in chunk.failed:
+                path = str(files.files[index])
+                if not skip_bad_images:
+                    raise BadImageError(
+                        f"Cannot read image {path} ({reason}); replace the file ({listing.obtain}) or set "
+                        f"dataset.skip_bad_images=true to leave unreadable images out.")
+                log.warning("Skipping unreadable image %s (%s).", path, reason)
+                keep[index] = False
+                skipped.append((path, reason))
+            writer.append(chunk.images)
+    writer.finish(files.labels[keep], [str(p) for p, k in zip(files.files, keep) if k])
+    return skipped
+
+
+def _check_files_exist(listing: DatasetListing) -> None:
+    """Every listed file must be there before hours of decoding start."""
+    missing = [path for files in listing.splits().values() for path in files.files if not path.is_file()]
+    if missing:
+        total = len(listing.train) + len(listing.test)
+        first = missing[0].relative_to(listing.root)
+        raise DatasetError(
+            f"{listing.name}: {len(missing)} of the {total} images listed in {listing.source} are missing under "
+            f"{listing.root} (first: {first}), so the dataset is incomplete; {listing.obtain}.")
+
+
+def _check_disk_space(listing: DatasetListing, base_size: int, cache_dir: Path) -> None:
+    needed = (len(listing.train) + len(listing.test)) * base_size * base_size * 3
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed * DISK_MARGIN:
+        raise DatasetError(
+            f"The {listing.name} cache needs about {needed / 1e9:.1f} GB but {cache_dir} has {free / 1e9:.1f} GB free; "
+            f"free some space or point paths.cache_dir (or AOMD_CACHE_DIR) to a larger disk.")
+
+
+def _report_skipped(path: Path, listing: DatasetListing, skip_bad_images: bool) -> None:
+    """Unreadable files left out when the cache was built are reported on every run; a run that
+    does not allow skipping stops, as it would have had the cache been built by it."""
+    skipped = read_skipped(path)
+    if not skipped:
+        return
+    first, reason = skipped[0]
+    if not skip_bad_images:
+        raise BadImageError(
+            f"Cannot read image {first} ({reason}), which the cache {path} left out"
+            f"{f' with {len(skipped) - 1} other unreadable images' if len(skipped) > 1 else ''}; replace the "
+            f"file and delete the cache to rebuild it, or set dataset.skip_bad_images=true.")
+    log.warning("%s: %d unreadable images were left out of the cache (first: %s, %s); replace them and delete "
+                "%s to include them.", listing.name, len(skipped), os.path.relpath(first, listing.root), reason, path)

@@ -1,0 +1,97 @@
+"""Sweeps of the real entrypoint: loss configs, presets, W&B grouping, failures, reruns, launchers."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_module
+from wandb_files import read_offline_run
+
+ALL_LOSSES = "triplet,triplet_l1,contrastive,aomd_mode1,aomd_mode2,sp,at,fitnet,darkrank,rkd"
+
+
+def sweep(sweep_dir: Path, *overrides: str, logger="logger=none", timeout=900):
+    """Run `python -m aomd.train -m ...` into `sweep_dir`; return {job number: metrics.json}."""
+    result = run_module("aomd.train", "-m", *TINY, logger, f"hydra.sweep.dir={sweep_dir}", *overrides, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {int(p.parent.name): json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+    return jobs, result
+
+
+def offline_runs(sweep_dir: Path) -> dict[int, dict]:
+    return {int(run.parents[1].name): read_offline_run(run) for run in sweep_dir.glob("*/wandb/offline-run-*")}
+
+
+def test_every_loss_config_trains_in_one_sweep_grouped_in_wandb(tmp_path):
+    jobs, result = sweep(tmp_path, f"loss={ALL_LOSSES}", "logger.mode=offline", logger="logger=wandb")
+    assert sorted(jobs) == list(range(10))
+    assert all(job["status"] == "finished" for job in jobs.values()), {n: j.get("error") for n, j in jobs.items()}
+    assert "10 of 10 jobs finished" in result.stdout
+    # the distillation jobs share one teacher, trained once and evaluated in each job
+    distilled = [job for job in jobs.values() if "teacher" in job]
+    assert len(distilled) == 7 and len({json.dumps(job["teacher"]) for job in distilled}) == 1
+    for job in jobs.values():
+        assert job["history"][1]["loss"] == job["history"][1]["loss"]  # not NaN
+    runs = offline_runs(tmp_path)
+    assert sorted(runs) == list(range(10))
+    assert len({run["group"] for run in runs.values()}) == 1 and runs[0]["group"]
+    for number, run in runs.items():
+        assert run["job_type"] == "student"
+        assert "loss.aomd_ratio" in run["config"] and "loss.mode" in run["config"]
+        assert run["name"].startswith("loss=")
+        assert run["summary"]["best/recall@1"] == pytest.approx(jobs[number]["best"]["recall@1"])
+    aomd_run = next(r for r in runs.values() if r["name"] == "loss=aomd_mode1")
+    assert aomd_run["config"]["loss.aomd_ratio"] == 200 and aomd_run["config"]["loss.mode"] == 1
+    assert {"loss:aomd_mode1", "mode:1", "dataset:synthetic"} <= set(aomd_run["tags"])
+    term_names = {key for job in jobs.values() for key in job["history"][1] if key.startswith("loss/")}
+    assert term_names == {f"loss/{t}" for t in ("triplet", "contrastive", "aomd", "sp", "at", "fitnet", "dark", "dist", "angle")}
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    jobs, result = sweep(tmp_path, "train.lr=1e-3,-1,2e-3")
+    assert jobs[0]["status"] == "finished" and jobs[2]["status"] == "finished"
+    assert jobs[1]["status"] == "failed" and "train.lr must be positive" in jobs[1]["error"]
+    assert "2 of 3 jobs finished" in result.stdout and "job 1 failed" in result.stdout
+    report = run_module("aomd.report", str(tmp_path))
+    assert report.returncode == 0, report.stderr
+    assert "train.lr must be positive" in (tmp_path / "report.md").read_text()
+
+
+def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
+    first, _ = sweep(tmp_path, "loss=triplet,contrastive")
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
+    again, result = sweep(tmp_path, "loss=triplet,contrastive")
+    assert again == first and "Skipping" in result.stderr + result.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
+    rerun, _ = sweep(tmp_path, "loss=triplet,contrastive", "skip_finished=false")
+    assert stamps != {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, jobs_expected", [
+    ("aomd_grid", 10),
+    ("aomd_ablation", 6),
+    ("baselines", 8),
+    ("[baselines,seeds]", 24),
+])
+def test_presets_run_unchanged_on_synthetic(tmp_path, preset, jobs_expected):
+    jobs, _ = sweep(tmp_path, f"preset={preset}", "logger.mode=offline", logger="logger=wandb", timeout=1800)
+    assert len(jobs) == jobs_expected and all(j["status"] == "finished" for j in jobs.values())
+    runs = offline_runs(tmp_path)
+    assert len(runs) == jobs_expected and len({r["group"] for r in runs.values()}) == 1
+    report = run_module("aomd.report", str(tmp_path))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_preset_maximises_recall(tmp_path):
+    jobs, _ = sweep(tmp_path, "preset=optuna_aomd", "hydra.sweeper.n_trials=3")
+    assert len(jobs) == 3 and all(j["status"] == "finished" for j in jobs.values())
+    assert (tmp_path / "optimization_results.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
+    jobs, _ = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "loss=triplet,contrastive")
+    assert sorted(jobs) == [0, 1] and all(j["status"] == "finished" for j in jobs.values())
