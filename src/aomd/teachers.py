@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from aomd.config import check_train
+from aomd.config import LossSchema, check_train
 from aomd.data import RetrievalData
 from aomd.errors import ConfigError
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
@@ -27,7 +27,7 @@ from aomd.tracking import read_metrics
 log = logging.getLogger(__name__)
 
 # the teacher recipe's objective and sampler (METHODS.md section 1)
-TEACHER_LOSS = {"_target_": "aomd.losses.Objective", "triplet_ratio": 1.0, "margin": 0.2}
+TEACHER_LOSS = LossSchema(triplet_ratio=1.0, margin=0.2)
 TEACHER_SAMPLER = {"_target_": "aomd.losses.DistanceWeightedNegatives"}
 # dataset keys that do not change which images a dataset holds
 _NOT_IDENTITY = {"cache_dir", "in_memory", "num_workers", "pin_memory", "skip_bad_images"}

@@ -1,0 +1,32 @@
+"""The epoch loop in-process: every student-side parameter of the objective is optimised."""
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from aomd.config import validate
+from aomd.data.synthetic import load_synthetic
+from aomd.engine import fit
+from aomd.pipeline import build_network, build_objective
+from conftest import TINY, compose
+
+
+@pytest.mark.parametrize("loss", ["fitnet", "aomd_mode1"])
+def test_adapters_and_regressors_learn_with_the_student(tmp_path, loss):
+    cfg = validate(compose(*TINY, f"loss={loss}", "logger=none"))
+    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
+    torch.manual_seed(0)
+    student = build_network("resnet18", 16, True, False)
+    teacher = build_network("resnet50", 32, True, False).eval()
+    objective = build_objective(cfg, student, teacher)
+    before = copy.deepcopy(objective.state_dict())
+    assert before, "the objective has parameters of its own"
+    records = []
+    fit(student, objective, data, cfg, tmp_path, records.append, teacher)
+    after = objective.state_dict()
+    for name, value in before.items():
+        assert not torch.equal(value, after[name]), f"{name} was not optimised"
+    assert [r["epoch"] for r in records] == [0, 1]
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["objective"]
+    assert all(torch.equal(saved[k], v) for k, v in after.items())
