@@ -96,9 +96,15 @@ def test_presets_run_unchanged_on_synthetic(tmp_path, preset, overrides, jobs_ex
 
 @pytest.mark.slow
 def test_optuna_preset_maximises_recall(tmp_path):
-    jobs, _ = sweep(tmp_path, "preset=optuna_aomd", "hydra.sweeper.n_trials=3")
+    jobs, _ = sweep(tmp_path, "preset=optuna_aomd", "hydra.sweeper.n_trials=3", "logger.mode=offline",
+                    logger="logger=wandb")
     assert len(jobs) == 3 and all(j["status"] == "finished" for j in jobs.values())
     assert (tmp_path / "optimization_results.yaml").is_file()
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 3 and len({r["group"] for r in runs.values()}) == 1
+    for run in runs.values():
+        assert 10 <= run["config"]["loss.aomd_ratio"] <= 1000 and run["config"]["loss.mode"] in (1, 2)
+        assert "loss.aomd_ratio=" in run["name"] and "loss.mode=" in run["name"]
 
 
 @pytest.mark.slow
