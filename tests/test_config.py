@@ -79,7 +79,7 @@ def assert_one_line_error(result, *fragments):
     (["loss=aomd_mode2", "teacher.checkpoint=/nonexistent/teacher.pt"], ["/nonexistent/teacher.pt does not exist"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
-    result = run_module("aomd.train", "logger=none", "train.progress=false", "dataset.num_classes=12",
+    result = run_module("aomd.train", "logger=none", "train.progress=false", "dataset.num_classes=24",
                         "dataset.images_per_class=8", f"hydra.run.dir={tmp_path}", *overrides)
     assert_one_line_error(result, *fragments)
 
@@ -88,3 +88,27 @@ def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
     assert_one_line_error(run_module("aomd.evaluate", f"checkpoint={tmp_path}/none.pt", f"hydra.run.dir={tmp_path}"),
                           "does not exist")
     assert_one_line_error(run_module("aomd.evaluate", f"hydra.run.dir={tmp_path}"), "checkpoint", "no value")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=aomd_mode2", "loss.global_weight=0", "loss.local_weight=0"], "both 0"),
+    (["+teacher.train.epoch=3"], "teacher.train.epoch"),
+    (["teacher.train.lr=-1"], "teacher.train.lr must be positive"),
+    (["loss=darkrank", "loss.permute_len=200"], "loss.permute_len"),
+    (["loss.triplet_ratio=0"], "nothing to train"),
+    (["loss.sp_ratio=-1"], "loss.sp_ratio must be 0 or more"),
+])
+def test_loss_and_teacher_recipe_are_checked_up_front(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(*overrides))
+
+
+def test_teacher_identity_follows_the_recipe_not_the_logging(tmp_path):
+    from aomd.teachers import default_teacher_dir
+
+    base = validate(compose())
+    assert default_teacher_dir(base) == default_teacher_dir(validate(compose("train.progress=false", "train.num_workers=2")))
+    assert default_teacher_dir(base) != default_teacher_dir(validate(compose("teacher.train.epochs=7")))
+    assert default_teacher_dir(base) != default_teacher_dir(validate(compose("dataset.seed=3")))
+    # the student's seed does not choose the teacher: a sweep over seeds shares one
+    assert default_teacher_dir(base) == default_teacher_dir(validate(compose("train.seed=5")))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from aomd.metrics import map_at_r, recall_at_k
+from aomd.metrics import map_at_r, r_precision, recall_at_k, retrieval_metrics
 
 
 def brute_force(embeddings: np.ndarray, labels: np.ndarray, ks):
@@ -13,7 +13,7 @@ def brute_force(embeddings: np.ndarray, labels: np.ndarray, ks):
     order = np.argsort(dist, axis=1, kind="stable")
     relevant = labels[order] == labels[:, None]
     recall = {k: float(relevant[:, :k].any(1).mean()) for k in ks}
-    aps = []
+    aps, rps = [], []
     for i in range(len(labels)):
         r = int((labels == labels[i]).sum()) - 1
         if r == 0:
@@ -21,7 +21,8 @@ def brute_force(embeddings: np.ndarray, labels: np.ndarray, ks):
         rel = relevant[i, :r]
         precision = np.cumsum(rel) / np.arange(1, r + 1)
         aps.append((precision * rel).sum() / r)
-    return recall, float(np.mean(aps))
+        rps.append(rel.sum() / r)
+    return recall, float(np.mean(aps)), float(np.mean(rps))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 10_000])
@@ -32,13 +33,17 @@ def test_chunked_metrics_equal_brute_force(chunk_size, seed):
     labels[:2] = [100, 101]  # two singleton classes: count for Recall, left out of MAP@R
     embeddings = rng.normal(size=(150, 16)) + labels[:, None] % 3  # some class structure
     ks = [1, 2, 4, 8, 16]
-    expected_recall, expected_map = brute_force(embeddings, labels, ks)
+    expected_recall, expected_map, expected_rp = brute_force(embeddings, labels, ks)
     e, y = torch.tensor(embeddings, dtype=torch.float32), torch.tensor(labels)
     recall = recall_at_k(e, y, ks, chunk_size=chunk_size)
     assert recall.keys() == expected_recall.keys()
     for k in ks:
         assert recall[k] == pytest.approx(expected_recall[k], abs=1e-12)
     assert map_at_r(e, y, chunk_size=chunk_size) == pytest.approx(expected_map, rel=1e-6)
+    assert r_precision(e, y, chunk_size=chunk_size) == pytest.approx(expected_rp, rel=1e-6)
+    together = retrieval_metrics(e, y, ks, chunk_size=chunk_size)
+    assert together == pytest.approx({**{f"recall@{k}": expected_recall[k] for k in ks},
+                                      "map@r": expected_map, "r_precision": expected_rp}, rel=1e-6)
 
 
 def test_perfect_and_hand_computed_values():

@@ -55,6 +55,20 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         check_architecture(read_checkpoint(tmp_path / "r18.pt"), Architecture("resnet50", 512), "teacher", tmp_path / "r18.pt")
 
 
+def test_pretrained_googlenet_lets_torchvision_drop_the_auxiliary_heads(monkeypatch):
+    asked = {}
+
+    def record(name, **kwargs):
+        asked.update(kwargs)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models, "get_model", record)
+    with pytest.raises(PretrainedWeightsUnavailable):
+        EmbeddingNet("googlenet", 16, pretrained=True)
+    # torchvision refuses aux_logits=False together with weights; it removes the heads itself
+    assert asked == {"weights": "DEFAULT"}
+
+
 def test_unavailable_pretrained_weights_say_what_to_do(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")

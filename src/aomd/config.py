@@ -68,13 +68,28 @@ class LoggerSchema:
 
 
 @dataclass
+class TeacherTrainSchema:
+    """The teacher recipe: what it sets overrides `train` when the teacher is trained."""
+
+    epochs: Optional[int] = None
+    iters_per_epoch: Optional[int] = None
+    batch_size: Optional[int] = None
+    images_per_class: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    lr_decay_epochs: Optional[list[int]] = None
+    lr_decay_gamma: Optional[float] = None
+    seed: Optional[int] = None
+
+
+@dataclass
 class TeacherSchema:
     backbone: str = "resnet50"
     embedding_size: int = 512
     pretrained: bool = False
     checkpoint: Optional[str] = None
     train_if_missing: bool = True
-    train: dict[str, Any] = field(default_factory=dict)
+    train: TeacherTrainSchema = field(default_factory=TeacherTrainSchema)
 
 
 @dataclass
@@ -148,21 +163,26 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_train(train) -> None:
-    """Value rules of the `train` section (shared by student and teacher recipes)."""
-    _require(train.epochs >= 0, f"train.epochs must be 0 or more, got {train.epochs}.")
-    _require(train.iters_per_epoch >= 1, f"train.iters_per_epoch must be at least 1, got {train.iters_per_epoch}.")
-    _require(train.lr > 0, f"train.lr must be positive, got {train.lr}.")
-    _require(train.weight_decay >= 0, f"train.weight_decay must be 0 or more, got {train.weight_decay}.")
-    _require(train.lr_decay_gamma > 0, f"train.lr_decay_gamma must be positive, got {train.lr_decay_gamma}.")
+def check_train(train, prefix: str = "train") -> None:
+    """Value rules of a `train` section (the student's, or the teacher recipe merged over it)."""
+    _require(train.epochs >= 0, f"{prefix}.epochs must be 0 or more, got {train.epochs}.")
+    _require(train.iters_per_epoch >= 1, f"{prefix}.iters_per_epoch must be at least 1, got {train.iters_per_epoch}.")
+    _require(train.lr > 0, f"{prefix}.lr must be positive, got {train.lr}.")
+    _require(train.weight_decay >= 0, f"{prefix}.weight_decay must be 0 or more, got {train.weight_decay}.")
+    _require(train.lr_decay_gamma > 0, f"{prefix}.lr_decay_gamma must be positive, got {train.lr_decay_gamma}.")
     _require(train.images_per_class >= 2,
-             f"train.images_per_class must be at least 2 so that batches hold positive pairs, got {train.images_per_class}.")
+             f"{prefix}.images_per_class must be at least 2 so that batches hold positive pairs, got {train.images_per_class}.")
     _require(train.batch_size >= 2 * train.images_per_class,
-             f"train.batch_size ({train.batch_size}) must be at least 2 x train.images_per_class "
+             f"{prefix}.batch_size ({train.batch_size}) must be at least 2 x {prefix}.images_per_class "
              f"({2 * train.images_per_class}) so that every batch holds negatives.")
     _require(train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:"),
              f"train.device must be auto, cpu or cuda, got {train.device!r}.")
     _require(train.num_workers >= 0, f"train.num_workers must be 0 or more, got {train.num_workers}.")
+
+
+def teacher_train(cfg: DictConfig) -> DictConfig:
+    """The teacher recipe: `teacher.train` (the keys it sets) merged over `train`."""
+    return OmegaConf.merge(cfg.train, {k: v for k, v in cfg.teacher.train.items() if v is not None})
 
 
 def check_loss(loss) -> None:
@@ -175,6 +195,8 @@ def check_loss(loss) -> None:
     _require(loss.mode in (1, 2), f"loss.mode must be 1 (full mapping) or 2 (pooled mapping), got {loss.mode}.")
     _require(loss.triplet_p in (1, 2), f"loss.triplet_p must be 1 (L1) or 2 (L2), got {loss.triplet_p}.")
     _require(loss.global_weight >= 0 and loss.local_weight >= 0, "loss.global_weight and loss.local_weight must be 0 or more.")
+    _require(loss.aomd_ratio == 0 or loss.global_weight + loss.local_weight > 0,
+             "loss.aomd_ratio is on but loss.global_weight and loss.local_weight are both 0; set one of them above 0.")
     _require(loss.permute_len >= 1, f"loss.permute_len must be at least 1, got {loss.permute_len}.")
 
 
@@ -188,7 +210,10 @@ def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
     _require(cfg.embedding_size >= 1, f"embedding_size must be at least 1, got {cfg.embedding_size}.")
     _require(cfg.teacher.embedding_size >= 1, f"teacher.embedding_size must be at least 1, got {cfg.teacher.embedding_size}.")
     check_train(cfg.train)
+    check_train(teacher_train(cfg), "teacher.train")
     check_loss(cfg.loss)
+    _require(cfg.loss.permute_len < cfg.train.batch_size,
+             f"loss.permute_len ({cfg.loss.permute_len}) must be smaller than train.batch_size ({cfg.train.batch_size}).")
     _require(len(cfg.eval.recall_k) > 0 and all(k >= 1 for k in cfg.eval.recall_k),
              f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
     _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")

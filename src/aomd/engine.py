@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,14 +16,15 @@ from aomd.data import RetrievalData
 from aomd.data.augment import eval_transform, train_transform
 from aomd.data.loader import eval_loader, train_loader
 from aomd.data.splits import ImageSplit
+from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
-from aomd.metrics import map_at_r, recall_at_k
+from aomd.metrics import retrieval_metrics
 from aomd.models import EmbeddingNet, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
@@ -48,11 +50,9 @@ def embed(model: EmbeddingNet, split: ImageSplit, image_size: int, batch_size: i
 
 def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_cfg: DictConfig, device: torch.device,
              num_workers: int = 0, progress: bool = False) -> dict[str, float]:
-    """{"recall@K": ..., "map@r": ...} of `model` on `split` (METHODS.md section 5)."""
+    """{"recall@K": ..., "map@r": ..., "r_precision": ...} of `model` on `split` (METHODS.md section 5)."""
     embeddings, labels = embed(model, split, image_size, eval_cfg.batch_size, device, num_workers, progress, "evaluate")
-    metrics = {f"recall@{k}": v for k, v in recall_at_k(embeddings, labels, eval_cfg.recall_k, eval_cfg.chunk_size).items()}
-    metrics["map@r"] = map_at_r(embeddings, labels, eval_cfg.chunk_size)
-    return metrics
+    return retrieval_metrics(embeddings, labels, eval_cfg.recall_k, eval_cfg.chunk_size)
 
 
 def fit(
@@ -94,10 +94,11 @@ def fit(
     best = evaluate_epoch(0, {})
     save_checkpoint(checkpoints / "best.pt", student, metrics=best, objective=objective.state_dict())
     for epoch in range(1, train.epochs + 1):
-        sums: dict[str, float] = defaultdict(float)
+        # running sums stay on the device: no host synchronisation per step
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch}/{train.epochs}", leave=False, disable=None if train.progress else True)
-        for images, labels in bar:
+        for step, (images, labels) in enumerate(bar):
             images = train_transform(images.to(device, non_blocking=True), data.image_size, augment_rng)
             labels = labels.to(device, non_blocking=True)
             teacher_embeddings = teacher_stages = None
@@ -106,17 +107,18 @@ def fit(
                     teacher_embeddings, teacher_stages = teacher.forward_with_stages(images)
             embeddings, stages = student.forward_with_stages(images)
             loss, terms = objective(StepOutputs(labels, embeddings, stages, teacher_embeddings, teacher_stages))
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"The training loss became {loss.item()} at epoch {epoch}; lower train.lr or the loss ratios.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums["loss"] += loss.item()
+            sums["loss"] += loss.detach()
             for name, value in terms.items():
-                sums[f"loss/{name}"] += value.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+                sums[f"loss/{name}"] += value.detach()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
         scheduler.step()
-        means = {name: total / train.iters_per_epoch for name, total in sums.items()}
+        means = {name: total.item() / train.iters_per_epoch for name, total in sums.items()}
+        if not math.isfinite(means["loss"]):
+            raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")
         means["epoch_seconds"] = time.perf_counter() - started
         record = evaluate_epoch(epoch, means)
         extra = {"metrics": record, "objective": objective.state_dict()}

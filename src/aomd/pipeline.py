@@ -74,6 +74,9 @@ def load_data(cfg: DictConfig) -> RetrievalData:
     summary = data.summary()
     log.info("%s: %d train images of %d classes, %d test images of %d classes", data.name,
              summary["train_images"], summary["train_classes"], summary["test_images"], summary["test_classes"])
+    if summary["train_images"] < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is larger than the {data.name} train split "
+                          f"({summary['train_images']} images); use a smaller batch.")
     if summary["train_classes"] < 2:
         raise ConfigError(f"The {data.name} train split has {summary['train_images']} images of "
                           f"{summary['train_classes']} classes; training needs at least 2 classes, check dataset.root and the dataset settings.")
@@ -83,10 +86,11 @@ def load_data(cfg: DictConfig) -> RetrievalData:
 
 def train_network(cfg: DictConfig, data: RetrievalData, model: EmbeddingNet, objective: Objective, out_dir: Path,
                   job_type: str, teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
-                  run_name: str | None = None, tags: list[str] | None = None) -> dict[str, Any]:
+                  run_name: str | None = None, tags: list[str] | None = None,
+                  overrides: list[str] | None = None) -> dict[str, Any]:
     """Fit `model` and track the job (W&B run, metrics.json, console table); the best record."""
     first_metric = f"recall@{min(cfg.eval.recall_k)}"
-    tracker = Tracker(cfg, out_dir, job_type, data.summary(), first_metric, run_name, tags)
+    tracker = Tracker(cfg, out_dir, job_type, data.summary(), first_metric, run_name, tags, overrides)
     try:
         if teacher_metrics is not None:
             tracker.log_teacher(teacher_metrics)

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from aomd.errors import UserError
-from aomd.tracking import METRICS_FILE
+from aomd.tracking import METRICS_FILE, RETRIEVAL_KEYS
 
 PROGRAM = "aomd.report"
 REPORT_FILE = "report.md"
@@ -251,11 +251,11 @@ class ConfigRow:
 
 
 def is_metric(key: str) -> bool:
-    return key.startswith(("recall@", "map@"))
+    return key.startswith(RETRIEVAL_KEYS)
 
 
 def metric_keys(rows: Iterable[ConfigRow]) -> list[str]:
-    """The metrics present in any row: recall@K by K, then map@R."""
+    """The metrics present in any row: recall@K by K, then map@R and R-Precision."""
     keys = {key for row in rows for key in row.mean}
 
     def order(key: str) -> tuple:

@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from aomd.config import LossSchema, check_train
+from aomd.config import LossSchema, teacher_train
 from aomd.data import RetrievalData
 from aomd.errors import ConfigError
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 # the teacher recipe's objective and sampler (METHODS.md section 1)
 TEACHER_LOSS = LossSchema(triplet_ratio=1.0, margin=0.2)
 TEACHER_SAMPLER = {"_target_": "aomd.losses.DistanceWeightedNegatives"}
-# dataset keys that do not change which images a dataset holds
-_NOT_IDENTITY = {"cache_dir", "in_memory", "num_workers", "pin_memory", "skip_bad_images"}
+# dataset and train keys that change neither which images a dataset holds nor what a teacher learns
+_NOT_IDENTITY = {"cache_dir", "in_memory", "num_workers", "decode_workers", "pin_memory", "skip_bad_images",
+                 "progress", "device"}
 
 
 def teacher_architecture(cfg: DictConfig) -> Architecture:
@@ -38,10 +39,22 @@ def teacher_architecture(cfg: DictConfig) -> Architecture:
 
 
 def default_teacher_dir(cfg: DictConfig) -> Path:
-    """Where the teacher for this dataset, teacher backbone, embedding size and image size lives."""
-    identity = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in _NOT_IDENTITY}
+    """Where the teacher for this dataset, teacher architecture, image size and recipe lives.
+
+    The folder name says dataset, backbone, embedding size, image size and initialisation; its
+    hash covers the dataset's settings (root resolved) and the whole teacher recipe, so a changed
+    recipe trains a new teacher instead of reusing one trained differently.
+    """
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    if dataset.get("root"):
+        dataset["root"] = str(Path(dataset["root"]).expanduser().resolve())
+    recipe = OmegaConf.to_container(teacher_train(cfg), resolve=True)
+    identity = {
+        "dataset": {k: v for k, v in dataset.items() if k not in _NOT_IDENTITY},
+        "recipe": {k: v for k, v in recipe.items() if k not in _NOT_IDENTITY},
+    }
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    name = identity.get("_target_", "dataset").rsplit(".", 1)[-1].removeprefix("load_")
+    name = dataset.get("_target_", "dataset").rsplit(".", 1)[-1].removeprefix("load_")
     pretrained = "imagenet" if cfg.teacher.pretrained else "scratch"
     t = cfg.teacher
     return Path(cfg.paths.teachers_dir).expanduser() / (
@@ -55,11 +68,10 @@ def teacher_job_config(cfg: DictConfig) -> DictConfig:
         "backbone": {"name": cfg.teacher.backbone, "pretrained": cfg.teacher.pretrained},
         "embedding_size": cfg.teacher.embedding_size,
         "l2normalize": True,
-        "train": cfg.teacher.train,
+        "train": teacher_train(cfg),
     })
     teacher_cfg.loss = TEACHER_LOSS
     teacher_cfg.sampler = TEACHER_SAMPLER
-    check_train(teacher_cfg.train)
     return teacher_cfg
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+RETRIEVAL_KEYS = ("recall@", "map@", "r_precision")  # the prefixes of the test metrics in a record
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -36,18 +37,19 @@ class Tracker:
     `metrics.json` file (rewritten after every epoch, so an unfinished job shows its progress)
     and a console line per epoch.
 
-    metrics.json: {"status": running|finished|failed, "best": record, "history": [record, ...],
+    metrics.json: {"status": running|finished|failed, "overrides": the job's command-line overrides, "best": record, "history": [record, ...],
     "dataset": {...}, "teacher": {...} (distillation only), "error": "..." (failed jobs)}, where a
     record holds "epoch", "recall@K", "map@r", the mean training "loss" and each term's "loss/<term>".
     """
 
     def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
-                 first_metric: str = "recall@1", run_name: str | None = None, tags: list[str] | None = None):
+                 first_metric: str = "recall@1", run_name: str | None = None, tags: list[str] | None = None,
+                 overrides: list[str] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.first_metric = first_metric
-        self.state: dict[str, Any] = {"status": "running", "job_type": job_type, "best": None, "history": [],
-                                      "dataset": dataset_summary}
+        self.state: dict[str, Any] = {"status": "running", "job_type": job_type, "overrides": overrides,
+                                      "best": None, "history": [], "dataset": dataset_summary}
         self.run = None
         logger = cfg.logger
         if logger.enabled and logger.mode != "disabled":
@@ -84,7 +86,7 @@ class Tracker:
         log.info("epoch %d: %s", record["epoch"], _format({k: v for k, v in record.items() if k != "epoch"}))
         if self.run is not None:
             logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k == "epoch_seconds"}
-            logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(("recall@", "map@"))})
+            logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
             self.run.log({"epoch": record["epoch"], **logged}, step=record["epoch"])
             self.run.summary.update({f"best/{k}": v for k, v in self.state["best"].items()})
         self._save()
@@ -107,7 +109,7 @@ class Tracker:
         history = self.state["history"]
         if not history:
             return "(no epoch evaluated)"
-        metric_keys = [k for k in history[0] if k.startswith(("recall@", "map@"))]
+        metric_keys = [k for k in history[0] if k.startswith(RETRIEVAL_KEYS)]
         headers = ["epoch", "loss", *metric_keys]
         best_epoch = self.state["best"]["epoch"]
         rows = []
@@ -126,7 +128,7 @@ class Tracker:
 def _format(metrics: dict[str, Any]) -> str:
     parts = []
     for key, value in metrics.items():
-        if isinstance(value, float) and (key.startswith(("recall@", "map@"))):
+        if isinstance(value, float) and (key.startswith(RETRIEVAL_KEYS)):
             parts.append(f"{key} {100 * value:.2f}")
         elif isinstance(value, float) and math.isfinite(value):
             parts.append(f"{key} {value:.4g}")

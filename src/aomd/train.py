@@ -55,9 +55,14 @@ def job_identity(cfg: DictConfig) -> tuple[str | None, list[str]]:
 def train(cfg: DictConfig) -> float:
     cfg = validate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    # what defines the job's result: its overrides less those that do not change it (logging, launcher)
+    ignored = set(hydra_cfg.job.config.override_dirname.exclude_keys) - {"train.seed"}
+    overrides = [o for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") not in ignored]
     if in_multirun() and cfg.skip_finished:
         previous = read_metrics(out_dir)
-        if previous and previous.get("status") == "finished":
+        # the same job folder can hold another configuration when a sweep is rerun with other values
+        if previous and previous.get("status") == "finished" and previous.get("overrides") == overrides:
             log.info("Skipping %s: its metrics.json says finished (skip_finished=false reruns it).", out_dir)
             return previous["best"][f"recall@{min(cfg.eval.recall_k)}"]
     if in_multirun() and cfg.logger.group is None:
@@ -79,7 +84,8 @@ def train(cfg: DictConfig) -> float:
         teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, resolve_device(cfg.train.device),
                                    cfg.train.num_workers, cfg.train.progress)
     run_name, tags = job_identity(cfg)
-    best = train_network(cfg, data, student, objective, out_dir, "student", teacher, teacher_metrics, run_name, tags)
+    best = train_network(cfg, data, student, objective, out_dir, "student", teacher, teacher_metrics, run_name, tags,
+                         overrides)
     return best[f"recall@{min(cfg.eval.recall_k)}"]
 
 

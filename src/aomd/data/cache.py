@@ -189,14 +189,24 @@ class H5Images:
         self.path, self.split = Path(path), split
         with h5py.File(self.path, "r") as h5:
             self.shape = h5[split]["images"].shape
-        self._dataset, self._pid = None, None
+        self._file, self._dataset, self._pid = None, None, None
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def close(self) -> None:
+        """Close this process's handle (a handle inherited through fork is the parent's to close)."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file, self._dataset, self._pid = None, None, None
+
+    def __del__(self):
+        self.close()
+
     def __getitem__(self, index):
         if self._pid != os.getpid():
-            self._dataset = h5py.File(self.path, "r")[self.split]["images"]
+            self._file = h5py.File(self.path, "r")
+            self._dataset = self._file[self.split]["images"]
             self._pid = os.getpid()
         if isinstance(index, (list, np.ndarray)):
             index = np.asarray(index)
@@ -221,7 +231,7 @@ class H5Images:
         return out
 
     def __getstate__(self):
-        return {"path": self.path, "split": self.split, "shape": self.shape, "_dataset": None, "_pid": None}
+        return {"path": self.path, "split": self.split, "shape": self.shape, "_file": None, "_dataset": None, "_pid": None}
 
 
 def read_split(path: Path, split: str, in_memory: bool) -> ImageSplit:

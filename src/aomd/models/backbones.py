@@ -25,7 +25,8 @@ class PretrainedWeightsUnavailable(UserError, RuntimeError):
 def build_backbone(name: str, pretrained: bool) -> tuple[nn.Module, int]:
     """A torchvision backbone whose forward returns pooled features [N, F], and F."""
     assert name in STAGES, name
-    kwargs = {"aux_logits": False, "init_weights": not pretrained} if name == "googlenet" else {}
+    # GoogLeNet: torchvision drops the auxiliary heads itself after loading ImageNet weights
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" and not pretrained else {}
     weights = "DEFAULT" if pretrained else None
     try:
         model = torchvision.models.get_model(name, weights=weights, **kwargs)
