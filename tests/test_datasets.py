@@ -500,7 +500,7 @@ TRAIN_SHORT = ["train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=16
     ("cars196", make_cars_mat, []),
     ("cars196", make_cars_folders, []),
     ("sop", make_sop, ["eval.recall_k=[1,10]"]),
-    ("folder", make_folder, ["eval.recall_k=[1,2]"]),
+    ("folder", make_folder, ["eval.recall_k=[1,2]", "train.batch_size=8"]),
 ], ids=["cub200", "cars196-mat", "cars196-folders", "sop", "folder"])
 def test_short_training_run(tmp_path, dataset, make, extra):
     root = make(tmp_path / "data")

@@ -330,5 +330,5 @@ def test_report_of_a_real_sweep(tmp_path: Path):
     bests = [json.loads((sweep / str(i) / "metrics.json").read_text())["best"] for i in (0, 1)]
     cells = table_rows(result.markdown)[row.label]  # one configuration: its full override string
     assert cells[2] == "2"
-    assert cells[3:] == [expected_cell([b[k] for b in bests]) for k in ("recall@1", "recall@2", "map@r")]
+    assert cells[3:] == [expected_cell([b[k] for b in bests]) for k in ("recall@1", "recall@2", "map@r", "r_precision")]
     assert (sweep / "baselines.png").read_bytes()[:8] == PNG_MAGIC

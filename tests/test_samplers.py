@@ -36,6 +36,15 @@ def test_hard_takes_the_closest_negative_of_the_anchor():
     assert triplets(HardNegatives()) == [(0, 1, 2), (1, 0, 2), (2, 3, 0), (3, 2, 1)]
 
 
+def test_hard_negatives_follow_the_loss_distance():
+    # from the anchor (0, 0): negative 2 is nearer in L2 (1.41 < 1.9), negative 3 in L1 (1.9 < 2)
+    e = torch.tensor([[0.0, 0.0], [0.1, 0.0], [1.0, 1.0], [1.9, 0.0]])
+    labels = torch.tensor([0, 0, 1, 2])
+    l2 = dict(((a, p), n) for a, p, n in zip(*(t.tolist() for t in HardNegatives()(e, labels))))
+    l1 = dict(((a, p), n) for a, p, n in zip(*(t.tolist() for t in HardNegatives()(e, labels, p=1))))
+    assert l2[(0, 1)] == 2 and l1[(0, 1)] == 3
+
+
 def test_semihard_takes_the_closest_negative_beyond_the_positive_else_the_farthest():
     # (0,1): d_ap 1, negatives at 0.3 (2), 5 (3), 2 (4) -> 4;  (1,0): 0.7, 4, 3 -> 4
     # (2,3): d_ap 4.7, negatives at 0.3, 0.7, 2.3: none beyond -> farthest, 4

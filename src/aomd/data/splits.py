@@ -34,6 +34,8 @@ class ImageSplit:
     def take(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Images at `indices` (any order, repeats allowed) as uint8 [len(indices), H, W, 3]."""
         indices = np.asarray(indices, dtype=np.int64)
+        if isinstance(self.images, np.ndarray):
+            return self.images[indices]
         # HDF5 reads want sorted unique indices; reading those once also serves repeats
         unique, inverse = np.unique(indices, return_inverse=True)
         return np.asarray(self.images[unique])[inverse]

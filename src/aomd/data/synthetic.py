@@ -152,7 +152,6 @@ def load_synthetic(
     seed: int = 0,
     cache_dir: str | Path = "~/.cache/aomd",
     in_memory: bool = True,
-    progress: bool = True,
 ) -> RetrievalData:
     """Generate (first use) or read the synthetic dataset, split class-disjoint in halves."""
     if num_classes < 2 or images_per_class < 2:

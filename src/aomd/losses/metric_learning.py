@@ -24,7 +24,7 @@ class TripletLoss(nn.Module):
         self.sampler, self.margin, self.p = sampler, margin, p
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        a, pos, neg = self.sampler(embeddings, labels)
+        a, pos, neg = self.sampler(embeddings, labels, p=self.p)
         if len(a) == 0:
             return embeddings.sum() * 0.0
         d_ap = _pair_distance(embeddings[a], embeddings[pos], self.p)

@@ -3,7 +3,8 @@
 A sampler takes embeddings [N, D] and labels [N] and returns three index tensors
 (anchors, positives, negatives) of equal length T, one entry per triplet. Anchor-positive pairs
 are every ordered pair (a, p) with y_a = y_p and a != p; the sampler chooses negatives n
-(y_n != y_a) for them. Distances are Euclidean and computed without gradient.
+(y_n != y_a) for them. Distances are those of the loss (L2, or L1 for the L1 triplet; always L2
+for distance-weighted sampling) and computed without gradient.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class NegativeSampler(nn.Module, abc.ABC):
     """Base class: finds the anchor-positive pairs, subclasses choose negatives."""
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
+        """Triplets for a batch; `p` is the distance the loss uses (2: L2, 1: L1)."""
         with torch.no_grad():
             same = labels[:, None] == labels[None, :]
             eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
             anchors, positives = (same & ~eye).nonzero(as_tuple=True)
             negative_mask = ~same  # [N, N]: n is a negative of anchor a
-            dist = torch.cdist(embeddings.detach().float(), embeddings.detach().float())
+            dist = torch.cdist(embeddings.detach().float(), embeddings.detach().float(), p=p)
             return self.choose(dist, anchors, positives, negative_mask, embeddings.shape[1])
 
     @abc.abstractmethod
@@ -89,6 +91,10 @@ class DistanceWeightedNegatives(NegativeSampler):
         super().__init__()
         self.cutoff = cutoff
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
+        # the weights are defined for L2 distances between points on the unit sphere, whatever p
+        return super().forward(embeddings, labels, p=2)
 
     def weights(self, dist: torch.Tensor, negative_mask: torch.Tensor, dim: int) -> torch.Tensor:
         """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows)."""
