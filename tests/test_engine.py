@@ -23,10 +23,22 @@ def test_adapters_and_regressors_learn_with_the_student(tmp_path, loss):
     before = copy.deepcopy(objective.state_dict())
     assert before, "the objective has parameters of its own"
     records = []
-    fit(student, objective, data, cfg, tmp_path, records.append, teacher)
+    fit(student, objective, data, cfg, tmp_path, lambda record, is_best: records.append(record), teacher)
     after = objective.state_dict()
     for name, value in before.items():
         assert not torch.equal(value, after[name]), f"{name} was not optimised"
     assert [r["epoch"] for r in records] == [0, 1]
     saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["objective"]
     assert all(torch.equal(saved[k], v) for k, v in after.items())
+
+
+def test_best_can_be_chosen_among_trained_epochs_only(tmp_path):
+    cfg = validate(compose(*TINY, "train.epochs=2", "logger=none"))
+    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
+    student = build_network("resnet18", 16, True, False)
+    objective = build_objective(cfg, student, None)
+    flags = []
+    best = fit(student, objective, data, cfg, tmp_path, lambda record, is_best: flags.append(is_best), None,
+               best_from_epoch=1)
+    assert flags[0] is False and flags[1] is True and best["epoch"] >= 1
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["metrics"]["epoch"] == best["epoch"]

@@ -61,14 +61,16 @@ def fit(
     data: RetrievalData,
     cfg: DictConfig,
     out_dir: Path,
-    on_epoch: Callable[[dict[str, Any]], None],
+    on_epoch: Callable[[dict[str, Any], bool], None],
     teacher: EmbeddingNet | None = None,
+    best_from_epoch: int = 0,
 ) -> dict[str, Any]:
     """Train `student` with `objective` for `cfg.train.epochs` epochs; return the best record.
 
     Evaluates the test split at epoch 0 and after every epoch; each record (epoch, mean training
-    loss and term values, Recall@K, MAP@R) goes to `on_epoch`. Writes `checkpoints/best.pt` (best
-    test Recall@1) and `checkpoints/last.pt` under `out_dir`.
+    loss and term values, Recall@K, MAP@R, R-Precision) goes to `on_epoch(record, is_best)`.
+    Writes `checkpoints/best.pt` (best test Recall@1 among epochs >= `best_from_epoch`, or epoch 0
+    when nothing was trained) and `checkpoints/last.pt` under `out_dir`.
     """
     train, device = cfg.train, resolve_device(cfg.train.device)
     torch.manual_seed(train.seed)  # the samplers' draws repeat whether or not a teacher was trained first
@@ -85,14 +87,21 @@ def fit(
     checkpoints = Path(out_dir) / "checkpoints"
     first_metric = f"recall@{min(cfg.eval.recall_k)}"
 
+    best_from_epoch = min(best_from_epoch, train.epochs)
+    best: dict[str, Any] | None = None
+
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
+        nonlocal best
         record = {"epoch": epoch, **losses, **evaluate(student, data.test, data.image_size, cfg.eval, device,
                                                       train.num_workers, train.progress)}
-        on_epoch(record)
+        is_best = epoch >= best_from_epoch and (best is None or record[first_metric] > best[first_metric])
+        if is_best:
+            best = record
+            save_checkpoint(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict())
+        on_epoch(record, is_best)
         return record
 
-    best = evaluate_epoch(0, {})
-    save_checkpoint(checkpoints / "best.pt", student, metrics=best, objective=objective.state_dict())
+    evaluate_epoch(0, {})
     for epoch in range(1, train.epochs + 1):
         # running sums stay on the device: no host synchronisation per step
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
@@ -121,11 +130,7 @@ def fit(
             raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")
         means["epoch_seconds"] = time.perf_counter() - started
         record = evaluate_epoch(epoch, means)
-        extra = {"metrics": record, "objective": objective.state_dict()}
-        if record[first_metric] > best[first_metric]:
-            best = record
-            save_checkpoint(checkpoints / "best.pt", student, **extra)
-        save_checkpoint(checkpoints / "last.pt", student, **extra)
+        save_checkpoint(checkpoints / "last.pt", student, metrics=record, objective=objective.state_dict())
     if train.epochs == 0:
         save_checkpoint(checkpoints / "last.pt", student, metrics=best, objective=objective.state_dict())
     return best

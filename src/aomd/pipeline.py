@@ -87,14 +87,13 @@ def load_data(cfg: DictConfig) -> RetrievalData:
 def train_network(cfg: DictConfig, data: RetrievalData, model: EmbeddingNet, objective: Objective, out_dir: Path,
                   job_type: str, teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
                   run_name: str | None = None, tags: list[str] | None = None,
-                  overrides: list[str] | None = None) -> dict[str, Any]:
+                  overrides: list[str] | None = None, best_from_epoch: int = 0) -> dict[str, Any]:
     """Fit `model` and track the job (W&B run, metrics.json, console table); the best record."""
-    first_metric = f"recall@{min(cfg.eval.recall_k)}"
-    tracker = Tracker(cfg, out_dir, job_type, data.summary(), first_metric, run_name, tags, overrides)
+    tracker = Tracker(cfg, out_dir, job_type, data.summary(), run_name, tags, overrides)
     try:
         if teacher_metrics is not None:
             tracker.log_teacher(teacher_metrics)
-        best = fit(model, objective, data, cfg, out_dir, tracker.log_epoch, teacher)
+        best = fit(model, objective, data, cfg, out_dir, tracker.log_epoch, teacher, best_from_epoch)
     except BaseException as error:
         tracker.finish("failed", error=f"{type(error).__name__}: {error}")
         raise

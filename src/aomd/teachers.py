@@ -85,7 +85,10 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path) -> None:
     objective = build_objective(teacher_cfg, model, None)
     OmegaConf.save(teacher_cfg, out_dir / "config.yaml")
     train_network(teacher_cfg, data, model, objective, out_dir, "teacher",
-        run_name=f"teacher-{cfg.teacher.backbone}-{cfg.teacher.embedding_size}", tags=["teacher", data.name])
+        run_name=f"teacher-{cfg.teacher.backbone}-{cfg.teacher.embedding_size}", tags=["teacher", data.name],
+                  # an untrained network is no teacher: its BatchNorm statistics are those of its
+                  # initialisation, and its features blow up in eval mode
+                  best_from_epoch=1)
 
 
 def teacher_checkpoint(cfg: DictConfig, data: RetrievalData) -> Path:

@@ -43,11 +43,10 @@ class Tracker:
     """
 
     def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
-                 first_metric: str = "recall@1", run_name: str | None = None, tags: list[str] | None = None,
+                 run_name: str | None = None, tags: list[str] | None = None,
                  overrides: list[str] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.first_metric = first_metric
         self.state: dict[str, Any] = {"status": "running", "job_type": job_type, "overrides": overrides,
                                       "best": None, "history": [], "dataset": dataset_summary}
         self.run = None
@@ -78,10 +77,10 @@ class Tracker:
             self.run.summary.update({f"teacher/{k}": v for k, v in metrics.items()})
         self._save()
 
-    def log_epoch(self, record: dict[str, Any]) -> None:
+    def log_epoch(self, record: dict[str, Any], is_best: bool) -> None:
+        """One evaluated epoch; `is_best` when it is the new best (the engine decides which epochs count)."""
         self.state["history"].append(record)
-        best = self.state["best"]
-        if best is None or record[self.first_metric] > best[self.first_metric]:
+        if is_best:
             self.state["best"] = record
         log.info("epoch %d: %s", record["epoch"], _format({k: v for k, v in record.items() if k != "epoch"}))
         if self.run is not None:
