@@ -24,9 +24,16 @@ log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator and ask for deterministic kernels, so that a CPU run repeats exactly.
+
+    Without the flag, backward through the samplers' indexing (index_put_ with accumulation) adds
+    in a thread-dependent order on the CPU. On a GPU, kernels without a deterministic version
+    only warn (warn_only) instead of stopping the run.
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def build(node: DictConfig, what: str, **objects: Any) -> Any:
