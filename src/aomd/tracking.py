@@ -87,7 +87,8 @@ class Tracker:
             logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k == "epoch_seconds"}
             logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
             self.run.log({"epoch": record["epoch"], **logged}, step=record["epoch"])
-            self.run.summary.update({f"best/{k}": v for k, v in self.state["best"].items()})
+            if is_best:
+                self.run.summary.update({f"best/{k}": v for k, v in record.items()})
         self._save()
 
     def finish(self, status: str = "finished", error: str | None = None) -> None:
@@ -110,7 +111,7 @@ class Tracker:
             return "(no epoch evaluated)"
         metric_keys = [k for k in history[0] if k.startswith(RETRIEVAL_KEYS)]
         headers = ["epoch", "loss", *metric_keys]
-        best_epoch = self.state["best"]["epoch"]
+        best_epoch = (self.state["best"] or {}).get("epoch")
         rows = []
         for r in history:
             loss = r.get("loss")
