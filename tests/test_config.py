@@ -1,6 +1,5 @@
 """Config composition, validation, and bad input reported as one line without a traceback."""
 import pytest
-from omegaconf import OmegaConf
 
 from aomd.config import config_dir, validate
 from aomd.errors import ConfigError

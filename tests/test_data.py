@@ -1,7 +1,6 @@
 """The synthetic dataset and its cache, class-balanced batches and tensor-op augmentation."""
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from aomd.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform

@@ -3,12 +3,12 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from aomd.config import validate
 from aomd.data.synthetic import load_synthetic
 from aomd.engine import fit
-from aomd.pipeline import build_network, build_objective
+from aomd.models import EmbeddingNet
+from aomd.pipeline import build_objective
 from conftest import TINY, compose
 
 
@@ -17,8 +17,8 @@ def test_adapters_and_regressors_learn_with_the_student(tmp_path, loss):
     cfg = validate(compose(*TINY, f"loss={loss}", "logger=none"))
     data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
     torch.manual_seed(0)
-    student = build_network("resnet18", 16, True, False)
-    teacher = build_network("resnet50", 32, True, False).eval()
+    student = EmbeddingNet("resnet18", 16, True, False)
+    teacher = EmbeddingNet("resnet50", 32, True, False).eval()
     objective = build_objective(cfg, student, teacher)
     before = copy.deepcopy(objective.state_dict())
     assert before, "the objective has parameters of its own"
@@ -35,7 +35,7 @@ def test_adapters_and_regressors_learn_with_the_student(tmp_path, loss):
 def test_best_can_be_chosen_among_trained_epochs_only(tmp_path):
     cfg = validate(compose(*TINY, "train.epochs=2", "logger=none"))
     data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
-    student = build_network("resnet18", 16, True, False)
+    student = EmbeddingNet("resnet18", 16, True, False)
     objective = build_objective(cfg, student, None)
     flags = []
     best = fit(student, objective, data, cfg, tmp_path, lambda record, is_best: flags.append(is_best), None,

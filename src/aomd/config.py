@@ -228,6 +228,11 @@ def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
     return cfg
 
 
+def selection_metric(eval_cfg) -> str:
+    """The metric that selects the best epoch and that a job returns: Recall@K at the smallest K."""
+    return f"recall@{min(eval_cfg.recall_k)}"
+
+
 def check_test_size(recall_k, test_images: int) -> None:
     """Recall@K needs K other images for every query."""
     _require(max(recall_k) < test_images,

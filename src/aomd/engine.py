@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from aomd.config import selection_metric
 from aomd.data import RetrievalData
 from aomd.data.augment import eval_transform, train_transform
 from aomd.data.loader import eval_loader, train_loader
@@ -85,7 +86,7 @@ def fit(
                           seed=train.seed, num_workers=train.num_workers, pin_memory=train.pin_memory)
     augment_rng = torch.Generator().manual_seed(train.seed)
     checkpoints = Path(out_dir) / "checkpoints"
-    first_metric = f"recall@{min(cfg.eval.recall_k)}"
+    first_metric = selection_metric(cfg.eval)
 
     best_from_epoch = min(best_from_epoch, train.epochs)
     best: dict[str, Any] | None = None

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from aomd.cli import check_group_options, run_task
-from aomd.config import EvaluateConfigSchema, config_dir, validate
+from aomd.config import EvaluateConfigSchema, config_dir, selection_metric, validate
 from aomd.engine import evaluate as evaluate_split
 from aomd.engine import resolve_device
 from aomd.models import load_model
@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> float:
     for key, value in metrics.items():
         print(f"  {key:>10}  {100 * value:6.2f}")
     print(f"written to {output}")
-    return metrics[f"recall@{min(cfg.eval.recall_k)}"]
+    return metrics[selection_metric(cfg.eval)]
 
 
 @hydra.main(config_path=config_dir(), config_name="evaluate", version_base="1.3")

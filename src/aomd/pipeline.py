@@ -56,17 +56,13 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0]
 
 
-def build_network(backbone: str, embedding_size: int, l2normalize: bool, pretrained: bool) -> EmbeddingNet:
-    return EmbeddingNet(backbone, embedding_size, l2normalize, pretrained)
-
-
 def network_shape(model: EmbeddingNet, image_size: int) -> NetworkShape:
     return NetworkShape(tuple(model.stage_channels(image_size)), model.architecture.embedding_size)
 
 
 def build_objective(cfg: DictConfig, student: EmbeddingNet, teacher: EmbeddingNet | None) -> Objective:
     """The `loss` group's Objective, with the `sampler` group's negative sampler."""
-    image_size = cfg.dataset.get("image_size", 64)
+    image_size = cfg.dataset.image_size
     return build(
         cfg.loss, "loss",
         sampler=build(cfg.sampler, "sampler"),

@@ -21,7 +21,7 @@ from aomd.data import RetrievalData
 from aomd.errors import ConfigError
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
-from aomd.pipeline import build_network, build_objective, seed_everything, train_network
+from aomd.pipeline import build_objective, seed_everything, train_network
 from aomd.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path) -> None:
     log.info("Training the teacher %s-%d on %s into %s (once; later jobs reuse it).",
              cfg.teacher.backbone, cfg.teacher.embedding_size, data.name, out_dir)
     seed_everything(teacher_cfg.train.seed)
-    model = build_network(cfg.teacher.backbone, cfg.teacher.embedding_size, True, cfg.teacher.pretrained)
+    model = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, cfg.teacher.pretrained)
     objective = build_objective(teacher_cfg, model, None)
     OmegaConf.save(teacher_cfg, out_dir / "config.yaml")
     train_network(teacher_cfg, data, model, objective, out_dir, "teacher",

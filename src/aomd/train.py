@@ -15,10 +15,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from aomd.cli import check_group_options, in_multirun, run_task
-from aomd.config import config_dir, validate
+from aomd.config import config_dir, selection_metric, validate
 from aomd.engine import evaluate, resolve_device
 from aomd.losses.objective import Objective
-from aomd.pipeline import build_network, build_objective, load_data, seed_everything, train_network
+from aomd.models import EmbeddingNet
+from aomd.pipeline import build_objective, load_data, seed_everything, train_network
 from aomd.teachers import load_teacher
 from aomd.tracking import read_metrics
 
@@ -64,17 +65,17 @@ def train(cfg: DictConfig) -> float:
         # the same job folder can hold another configuration when a sweep is rerun with other values
         if previous and previous.get("status") == "finished" and previous.get("overrides") == overrides:
             log.info("Skipping %s: its metrics.json says finished (skip_finished=false reruns it).", out_dir)
-            return previous["best"][f"recall@{min(cfg.eval.recall_k)}"]
+            return previous["best"][selection_metric(cfg.eval)]
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
 
     data = load_data(cfg)  # before the networks: a wrong dataset.root is reported before any weight download
     seed_everything(cfg.train.seed)
-    student = build_network(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
+    student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
     if Objective.distils(cfg.loss):
         # built without weights now for its shapes; the weights are loaded (or trained) below
-        teacher = build_network(cfg.teacher.backbone, cfg.teacher.embedding_size, True, False)
+        teacher = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, False)
     objective = build_objective(cfg, student, teacher)
 
     teacher_metrics = None
@@ -86,7 +87,7 @@ def train(cfg: DictConfig) -> float:
     run_name, tags = job_identity(cfg)
     best = train_network(cfg, data, student, objective, out_dir, "student", teacher, teacher_metrics, run_name, tags,
                          overrides)
-    return best[f"recall@{min(cfg.eval.recall_k)}"]
+    return best[selection_metric(cfg.eval)]
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
