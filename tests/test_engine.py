@@ -9,7 +9,10 @@ from aomd.data.synthetic import load_synthetic
 from aomd.engine import fit
 from aomd.models import EmbeddingNet
 from aomd.pipeline import build_objective
+from aomd.runtime import Runtime
 from conftest import TINY, compose
+
+CPU = Runtime.resolve("cpu")
 
 
 @pytest.mark.parametrize("loss", ["fitnet", "aomd_mode1"])
@@ -23,7 +26,7 @@ def test_adapters_and_regressors_learn_with_the_student(tmp_path, loss):
     before = copy.deepcopy(objective.state_dict())
     assert before, "the objective has parameters of its own"
     records = []
-    fit(student, objective, data, cfg, tmp_path, lambda record, is_best: records.append(record), teacher)
+    fit(student, objective, data, cfg, CPU, tmp_path, lambda record, is_best: records.append(record), teacher)
     after = objective.state_dict()
     for name, value in before.items():
         assert not torch.equal(value, after[name]), f"{name} was not optimised"
@@ -38,7 +41,7 @@ def test_best_can_be_chosen_among_trained_epochs_only(tmp_path):
     student = EmbeddingNet("resnet18", 16, True, False)
     objective = build_objective(cfg, student, None)
     flags = []
-    best = fit(student, objective, data, cfg, tmp_path, lambda record, is_best: flags.append(is_best), None,
+    best = fit(student, objective, data, cfg, CPU, tmp_path, lambda record, is_best: flags.append(is_best), None,
                best_from_epoch=1)
     assert flags[0] is False and flags[1] is True and best["epoch"] >= 1
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["metrics"]["epoch"] == best["epoch"]

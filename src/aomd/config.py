@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from aomd.errors import ConfigError
 from aomd.models.backbones import BACKBONES
+from aomd.runtime import PRECISIONS
 
 
 def config_dir() -> str:
@@ -44,8 +45,11 @@ class TrainSchema:
     lr_decay_gamma: float = 0.1
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
-    pin_memory: bool = False
+    precision: str = "auto"
+    channels_last: Optional[bool] = None
+    compile: bool = False
+    num_workers: Any = "auto"
+    pin_memory: Optional[bool] = None
     progress: bool = True
 
 
@@ -177,7 +181,10 @@ def check_train(train, prefix: str = "train") -> None:
              f"({2 * train.images_per_class}) so that every batch holds negatives.")
     _require(train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:"),
              f"train.device must be auto, cpu or cuda, got {train.device!r}.")
-    _require(train.num_workers >= 0, f"train.num_workers must be 0 or more, got {train.num_workers}.")
+    _require(train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {train.precision!r}.")
+    _require(train.num_workers == "auto" or (isinstance(train.num_workers, int) and not isinstance(train.num_workers, bool)
+                                             and train.num_workers >= 0),
+             f"train.num_workers must be auto or an integer of 0 or more, got {train.num_workers!r}.")
 
 
 def teacher_train(cfg: DictConfig) -> DictConfig:

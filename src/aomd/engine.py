@@ -15,12 +15,13 @@ from tqdm import tqdm
 from aomd.config import selection_metric
 from aomd.data import RetrievalData
 from aomd.data.augment import eval_transform, train_transform
-from aomd.data.loader import eval_loader, train_loader
+from aomd.data.loader import eval_loader, to_device, train_loader
 from aomd.data.splits import ImageSplit
 from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
 from aomd.metrics import retrieval_metrics
 from aomd.models import EmbeddingNet, save_checkpoint
+from aomd.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -29,31 +30,58 @@ class TrainingDiverged(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class OutOfDeviceMemory(UserError, RuntimeError):
+    """A training or evaluation batch did not fit in the device's memory."""
 
 
-@torch.no_grad()
-def embed(model: EmbeddingNet, split: ImageSplit, image_size: int, batch_size: int, device: torch.device,
-          num_workers: int = 0, progress: bool = False, desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings [N, E] and labels [N] of a whole split (centre crops, eval mode), on `device`."""
-    was_training = model.training
-    model.eval()
-    embeddings, labels = [], []
-    for images, batch_labels in tqdm(eval_loader(split, batch_size, num_workers), desc=desc, leave=False, disable=None if progress else True):
-        embeddings.append(model(eval_transform(images.to(device, non_blocking=True), image_size)))
-        labels.append(batch_labels.to(device))
-    model.train(was_training)
-    return torch.cat(embeddings), torch.cat(labels)
+def _out_of_memory(error: BaseException, what: str, batch_key: str, batch_size: int, runtime: Runtime) -> OutOfDeviceMemory:
+    hint = "" if runtime.precision != "fp32" else ", or train.precision=bf16 to halve the activations"
+    return OutOfDeviceMemory(f"{runtime.device} ran out of memory during {what} with {batch_key}={batch_size} "
+                             f"({runtime.precision}); lower {batch_key}{hint}.")
 
 
-def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_cfg: DictConfig, device: torch.device,
-             num_workers: int = 0, progress: bool = False) -> dict[str, float]:
-    """{"recall@K": ..., "map@r": ..., "r_precision": ...} of `model` on `split` (METHODS.md section 5)."""
-    embeddings, labels = embed(model, split, image_size, eval_cfg.batch_size, device, num_workers, progress, "evaluate")
-    return retrieval_metrics(embeddings, labels, eval_cfg.recall_k, eval_cfg.chunk_size)
+class Evaluator:
+    """Test-split evaluation of any network, with one persistent loader for all the epochs of a job.
+
+    Embeds in batches of `eval_cfg.batch_size` centre crops under the job's precision and
+    inference mode; the metrics are computed on the device from float32 embeddings.
+    """
+
+    def __init__(self, split: ImageSplit, image_size: int, eval_cfg, runtime: Runtime, progress: bool = False):
+        self.split, self.image_size, self.eval_cfg, self.runtime, self.progress = split, image_size, eval_cfg, runtime, progress
+        self.loader = eval_loader(split, eval_cfg.batch_size, runtime.num_workers, runtime.pin_memory)
+
+    @torch.inference_mode()
+    def embed(self, model: EmbeddingNet, desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings float32 [N, E] and labels [N] of the whole split, on the device."""
+        was_training = model.training
+        model.eval()
+        embeddings, labels = [], []
+        batches = to_device(self.loader, self.runtime.device)
+        try:
+            for images, batch_labels in tqdm(batches, desc=desc, total=len(self.loader), leave=False, unit="img",
+                                             unit_scale=self.eval_cfg.batch_size, disable=None if self.progress else True):
+                images = eval_transform(images, self.image_size).contiguous(memory_format=self.runtime.memory_format)
+                with self.runtime.autocast():
+                    embeddings.append(model(images).float())
+                labels.append(batch_labels)
+        except torch.OutOfMemoryError as error:
+            raise _out_of_memory(error, "evaluation", "eval.batch_size", self.eval_cfg.batch_size, self.runtime) from None
+        finally:
+            model.train(was_training)
+        return torch.cat(embeddings), torch.cat(labels)
+
+    def __call__(self, model: EmbeddingNet, desc: str = "evaluate") -> dict[str, float]:
+        """{"recall@K": ..., "map@r": ..., "r_precision": ...} of `model` (docs/methods.md, metrics)."""
+        embeddings, labels = self.embed(model, desc)
+        return retrieval_metrics(embeddings, labels, self.eval_cfg.recall_k, self.eval_cfg.chunk_size)
+
+
+def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_cfg, runtime: Runtime,
+             progress: bool = False) -> dict[str, float]:
+    """The retrieval metrics of `model` on `split`, once (the network is moved to the device)."""
+    runtime.prepare_network(model)
+    return Evaluator(split, image_size, eval_cfg, runtime, progress)(model)
 
 
 def fit(
@@ -61,29 +89,32 @@ def fit(
     objective: Objective,
     data: RetrievalData,
     cfg: DictConfig,
+    runtime: Runtime,
     out_dir: Path,
     on_epoch: Callable[[dict[str, Any], bool], None],
     teacher: EmbeddingNet | None = None,
     best_from_epoch: int = 0,
 ) -> dict[str, Any]:
-    """Train `student` with `objective` for `cfg.train.epochs` epochs; return the best record.
+    """Train `student` with `objective` for `cfg.train.epochs` epochs on `runtime`; return the best record.
 
     Evaluates the test split at epoch 0 and after every epoch; each record (epoch, mean training
     loss and term values, Recall@K, MAP@R, R-Precision) goes to `on_epoch(record, is_best)`.
     Writes `checkpoints/best.pt` (best test Recall@1 among epochs >= `best_from_epoch`, or epoch 0
     when nothing was trained) and `checkpoints/last.pt` under `out_dir`.
     """
-    train, device = cfg.train, resolve_device(cfg.train.device)
+    train, device = cfg.train, runtime.device
     torch.manual_seed(train.seed)  # the samplers' draws repeat whether or not a teacher was trained first
-    student.to(device).train()
-    objective.to(device).train()
+    runtime.prepare_network(student).train()
+    runtime.place(objective).train()
     if teacher is not None:
-        teacher.to(device).eval()
+        runtime.prepare_network(teacher).eval()
     parameters = [*student.parameters(), *objective.parameters()]  # adapters and regressors learn too
     optimizer = torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(train.lr_decay_epochs), train.lr_decay_gamma)
+    scaler = runtime.grad_scaler()
     loader = train_loader(data.train, train.batch_size, train.images_per_class, train.iters_per_epoch,
-                          seed=train.seed, num_workers=train.num_workers, pin_memory=train.pin_memory)
+                          seed=train.seed, num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
+    evaluator = Evaluator(data.test, data.image_size, cfg.eval, runtime, train.progress)
     augment_rng = torch.Generator().manual_seed(train.seed)
     checkpoints = Path(out_dir) / "checkpoints"
     first_metric = selection_metric(cfg.eval)
@@ -93,8 +124,7 @@ def fit(
 
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
         nonlocal best
-        record = {"epoch": epoch, **losses, **evaluate(student, data.test, data.image_size, cfg.eval, device,
-                                                      train.num_workers, train.progress)}
+        record = {"epoch": epoch, **losses, **evaluator(student)}
         is_best = epoch >= best_from_epoch and (best is None or record[first_metric] > best[first_metric])
         if is_best:
             best = record
@@ -102,34 +132,48 @@ def fit(
         on_epoch(record, is_best)
         return record
 
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = train_transform(images, data.image_size, augment_rng).contiguous(memory_format=runtime.memory_format)
+        teacher_embeddings = teacher_stages = None
+        with runtime.autocast():
+            if objective.needs_teacher:
+                with torch.inference_mode():
+                    teacher_embeddings, teacher_stages = teacher.forward_with_stages(images)
+            embeddings, stages = student.forward_with_stages(images)
+        loss, terms = objective(StepOutputs(labels, embeddings, stages, teacher_embeddings, teacher_stages))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach(), terms
+
     evaluate_epoch(0, {})
     for epoch in range(1, train.epochs + 1):
         # running sums stay on the device: no host synchronisation per step
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         started = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{train.epochs}", leave=False, disable=None if train.progress else True)
-        for step, (images, labels) in enumerate(bar):
-            images = train_transform(images.to(device, non_blocking=True), data.image_size, augment_rng)
-            labels = labels.to(device, non_blocking=True)
-            teacher_embeddings = teacher_stages = None
-            if objective.needs_teacher:
-                with torch.no_grad():
-                    teacher_embeddings, teacher_stages = teacher.forward_with_stages(images)
-            embeddings, stages = student.forward_with_stages(images)
-            loss, terms = objective(StepOutputs(labels, embeddings, stages, teacher_embeddings, teacher_stages))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums["loss"] += loss.detach()
-            for name, value in terms.items():
-                sums[f"loss/{name}"] += value.detach()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar = tqdm(to_device(loader, device), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
+                   leave=False, unit="img", unit_scale=train.batch_size, disable=None if train.progress else True)
+        shown = None
+        try:
+            for index, (images, labels) in enumerate(bar):
+                loss, terms = step(images, labels)
+                sums["loss"] += loss
+                for name, value in terms.items():
+                    sums[f"loss/{name}"] += value.detach()
+                if train.progress and index % 10 == 0:
+                    # the loss of ten steps ago is long computed: reading it does not stall the device
+                    if shown is not None:
+                        bar.set_postfix(loss=f"{shown.item():.4f}")
+                    shown = loss
+        except torch.OutOfMemoryError as error:
+            raise _out_of_memory(error, "training", "train.batch_size", train.batch_size, runtime) from None
         scheduler.step()
         means = {name: total.item() / train.iters_per_epoch for name, total in sums.items()}
         if not math.isfinite(means["loss"]):
             raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")
         means["epoch_seconds"] = time.perf_counter() - started
+        means["images_per_second"] = train.iters_per_epoch * train.batch_size / means["epoch_seconds"]
         record = evaluate_epoch(epoch, means)
         save_checkpoint(checkpoints / "last.pt", student, metrics=record, objective=objective.state_dict())
     if train.epochs == 0:

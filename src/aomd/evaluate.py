@@ -16,19 +16,19 @@ from omegaconf import DictConfig
 from aomd.cli import check_group_options, run_task
 from aomd.config import EvaluateConfigSchema, config_dir, selection_metric, validate
 from aomd.engine import evaluate as evaluate_split
-from aomd.engine import resolve_device
 from aomd.models import load_model
 from aomd.pipeline import load_data
+from aomd.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> float:
     cfg = validate(cfg, EvaluateConfigSchema)
-    model = load_model(cfg.checkpoint)  # fails early, before any data is read, on a bad checkpoint
+    runtime = Runtime.from_train(cfg.train)
+    model = load_model(cfg.checkpoint, runtime.device)  # fails early, before any data is read, on a bad checkpoint
     data = load_data(cfg)
-    metrics = evaluate_split(model.to(resolve_device(cfg.train.device)), data.test, data.image_size, cfg.eval,
-                             resolve_device(cfg.train.device), cfg.train.num_workers, cfg.train.progress)
+    metrics = evaluate_split(model, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
     output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "evaluation.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "architecture": model.architecture.as_dict(),

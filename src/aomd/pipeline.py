@@ -18,6 +18,7 @@ from aomd.engine import fit
 from aomd.errors import ConfigError, UserError
 from aomd.losses.objective import NetworkShape, Objective
 from aomd.models import EmbeddingNet
+from aomd.runtime import Runtime
 from aomd.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -87,16 +88,16 @@ def load_data(cfg: DictConfig) -> RetrievalData:
     return data
 
 
-def train_network(cfg: DictConfig, data: RetrievalData, model: EmbeddingNet, objective: Objective, out_dir: Path,
-                  job_type: str, teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
+def train_network(cfg: DictConfig, data: RetrievalData, model: EmbeddingNet, objective: Objective, runtime: Runtime,
+                  out_dir: Path, job_type: str, teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
                   run_name: str | None = None, tags: list[str] | None = None,
                   overrides: list[str] | None = None, best_from_epoch: int = 0) -> dict[str, Any]:
-    """Fit `model` and track the job (W&B run, metrics.json, console table); the best record."""
-    tracker = Tracker(cfg, out_dir, job_type, data.summary(), run_name, tags, overrides)
+    """Fit `model` on `runtime` and track the job (W&B run, metrics.json, console table); the best record."""
+    tracker = Tracker(cfg, out_dir, job_type, data.summary(), run_name, tags, overrides, runtime.describe())
     try:
         if teacher_metrics is not None:
             tracker.log_teacher(teacher_metrics)
-        best = fit(model, objective, data, cfg, out_dir, tracker.log_epoch, teacher, best_from_epoch)
+        best = fit(model, objective, data, cfg, runtime, out_dir, tracker.log_epoch, teacher, best_from_epoch)
     except BaseException as error:
         tracker.finish("failed", error=f"{type(error).__name__}: {error}")
         raise

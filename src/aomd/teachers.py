@@ -22,6 +22,7 @@ from aomd.errors import ConfigError
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
 from aomd.pipeline import build_objective, seed_everything, train_network
+from aomd.runtime import Runtime
 from aomd.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 TEACHER_LOSS = LossSchema(triplet_ratio=1.0, margin=0.2)
 TEACHER_SAMPLER = {"_target_": "aomd.losses.DistanceWeightedNegatives"}
 # dataset and train keys that change neither which images a dataset holds nor what a teacher learns
+# (how and where a teacher computes is not what it learns)
 _NOT_IDENTITY = {"cache_dir", "in_memory", "num_workers", "decode_workers", "pin_memory", "skip_bad_images",
-                 "progress", "device"}
+                 "progress", "device", "precision", "channels_last", "compile"}
 
 
 def teacher_architecture(cfg: DictConfig) -> Architecture:
@@ -75,7 +77,7 @@ def teacher_job_config(cfg: DictConfig) -> DictConfig:
     return teacher_cfg
 
 
-def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path) -> None:
+def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: Runtime) -> None:
     """Train the teacher with the teacher recipe; its checkpoints land in `out_dir/checkpoints`."""
     teacher_cfg = teacher_job_config(cfg)
     log.info("Training the teacher %s-%d on %s into %s (once; later jobs reuse it).",
@@ -84,14 +86,14 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path) -> None:
     model = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, cfg.teacher.pretrained)
     objective = build_objective(teacher_cfg, model, None)
     OmegaConf.save(teacher_cfg, out_dir / "config.yaml")
-    train_network(teacher_cfg, data, model, objective, out_dir, "teacher",
+    train_network(teacher_cfg, data, model, objective, runtime, out_dir, "teacher",
         run_name=f"teacher-{cfg.teacher.backbone}-{cfg.teacher.embedding_size}", tags=["teacher", data.name],
                   # an untrained network is no teacher: its BatchNorm statistics are those of its
                   # initialisation, and its features blow up in eval mode
                   best_from_epoch=1)
 
 
-def teacher_checkpoint(cfg: DictConfig, data: RetrievalData) -> Path:
+def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -> Path:
     """Path of the teacher's best checkpoint, training the teacher first if needed and allowed."""
     if cfg.teacher.checkpoint:
         return Path(cfg.teacher.checkpoint).expanduser()
@@ -103,15 +105,16 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData) -> Path:
         if not (finished and path.is_file()):  # absent, or an interrupted training: (re)train
             if not cfg.teacher.train_if_missing:
                 raise ConfigError(f"No teacher at {path} and teacher.train_if_missing=false; pass teacher.checkpoint=<path> or allow training it.")
-            train_teacher(cfg, data, out_dir)
+            train_teacher(cfg, data, out_dir, runtime)
     return path
 
 
-def load_teacher(cfg: DictConfig, teacher: EmbeddingNet, data: RetrievalData) -> Path:
-    """Load the teacher's weights into `teacher` (built from the config); return the checkpoint path."""
-    path = teacher_checkpoint(cfg, data)
+def load_teacher(cfg: DictConfig, teacher: EmbeddingNet, data: RetrievalData, runtime: Runtime) -> Path:
+    """Load the teacher's weights into `teacher` (built from the config), frozen, in eval mode and
+    on the job's device; return the checkpoint path."""
+    path = teacher_checkpoint(cfg, data, runtime)
     payload = read_checkpoint(path)
     check_architecture(payload, teacher_architecture(cfg), "teacher", path)
     teacher.load_state_dict(payload["model"])
-    teacher.eval().requires_grad_(False)
+    runtime.prepare_network(teacher).eval().requires_grad_(False)
     return path

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 RETRIEVAL_KEYS = ("recall@", "map@", "r_precision")  # the prefixes of the test metrics in a record
+TRAINING_SPEED_KEYS = ("epoch_seconds", "images_per_second")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -37,18 +38,22 @@ class Tracker:
     `metrics.json` file (rewritten after every epoch, so an unfinished job shows its progress)
     and a console line per epoch.
 
-    metrics.json: {"status": running|finished|failed, "overrides": the job's command-line overrides, "best": record, "history": [record, ...],
+    metrics.json: {"status": running|finished|failed, "overrides": the job's command-line overrides,
+    "runtime": the resolved device and precision, "best": record, "history": [record, ...],
     "dataset": {...}, "teacher": {...} (distillation only), "error": "..." (failed jobs)}, where a
     record holds "epoch", "recall@K", "map@r", the mean training "loss" and each term's "loss/<term>".
     """
 
     def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
                  run_name: str | None = None, tags: list[str] | None = None,
-                 overrides: list[str] | None = None):
+                 overrides: list[str] | None = None, runtime: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] = {"status": "running", "job_type": job_type, "overrides": overrides,
-                                      "best": None, "history": [], "dataset": dataset_summary}
+                                      "runtime": runtime, "best": None, "history": [], "dataset": dataset_summary}
+        if runtime:
+            log.info("Running on %s (%s), precision %s%s%s.", runtime["device"], runtime["device_name"], runtime["precision"],
+                     ", channels_last" if runtime["channels_last"] else "", ", compiled" if runtime["compile"] else "")
         self.run = None
         logger = cfg.logger
         if logger.enabled and logger.mode != "disabled":
@@ -63,7 +68,8 @@ class Tracker:
                 tags=[*logger.tags, *(tags or [])],
                 mode=logger.mode,
                 dir=str(self.out_dir),
-                config=flatten(OmegaConf.to_container(cfg, resolve=True)),
+                config={**flatten(OmegaConf.to_container(cfg, resolve=True)),
+                        **{f"runtime.{k}": v for k, v in (runtime or {}).items()}},
                 reinit="finish_previous",
             )
             self.run.summary.update({f"dataset/{k}": v for k, v in dataset_summary.items()})
@@ -84,7 +90,7 @@ class Tracker:
             self.state["best"] = record
         log.info("epoch %d: %s", record["epoch"], _format({k: v for k, v in record.items() if k != "epoch"}))
         if self.run is not None:
-            logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k == "epoch_seconds"}
+            logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_SPEED_KEYS}
             logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
             self.run.log({"epoch": record["epoch"], **logged}, step=record["epoch"])
             if is_best:

@@ -16,10 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from aomd.cli import check_group_options, in_multirun, run_task
 from aomd.config import config_dir, selection_metric, validate
-from aomd.engine import evaluate, resolve_device
+from aomd.engine import evaluate
 from aomd.losses.objective import Objective
 from aomd.models import EmbeddingNet
 from aomd.pipeline import build_objective, load_data, seed_everything, train_network
+from aomd.runtime import Runtime
 from aomd.teachers import load_teacher
 from aomd.tracking import read_metrics
 
@@ -69,6 +70,7 @@ def train(cfg: DictConfig) -> float:
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
 
+    runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
     data = load_data(cfg)  # before the networks: a wrong dataset.root is reported before any weight download
     seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
@@ -80,13 +82,12 @@ def train(cfg: DictConfig) -> float:
 
     teacher_metrics = None
     if teacher is not None:
-        path = load_teacher(cfg, teacher, data)
+        path = load_teacher(cfg, teacher, data, runtime)
         log.info("Teacher: %s", path)
-        teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, resolve_device(cfg.train.device),
-                                   cfg.train.num_workers, cfg.train.progress)
+        teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
     run_name, tags = job_identity(cfg)
-    best = train_network(cfg, data, student, objective, out_dir, "student", teacher, teacher_metrics, run_name, tags,
-                         overrides)
+    best = train_network(cfg, data, student, objective, runtime, out_dir, "student", teacher, teacher_metrics,
+                         run_name, tags, overrides)
     return best[selection_metric(cfg.eval)]
 
 

@@ -12,11 +12,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std [1, 3, 1, 1] on `device`, made once per device (a fresh host-to-device
+    copy every batch would make the CPU wait for the device)."""
+    if device not in _MEAN_STD:
+        _MEAN_STD[device] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    return _MEAN_STD[device]
+
+
 def _normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W], ImageNet-normalised."""
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W], ImageNet-normalised (in channels_last memory
+    layout: the permuted view keeps the bytes where they are)."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return x.sub_(mean).div_(std)
 
 
@@ -30,7 +42,13 @@ def train_transform(images: torch.Tensor, image_size: int, generator: torch.Gene
     flip = torch.rand(b, generator=generator) < 0.5
     if device.type == "cpu":
         return _crop_flip_normalise_cpu(images, image_size, top, left, flip)
-    return _crop_flip_normalise_gather(images, image_size, top.to(device), left.to(device), flip.to(device))
+    # drawn on the CPU (the same draws on every device), sent in one pinned, non-blocking copy:
+    # a pageable copy would wait for the device to finish the previous step
+    params = torch.stack([top, left, flip.long()])
+    if device.type == "cuda":
+        params = params.pin_memory()
+    top, left, flip = params.to(device, non_blocking=True)
+    return _crop_flip_normalise_gather(images, image_size, top, left, flip.bool())
 
 
 def _crop_flip_normalise_gather(images, size: int, top, left, flip) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """DataLoaders over an `ImageSplit`: class-balanced training batches and sequential eval batches.
 
-Each loader yields (images uint8 [B, S, S, 3], labels int64 [B]); augmentation happens after the
-batch reached its device (`aomd.data.augment`).
+Each loader yields (images uint8 [B, S, S, 3], labels int64 [B]); `to_device` moves them to the
+job's device one batch ahead, so only uint8 bytes cross the bus, and augmentation happens after
+the batch reached its device (`aomd.data.augment`).
 """
 from __future__ import annotations
+
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,17 +30,56 @@ class _BatchReader(Dataset):
         return torch.from_numpy(self.split.take(indices)), torch.from_numpy(self.split.labels[indices])
 
 
+def _loader(split: ImageSplit, batches, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A loader of whole batches. The batch indices are drawn in this process (the data order
+    does not depend on the number of workers); each worker opens its own cache handle and the
+    workers persist across epochs (no fork per epoch or per evaluation)."""
+    workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+    return DataLoader(_BatchReader(split), sampler=batches, batch_size=None,
+                      num_workers=num_workers, pin_memory=pin_memory, **workers)
+
+
 def train_loader(split: ImageSplit, batch_size: int, images_per_class: int, num_batches: int,
                  seed: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """`num_batches` class-balanced batches (one epoch)."""
+    """`num_batches` class-balanced batches (one epoch each time it is iterated)."""
     sampler = ClassBalancedBatchSampler(split.labels, batch_size, images_per_class, num_batches, seed)
-    return DataLoader(_BatchReader(split), sampler=sampler, batch_size=None,
-                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
+    return _loader(split, sampler, num_workers, pin_memory)
 
 
 def eval_loader(split: ImageSplit, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """The whole split in order, `batch_size` images at a time."""
     n = len(split)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    return DataLoader(_BatchReader(split), sampler=chunks, batch_size=None,
-                      num_workers=num_workers, pin_memory=pin_memory)
+    return _loader(split, chunks, num_workers, pin_memory)
+
+
+def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The loader's batches (uint8 images, labels) on `device`, copied one batch ahead.
+
+    On a CUDA device the copy of batch i+1 is issued on a side stream as soon as batch i has been
+    handed out, so it overlaps the training step of batch i (the batches should come from pinned
+    memory: `pin_memory=True`); elsewhere the batches are moved as they come.
+    """
+    if device.type != "cuda":
+        for batch in batches:
+            yield tuple(t.to(device) for t in batch)
+        return
+    copy_stream = torch.cuda.Stream(device)
+    compute_stream = torch.cuda.current_stream(device)
+    iterator = iter(batches)
+
+    def issue_copy():
+        batch = next(iterator, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(copy_stream):
+            return tuple(t.to(device, non_blocking=True) for t in batch)
+
+    upcoming = issue_copy()
+    while upcoming is not None:
+        compute_stream.wait_stream(copy_stream)
+        for tensor in upcoming:
+            tensor.record_stream(compute_stream)  # its memory is not reused before the step is done
+        current, upcoming = upcoming, None
+        yield current
+        upcoming = issue_copy()

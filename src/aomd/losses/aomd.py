@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aomd.runtime import in_feature_precision
+
 
 def match_spatial(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-pool the larger of two feature maps [N, C, H, W] to the other's spatial size."""
@@ -28,23 +30,32 @@ class _StageDescriptors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats: torch.Tensor):
         n, c, h, w = feats.shape
-        ctx.shape = feats.shape
-        return feats.mean((2, 3)), feats.mean(1).reshape(n, h * w)
+        ctx.shape, ctx.dtype, ctx.memory_format = feats.shape, feats.dtype, _memory_format(feats)
+        # float32 descriptors from bf16/fp16 maps: the means accumulate in float32, no copy of the map
+        dtype = torch.promote_types(feats.dtype, torch.float32)
+        return feats.mean((2, 3), dtype=dtype), feats.mean(1, dtype=dtype).reshape(n, h * w)
 
     @staticmethod
     def backward(ctx, grad_global, grad_local):
         n, c, h, w = ctx.shape
         grad = None
         if grad_global is not None:
-            grad = (grad_global / (h * w))[:, :, None, None].expand(n, c, h, w)
+            grad = (grad_global / (h * w)).to(ctx.dtype)[:, :, None, None].expand(n, c, h, w)
         if grad_local is not None:
-            local = (grad_local / c).reshape(n, 1, h, w)
+            local = (grad_local / c).to(ctx.dtype).reshape(n, 1, h, w)
             grad = local.expand(n, c, h, w) if grad is None else grad + local
-        return grad.contiguous()
+        # the map's own layout: a channels_last network gets a channels_last gradient
+        return grad.contiguous(memory_format=ctx.memory_format)
+
+
+def _memory_format(feats: torch.Tensor) -> torch.memory_format:
+    channels_last = feats.dim() == 4 and not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def stage_descriptors(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global descriptor g = mean over H, W [N, C] and local descriptor q = mean over C [N, H*W]."""
+    """Global descriptor g = mean over H, W [N, C] and local descriptor q = mean over C [N, H*W],
+    in float32 at least whatever the map's dtype (the mapping terms nearly cancel and need the precision)."""
     return _StageDescriptors.apply(feats)
 
 
@@ -130,7 +141,8 @@ class StageAdapters(nn.Module):
         )
 
     def forward(self, student_feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [adapter(f) for adapter, f in zip(self.adapters, student_feats)]
+        """Adapted maps, in the precision of the student's maps (bf16 maps: a bf16 convolution)."""
+        return [in_feature_precision(adapter, f) for adapter, f in zip(self.adapters, student_feats)]
 
 
 class AdaptedAOMD(nn.Module):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aomd.losses.aomd import match_spatial
+from aomd.runtime import at_least_float32, in_feature_precision
 
 
 def pairwise_distance(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -38,7 +39,7 @@ class AttentionTransferLoss(nn.Module):
 
     @staticmethod
     def attention(f: torch.Tensor) -> torch.Tensor:
-        return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+        return F.normalize(at_least_float32(f).pow(2).mean(1).flatten(1), dim=1)
 
     def forward(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
         total = student[0].new_zeros(())
@@ -66,7 +67,7 @@ class FitNetLoss(nn.Module):
         for regressor, t, s in zip(self.regressors, teacher, student):
             t, s = (x[:, :, None, None] if x.dim() == 2 else x for x in (t, s))
             t, s = match_spatial(t, s)
-            total = total + (regressor(s) - t).pow(2).mean()
+            total = total + (at_least_float32(in_feature_precision(regressor, s)) - at_least_float32(t)).pow(2).mean()
         return total
 
 

@@ -7,7 +7,7 @@ whose ratio is 0 is neither built nor computed, so any combination of terms is o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -24,6 +24,7 @@ from aomd.losses.baselines import (
 )
 from aomd.losses.metric_learning import ContrastiveLoss, TripletLoss
 from aomd.losses.samplers import NegativeSampler
+from aomd.runtime import at_least_float32
 
 # terms that compare the student with a teacher (the others train on labels alone)
 DISTILLATION_TERMS = ("aomd", "sp", "at", "fitnet", "dark", "dist", "angle")
@@ -42,6 +43,12 @@ class StepOutputs:
     student_stages: list[torch.Tensor]
     teacher_embeddings: torch.Tensor | None = None
     teacher_stages: list[torch.Tensor] | None = None
+
+    def with_float_embeddings(self) -> "StepOutputs":
+        """The same outputs with both embeddings in float32 at least (a no-op when they already are)."""
+        as_float = lambda e: None if e is None else at_least_float32(e)
+        return replace(self, student_embeddings=as_float(self.student_embeddings),
+                       teacher_embeddings=as_float(self.teacher_embeddings))
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,16 @@ class Objective(nn.Module):
         return any(float(loss_config.get(f"{name}_ratio", 0) or 0) != 0 for name in DISTILLATION_TERMS)
 
     def forward(self, outputs: StepOutputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        values = {name: term(*self.inputs[name](outputs)) for name, term in self.terms.items()}
+        """(total, {term: unweighted value}), both float32 whatever precision the networks ran in.
+
+        The terms run outside autocast on float32 embeddings: distances, Gram matrices and
+        rankings keep their numerics in a bf16/fp16 job. Stage maps stay in the networks'
+        precision (copying them would cost memory); the terms that read them accumulate in
+        float32 and run their own layers in the maps' precision (`aomd.runtime.in_feature_precision`).
+        """
+        outputs = outputs.with_float_embeddings()
+        with torch.autocast(outputs.student_embeddings.device.type, enabled=False):
+            values = {name: at_least_float32(term(*self.inputs[name](outputs))) for name, term in self.terms.items()}
         total = sum(self.ratios[name] * value for name, value in values.items())
         return total, values
 

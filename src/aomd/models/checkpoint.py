@@ -21,15 +21,30 @@ def save_checkpoint(path: str | Path, model: EmbeddingNet, **extra: Any) -> None
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    payload = _on_cpu({
         "model": model.state_dict(),
         "architecture": model.architecture.as_dict(),
         "aomd_version": __version__,
         **extra,
-    }
+    })
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # readers never see a half-written checkpoint
+
+
+def _on_cpu(tree: Any) -> Any:
+    """Every tensor in `tree` on the CPU: a checkpoint written on a GPU loads on any machine,
+    also with a plain `torch.load`."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):  # a state_dict keeps its type and its version metadata
+        moved = type(tree)((key, _on_cpu(value)) for key, value in tree.items())
+        if hasattr(tree, "_metadata"):
+            moved._metadata = tree._metadata
+        return moved
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on_cpu(value) for value in tree)
+    return tree
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

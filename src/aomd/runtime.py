@@ -1,0 +1,140 @@
+"""Where and how a job computes: the device, the numeric precision, the memory format, compilation.
+
+A job resolves one `Runtime` from its `train` settings before anything is built, and every part
+that touches tensors (training, teacher training, teacher and test evaluation, `aomd.evaluate`)
+receives it instead of resolving the device again.
+
+    train.device         auto | cpu | cuda | cuda:N      (auto: CUDA when available)
+    train.precision      auto | fp32 | bf16 | fp16       (auto: bf16 on a CUDA card that supports it, else fp32)
+    train.channels_last  null | true | false             (null: true on CUDA, false on the CPU)
+    train.compile        false | true                    (torch.compile of student and teacher)
+
+Mixed precision is autocast over the networks' forward passes; the loss terms compute their
+arithmetic in float32 or float64 whatever the precision (see `aomd.losses.objective`), and
+retrieval metrics always use float32 embeddings.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from aomd.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved device, precision, memory format, compilation and loader settings of a job."""
+
+    device: torch.device
+    precision: str = "fp32"           # fp32 | bf16 | fp16, never auto
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: int = 0              # DataLoader worker processes
+    pin_memory: bool = False
+
+    @classmethod
+    def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
+                compile: bool = False, num_workers: Any = "auto", pin_memory: bool | None = None) -> "Runtime":
+        """Resolve the `auto` values for this machine; a setting it cannot honour is a ConfigError."""
+        if device == "auto":
+            resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            resolved = torch.device(device)
+        on_cuda = resolved.type == "cuda"
+        if on_cuda and not torch.cuda.is_available():
+            raise ConfigError(f"train.device={device} but this machine has no CUDA device PyTorch can use; "
+                              f"use train.device=cpu (or auto).")
+        if on_cuda and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={device} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+        if on_cuda and resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        if precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        if precision == "auto":
+            precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+        elif precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision=bf16 but {torch.cuda.get_device_name(resolved)} does not support "
+                              f"bfloat16; use train.precision=fp16 or fp32.")
+        if num_workers == "auto":
+            # the CPU trains in the main process (tests and results unchanged); a GPU needs loaders
+            num_workers = min(8, max((os.cpu_count() or 1) - 1, 1)) if on_cuda else 0
+        elif not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ConfigError(f"train.num_workers must be auto or an integer of 0 or more, got {num_workers!r}.")
+        return cls(
+            device=resolved,
+            precision=precision,
+            channels_last=on_cuda if channels_last is None else bool(channels_last),
+            compile=bool(compile),
+            num_workers=num_workers,
+            pin_memory=on_cuda if pin_memory is None else bool(pin_memory) and on_cuda,
+        )
+
+    @classmethod
+    def from_train(cls, train) -> "Runtime":
+        """The runtime of a `train` config section."""
+        return cls.resolve(train.device, train.precision, train.channels_last, train.compile,
+                           train.num_workers, train.pin_memory)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or None in fp32."""
+        return _AMP_DTYPES.get(self.precision)
+
+    def autocast(self) -> ContextManager:
+        """The precision context of the networks' forward passes (a no-op in fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (float16 gradients underflow without it); a pass-through otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Move `module` (a network or the objective) to the device in the job's memory format."""
+        return module.to(self.device, memory_format=self.memory_format)
+
+    def prepare_network(self, model: nn.Module) -> nn.Module:
+        """`place` a network and, with `compile`, compile its stage-tapping forward pass.
+
+        The compiled function replaces the bound method on this instance only; the module's
+        parameters and state_dict are untouched, so checkpoints do not depend on compilation.
+        """
+        self.place(model)
+        if self.compile and not hasattr(model.forward_with_stages, "_torchdynamo_orig_callable"):
+            model.forward_with_stages = torch.compile(model.forward_with_stages)
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        """What was resolved, for metrics.json, W&B and the console."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"device": str(self.device), "device_name": name, "precision": self.precision,
+                "channels_last": self.channels_last, "compile": self.compile, "num_workers": self.num_workers}
+
+
+def in_feature_precision(layer: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Apply a loss term's own layer (float32 weights: an adapter, a regressor) to feature maps
+    in the features' precision, so a bf16/fp16 job runs it at mixed-precision speed while the
+    term's arithmetic around it stays in float32."""
+    if feats.dtype not in (torch.bfloat16, torch.float16):
+        return layer(feats)
+    with torch.autocast(feats.device.type, dtype=feats.dtype):
+        return layer(feats)
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32 when it is bf16/fp16; float32 and float64 tensors as they are."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
