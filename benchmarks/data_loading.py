@@ -1,6 +1,8 @@
 """Training-batch throughput: the packed HDF5 cache against decoding the original JPEGs.
 
     python benchmarks/data_loading.py [--images 300] [--seconds 8] [--batch-size 32] [--workers 0] [--threads N]
+    python benchmarks/data_loading.py --to-device [--device auto] [--images 4000] [--batch-size 128]
+                                      [--workers auto] [--train-step-json train_step.json]
 
 Writes Cars196-like JPEGs (about 700 x 480 px) into a temporary folder as a class-per-folder
 collection, packs them with `dataset=folder`'s loader (256 px, as for the real benchmarks), then
@@ -13,10 +15,19 @@ draws class-balanced training batches through the same DataLoader and the same a
 and prints images per second of each, with and without the augmentation, and the ratio of (1)
 to (3) with it. Exits with status 1 when the cached path is less than --target times faster
 (default 5).
+
+With --to-device it measures the whole path a training job uses instead, from the packed cache
+(random 256 px images; read on demand and in memory) to augmented 224 px crops on the device:
+class-balanced batches read by DataLoader workers (each with its own HDF5 handle) into pinned
+memory, copied as uint8 one batch ahead (`aomd.data.loader.to_device`), cropped, flipped and
+normalised on the device. With --train-step-json (written by benchmarks/train_step.py on the same
+device) it also prints the ratio to the bf16 AOMD step rate (target >= 1.5: the device never
+waits for data).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -27,11 +38,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from aomd.data.augment import train_transform
-from aomd.data.folder import load_folder
-from aomd.data.images import DecodedImages
-from aomd.data.loader import train_loader
-from aomd.data.splits import ImageSplit
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_description, noise_dataset, synchronize, write_json  # noqa: E402
+
+from aomd.data.augment import train_transform  # noqa: E402
+from aomd.data.folder import load_folder  # noqa: E402
+from aomd.data.images import DecodedImages  # noqa: E402
+from aomd.data.loader import to_device, train_loader  # noqa: E402
+from aomd.data.splits import ImageSplit  # noqa: E402
+from aomd.runtime import Runtime  # noqa: E402
 
 BASE_SIZE, IMAGE_SIZE = 256, 224
 
@@ -76,19 +91,78 @@ def images_per_second(split: ImageSplit, batch_size: int, seconds: float, worker
     return done / (time.perf_counter() - started)
 
 
+def device_path_rate(split: ImageSplit, runtime: Runtime, batch_size: int, seconds: float) -> float:
+    """Images per second from `split` to augmented crops on the device, after two warm-up batches."""
+    batches = max(8, int(seconds * 200))  # an upper bound; the loop stops on time
+    loader = train_loader(split, batch_size, images_per_class=5, num_batches=batches, seed=0,
+                          num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
+    generator = torch.Generator().manual_seed(0)
+    done, started = 0, None
+    for index, (images, _) in enumerate(to_device(loader, runtime.device)):
+        train_transform(images, IMAGE_SIZE, generator)
+        if index == 1:  # the first batches pay for starting workers and opening files
+            synchronize(runtime.device)
+            started = time.perf_counter()
+        elif index > 1:
+            done += len(images)
+            if time.perf_counter() - started >= seconds:
+                break
+    synchronize(runtime.device)
+    return done / (time.perf_counter() - started)
+
+
+def main_to_device(args) -> int:
+    workers = args.workers or "auto"
+    runtime = Runtime.resolve(args.device, num_workers=workers if workers == "auto" else int(workers))
+    step_rate = None
+    if args.train_step_json:
+        results = json.loads(Path(args.train_step_json).read_text())["results"]
+        step_rate = max(results.get("bf16", {}).get(mode, {}).get("images_per_second", 0) for mode in ("aomd_mode1", "aomd_mode2")) or None
+    with tempfile.TemporaryDirectory(prefix="aomd-bench-") as tmp:
+        started = time.perf_counter()
+        on_demand = noise_dataset(tmp, args.images, 64, 50, BASE_SIZE, IMAGE_SIZE, in_memory=False).train
+        in_memory = noise_dataset(tmp, args.images, 64, 50, BASE_SIZE, IMAGE_SIZE, in_memory=True).train
+        print(f"{device_description(runtime.device)}; {len(on_demand)} images of {BASE_SIZE} px packed in "
+              f"{time.perf_counter() - started:.1f} s; batches of {args.batch_size} crops of {IMAGE_SIZE} px, "
+              f"{runtime.num_workers} workers, pinned memory {runtime.pin_memory}:", flush=True)
+        rates = {}
+        for name, split in (("cache, read on demand", on_demand), ("cache, in memory", in_memory)):
+            rates[name] = device_path_rate(split, runtime, args.batch_size, args.seconds)
+            ratio = f" = {rates[name] / step_rate:.2f}x the bf16 AOMD step rate ({step_rate:,.0f} images/s)" if step_rate else ""
+            print(f"  {name:<24} {rates[name]:9,.0f} images/s{ratio}", flush=True)
+    slowest = min(rates.values())
+    verdict = None
+    if step_rate:
+        verdict = f"data path / bf16 AOMD step: {slowest / step_rate:.2f} (target >= 1.5: {'OK' if slowest >= 1.5 * step_rate else 'MISSED'})"
+        print(verdict)
+    write_json(args.json, {"device": device_description(runtime.device), "workers": runtime.num_workers,
+                           "batch_size": args.batch_size, "images_per_second": rates, "step_rate": step_rate,
+                           "verdict": verdict})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300, help="JPEGs to generate (default 300)")
     parser.add_argument("--classes", type=int, default=30, help="class folders (default 30)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per path (default 8)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, the same for every path")
+    parser.add_argument("--workers", default=None, help="DataLoader workers, the same for every path (--to-device: default auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--target", type=float, default=5.0, help="the speed-up the cache must reach (default 5)")
+    parser.add_argument("--to-device", action="store_true", help="measure the full path to the device instead")
+    parser.add_argument("--device", default="auto", help="with --to-device: auto, cpu or cuda")
+    parser.add_argument("--train-step-json", default=None, help="with --to-device: train_step.py's results, for the ratio")
+    parser.add_argument("--json", default=None, help="with --to-device: also write the results to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.to_device:
+        args.images = args.images if args.images != 300 else 4000
+        args.batch_size = args.batch_size if args.batch_size != 32 else 128
+        return main_to_device(args)
+    args.workers = int(args.workers or 0)
 
     with tempfile.TemporaryDirectory(prefix="aomd-bench-") as tmp:
         root, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"

@@ -48,6 +48,7 @@ class TrainSchema:
     precision: str = "auto"
     channels_last: Optional[bool] = None
     compile: bool = False
+    deterministic: bool = True
     num_workers: Any = "auto"
     pin_memory: Optional[bool] = None
     progress: bool = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +85,40 @@ def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_cfg, 
     return Evaluator(split, image_size, eval_cfg, runtime, progress)(model)
 
 
+class TrainStep:
+    """One optimisation step of `aomd.train`, from a uint8 batch on the device to updated weights:
+    augmentation (random crop + flip), teacher forward under inference mode, student forward
+    (both under the job's precision), the objective, backward (loss-scaled in fp16), optimiser step.
+
+    Returns (loss, {term: value}), detached, on the device: reading them is the caller's choice,
+    so a step never waits for the device to finish.
+    """
+
+    def __init__(self, student: EmbeddingNet, objective: Objective, optimizer: torch.optim.Optimizer, runtime: Runtime,
+                 image_size: int, seed: int = 0, teacher: EmbeddingNet | None = None):
+        assert teacher is not None or not objective.needs_teacher, "the objective needs a teacher"
+        self.student, self.objective, self.optimizer, self.runtime = student, objective, optimizer, runtime
+        self.teacher, self.image_size = teacher, image_size
+        self.scaler = runtime.grad_scaler()
+        self.augment_rng = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        runtime = self.runtime
+        images = train_transform(images, self.image_size, self.augment_rng).contiguous(memory_format=runtime.memory_format)
+        teacher_embeddings = teacher_stages = None
+        with runtime.autocast():
+            if self.objective.needs_teacher:
+                with torch.inference_mode():
+                    teacher_embeddings, teacher_stages = self.teacher.forward_with_stages(images)
+            embeddings, stages = self.student.forward_with_stages(images)
+        loss, terms = self.objective(StepOutputs(labels, embeddings, stages, teacher_embeddings, teacher_stages))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), {name: value.detach() for name, value in terms.items()}
+
+
 def fit(
     student: EmbeddingNet,
     objective: Objective,
@@ -111,11 +146,10 @@ def fit(
     parameters = [*student.parameters(), *objective.parameters()]  # adapters and regressors learn too
     optimizer = torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(train.lr_decay_epochs), train.lr_decay_gamma)
-    scaler = runtime.grad_scaler()
+    step = TrainStep(student, objective, optimizer, runtime, data.image_size, seed=train.seed, teacher=teacher)
     loader = train_loader(data.train, train.batch_size, train.images_per_class, train.iters_per_epoch,
                           seed=train.seed, num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
     evaluator = Evaluator(data.test, data.image_size, cfg.eval, runtime, train.progress)
-    augment_rng = torch.Generator().manual_seed(train.seed)
     checkpoints = Path(out_dir) / "checkpoints"
     first_metric = selection_metric(cfg.eval)
 
@@ -132,21 +166,6 @@ def fit(
         on_epoch(record, is_best)
         return record
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = train_transform(images, data.image_size, augment_rng).contiguous(memory_format=runtime.memory_format)
-        teacher_embeddings = teacher_stages = None
-        with runtime.autocast():
-            if objective.needs_teacher:
-                with torch.inference_mode():
-                    teacher_embeddings, teacher_stages = teacher.forward_with_stages(images)
-            embeddings, stages = student.forward_with_stages(images)
-        loss, terms = objective(StepOutputs(labels, embeddings, stages, teacher_embeddings, teacher_stages))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach(), terms
-
     evaluate_epoch(0, {})
     for epoch in range(1, train.epochs + 1):
         # running sums stay on the device: no host synchronisation per step
@@ -160,7 +179,7 @@ def fit(
                 loss, terms = step(images, labels)
                 sums["loss"] += loss
                 for name, value in terms.items():
-                    sums[f"loss/{name}"] += value.detach()
+                    sums[f"loss/{name}"] += value
                 if train.progress and index % 10 == 0:
                     # the loss of ten steps ago is long computed: reading it does not stall the device
                     if shown is not None:
@@ -168,7 +187,11 @@ def fit(
                     shown = loss
         except torch.OutOfMemoryError as error:
             raise _out_of_memory(error, "training", "train.batch_size", train.batch_size, runtime) from None
-        scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: the gradient scaler skips the first steps while it finds its scale, and PyTorch
+            # then warns that the scheduler steps before the optimiser did; the schedule is right
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            scheduler.step()
         means = {name: total.item() / train.iters_per_epoch for name, total in sums.items()}
         if not math.isfinite(means["loss"]):
             raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -22,19 +19,6 @@ from aomd.runtime import Runtime
 from aomd.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator and ask for deterministic kernels, so that a CPU run repeats exactly.
-
-    Without the flag, backward through the samplers' indexing (index_put_ with accumulation) adds
-    in a thread-dependent order on the CPU. On a GPU, kernels without a deterministic version
-    only warn (warn_only) instead of stopping the run.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def build(node: DictConfig, what: str, **objects: Any) -> Any:

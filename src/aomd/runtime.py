@@ -6,8 +6,9 @@ receives it instead of resolving the device again.
 
     train.device         auto | cpu | cuda | cuda:N      (auto: CUDA when available)
     train.precision      auto | fp32 | bf16 | fp16       (auto: bf16 on a CUDA card that supports it, else fp32)
-    train.channels_last  null | true | false             (null: true on CUDA, false on the CPU)
+    train.channels_last  null | true | false             (null: true on CUDA without compile, else false)
     train.compile        false | true                    (torch.compile of student and teacher)
+    train.deterministic  true | false                    (deterministic kernels: a run repeats exactly)
 
 Mixed precision is autocast over the networks' forward passes; the loss terms compute their
 arithmetic in float32 or float64 whatever the precision (see `aomd.losses.objective`), and
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,10 +42,12 @@ class Runtime:
     compile: bool = False
     num_workers: int = 0              # DataLoader worker processes
     pin_memory: bool = False
+    deterministic: bool = True
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
-                compile: bool = False, num_workers: Any = "auto", pin_memory: bool | None = None) -> "Runtime":
+                compile: bool = False, num_workers: Any = "auto", pin_memory: bool | None = None,
+                deterministic: bool = True) -> "Runtime":
         """Resolve the `auto` values for this machine; a setting it cannot honour is a ConfigError."""
         if device == "auto":
             resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,20 +74,45 @@ class Runtime:
             num_workers = min(8, max((os.cpu_count() or 1) - 1, 1)) if on_cuda else 0
         elif not (isinstance(num_workers, int) and num_workers >= 0):
             raise ConfigError(f"train.num_workers must be auto or an integer of 0 or more, got {num_workers!r}.")
+        if channels_last is None:
+            # compiled networks get their memory layout from inductor, which picks channels_last for
+            # convolutions itself; channels_last parameters under compile fail in inductor's
+            # convolution backward (a stride assertion, seen with PyTorch 2.11 on an H100)
+            channels_last = on_cuda and not compile
         return cls(
             device=resolved,
             precision=precision,
-            channels_last=on_cuda if channels_last is None else bool(channels_last),
+            channels_last=bool(channels_last),
             compile=bool(compile),
             num_workers=num_workers,
             pin_memory=on_cuda if pin_memory is None else bool(pin_memory) and on_cuda,
+            deterministic=bool(deterministic),
         )
 
     @classmethod
     def from_train(cls, train) -> "Runtime":
         """The runtime of a `train` config section."""
         return cls.resolve(train.device, train.precision, train.channels_last, train.compile,
-                           train.num_workers, train.pin_memory)
+                           train.num_workers, train.pin_memory, train.deterministic)
+
+    def seed_everything(self, seed: int) -> None:
+        """Seed every generator and choose the kernels, so that a run repeats exactly when
+        `deterministic` (on the CPU: bit for bit; on CUDA: the gpu tier checks it).
+
+        Without deterministic kernels, backward through the samplers' indexing (index_put_ with
+        accumulation) adds in a thread-dependent order on the CPU, and cuDNN and cuBLAS pick
+        algorithms whose sums differ between runs. Kernels with no deterministic version only
+        warn (warn_only). Not deterministic lets cuDNN autotune its algorithms: about 10-20%
+        faster steps on an H100 (docs/benchmarks.md), and runs that drift in the last digits.
+        """
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if self.deterministic:
+            # cuBLAS reads this when its first handle is made (the first matrix product, after this call)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not self.deterministic
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -122,7 +152,8 @@ class Runtime:
         """What was resolved, for metrics.json, W&B and the console."""
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"device": str(self.device), "device_name": name, "precision": self.precision,
-                "channels_last": self.channels_last, "compile": self.compile, "num_workers": self.num_workers}
+                "channels_last": self.channels_last, "compile": self.compile, "num_workers": self.num_workers,
+                "deterministic": self.deterministic}
 
 
 def in_feature_precision(layer: nn.Module, feats: torch.Tensor) -> torch.Tensor:

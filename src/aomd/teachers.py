@@ -21,7 +21,7 @@ from aomd.data import RetrievalData
 from aomd.errors import ConfigError
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
-from aomd.pipeline import build_objective, seed_everything, train_network
+from aomd.pipeline import build_objective, train_network
 from aomd.runtime import Runtime
 from aomd.tracking import read_metrics
 
@@ -33,7 +33,7 @@ TEACHER_SAMPLER = {"_target_": "aomd.losses.DistanceWeightedNegatives"}
 # dataset and train keys that change neither which images a dataset holds nor what a teacher learns
 # (how and where a teacher computes is not what it learns)
 _NOT_IDENTITY = {"cache_dir", "in_memory", "num_workers", "decode_workers", "pin_memory", "skip_bad_images",
-                 "progress", "device", "precision", "channels_last", "compile"}
+                 "progress", "device", "precision", "channels_last", "compile", "deterministic"}
 
 
 def teacher_architecture(cfg: DictConfig) -> Architecture:
@@ -82,7 +82,7 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
     teacher_cfg = teacher_job_config(cfg)
     log.info("Training the teacher %s-%d on %s into %s (once; later jobs reuse it).",
              cfg.teacher.backbone, cfg.teacher.embedding_size, data.name, out_dir)
-    seed_everything(teacher_cfg.train.seed)
+    runtime.seed_everything(teacher_cfg.train.seed)
     model = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, cfg.teacher.pretrained)
     objective = build_objective(teacher_cfg, model, None)
     OmegaConf.save(teacher_cfg, out_dir / "config.yaml")

@@ -19,7 +19,7 @@ from aomd.config import config_dir, selection_metric, validate
 from aomd.engine import evaluate
 from aomd.losses.objective import Objective
 from aomd.models import EmbeddingNet
-from aomd.pipeline import build_objective, load_data, seed_everything, train_network
+from aomd.pipeline import build_objective, load_data, train_network
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher
 from aomd.tracking import read_metrics
@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> float:
 
     runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
     data = load_data(cfg)  # before the networks: a wrong dataset.root is reported before any weight download
-    seed_everything(cfg.train.seed)
+    runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
     if Objective.distils(cfg.loss):

@@ -1,0 +1,158 @@
+"""Whole training steps: every loss option in every precision, against the floor.
+
+    python benchmarks/train_step.py [--device auto] [--batch-size N] [--image-size S] [--steps 20]
+                                    [--losses triplet,aomd_mode1,...] [--precisions fp32,bf16,fp16] [--json out.json]
+
+Times the step `python -m aomd.train` runs (`aomd.engine.TrainStep`: on-device augmentation of a
+uint8 batch, teacher forward under inference mode, student forward, objective, backward, Adam step),
+with the job's defaults for the device (channels_last on CUDA), for each option of the `loss`
+config group (the objective exactly as that option builds it) and each precision. Reference
+shapes: ResNet18-128 student, ResNet50-512 teacher, batches of 128 crops of 224 px cut from 256 px
+images (the default on CUDA; on a CPU, 16 crops of 64 px from 72 px so that it ends in minutes).
+
+Rows per precision:
+  floor            teacher forward + student forward-backward + optimiser step, no loss term
+                   (the backward starts from a sum that touches every stage and the embedding);
+  floor+adapters   the floor plus AOMD's adapters (1x1 conv + ReLU per stage) forward-backward:
+                   what AOMD adds beyond its own arithmetic is the difference to this row;
+  <loss option>    the real step.
+Columns: ms per step, images per second, peak device memory allocated (CUDA), step / floor.
+Targets (issue: GPU) printed at the end: AOMD step / floor <= 1.10, bf16 AOMD >= 1.8x fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_description, loss_config, loss_options, seconds_per_call, write_json  # noqa: E402
+
+from aomd.engine import TrainStep  # noqa: E402
+from aomd.losses.aomd import StageAdapters  # noqa: E402
+from aomd.losses.objective import StepOutputs  # noqa: E402
+from aomd.models import EmbeddingNet  # noqa: E402
+from aomd.pipeline import build_objective, network_shape  # noqa: E402
+from aomd.runtime import Runtime  # noqa: E402
+
+FLOOR, FLOOR_ADAPTERS = "floor", "floor+adapters"
+
+
+class FloorObjective(nn.Module):
+    """No loss term: a backward that reaches every stage and the embedding at no cost of its own;
+    with `adapters`, AOMD's adapters run on the student's stages too."""
+
+    needs_teacher = True
+
+    def __init__(self, adapters: StageAdapters | None = None):
+        super().__init__()
+        self.adapters = adapters
+
+    def forward(self, outputs: StepOutputs):
+        stages = outputs.student_stages if self.adapters is None else self.adapters(outputs.student_stages)
+        total = outputs.student_embeddings.float().mean() + sum(s.float().mean() for s in stages)
+        return total, {}
+
+
+def measure(student, objective, teacher, runtime: Runtime, images, labels, image_size: int, steps: int, warmup: int):
+    """(seconds per step, peak bytes allocated) of one configuration."""
+    runtime.prepare_network(student).train()
+    runtime.place(objective).train()
+    optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5, weight_decay=1e-5)
+    step = TrainStep(student, objective, optimizer, runtime, image_size, teacher=teacher)
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    seconds = seconds_per_call(lambda: step(images, labels), runtime.device, steps, warmup)
+    peak = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
+    return seconds, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 16 on a CPU")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on a CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CUDA, 3 on a CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 1 on a CPU)")
+    parser.add_argument("--losses", default="all", help="comma-separated loss options (default: all of conf/loss)")
+    parser.add_argument("--precisions", default=None, help="default: fp32,bf16,fp16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher (train.compile=true)")
+    parser.add_argument("--nondeterministic", action="store_true",
+                        help="allow non-deterministic kernels and cuDNN autotuning (train.deterministic=false)")
+    args = parser.parse_args(argv)
+
+    device = Runtime.resolve(args.device).device
+    cuda = device.type == "cuda"
+    batch = args.batch_size or (128 if cuda else 16)
+    size = args.image_size or (224 if cuda else 64)
+    steps, warmup = args.steps or (20 if cuda else 3), args.warmup or (5 if cuda else 1)
+    losses = loss_options() if args.losses == "all" else args.losses.split(",")
+    precisions = (args.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
+    stored = size * 8 // 7  # 256 px stored for 224 px crops, as the benchmarks' caches
+    Runtime.resolve(str(device), deterministic=not args.nondeterministic).seed_everything(0)
+    images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
+    labels = (torch.arange(batch, device=device) // 5)  # 5 images per class, as the recipe's batches
+    teacher = EmbeddingNet("resnet50", 512, True, False)
+
+    print(f"{device_description(device)}; batch {batch}, {size} px crops of {stored} px, ResNet18-128 student, "
+          f"ResNet50-512 teacher; {steps} timed steps after {warmup}", flush=True)
+    print("| precision | step | ms | images/s | peak memory (GB) | step / floor |\n| --- | --- | --- | --- | --- | --- |")
+    results: dict[str, dict[str, dict]] = {}
+    for precision in precisions:
+        runtime = Runtime.resolve(str(device), precision, compile=args.compile, deterministic=not args.nondeterministic)
+        runtime.prepare_network(teacher).eval().requires_grad_(False)
+        rows = results.setdefault(precision, {})
+        for name in [FLOOR, FLOOR_ADAPTERS, *losses]:
+            torch.manual_seed(0)
+            if name in (FLOOR, FLOOR_ADAPTERS):
+                student = EmbeddingNet("resnet18", 128, True, False)
+                adapters = None
+                if name == FLOOR_ADAPTERS:
+                    adapters = StageAdapters(network_shape(student, size).stage_channels,
+                                             network_shape(teacher, size).stage_channels)
+                objective = FloorObjective(adapters)
+            else:
+                cfg = loss_config(name, f"dataset.image_size={size}", f"dataset.base_size={stored}")
+                student = EmbeddingNet("resnet18", 128, cfg.l2normalize, False)
+                objective = build_objective(cfg, student, teacher)
+            try:
+                seconds, peak = measure(student, objective, teacher if objective.needs_teacher else None, runtime,
+                                        images, labels, size, steps, warmup)
+            except torch.OutOfMemoryError:
+                print(f"| {precision} | {name} | out of memory | | | |", flush=True)
+                continue
+            floor = rows.get(FLOOR, {}).get("seconds", seconds)
+            rows[name] = {"seconds": seconds, "images_per_second": batch / seconds,
+                          "peak_gb": None if peak is None else peak / 1e9, "over_floor": seconds / floor}
+            memory = "-" if peak is None else f"{peak / 1e9:.2f}"
+            print(f"| {precision} | {name} | {1e3 * seconds:.1f} | {batch / seconds:,.0f} | {memory} | {seconds / floor:.2f} |",
+                  flush=True)
+            del student, objective
+
+    print()
+    verdicts = []
+    for precision, rows in results.items():
+        for mode in ("aomd_mode1", "aomd_mode2"):
+            if mode in rows:
+                r = rows[mode]["over_floor"]
+                share = rows[FLOOR_ADAPTERS]["over_floor"] - 1
+                verdicts.append(f"{precision} {mode}: step / floor {r:.2f} (target <= 1.10: {'OK' if r <= 1.10 else 'MISSED'}); "
+                                f"adapters alone {share:+.0%} of the floor, AOMD's own arithmetic "
+                                f"{rows[mode]['seconds'] / rows[FLOOR_ADAPTERS]['seconds'] - 1:+.0%}")
+    for mode in ("aomd_mode1", "aomd_mode2"):
+        if mode in results.get("fp32", {}) and mode in results.get("bf16", {}):
+            speedup = results["fp32"][mode]["seconds"] / results["bf16"][mode]["seconds"]
+            verdicts.append(f"{mode}: bf16 is {speedup:.2f}x fp32{' (compiled)' if args.compile else ' (channels_last)' if cuda else ''} (target >= 1.8: {'OK' if speedup >= 1.8 else 'MISSED'})")
+    print("\n".join(verdicts))
+    write_json(args.json, {"device": device_description(device), "batch_size": batch, "image_size": size,
+                           "steps": steps, "results": results, "verdicts": verdicts})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

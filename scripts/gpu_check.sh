@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU check: the `gpu` test tier and the GPU benchmarks in one command, about 5 minutes on one
+# H100 or H200 (it fits a short GPU lease). Needs a CUDA device and aomd importable with its test
+# extra (`pip install -e ".[test]"`, or the wheel plus pytest).
+#
+#     bash scripts/gpu_check.sh [OUT_DIR]        # default: gpu-check/
+#
+# Writes OUT_DIR/summary.md (test result and every benchmark verdict), the logs (tests.log,
+# train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test
+# failed, 2 when there is no CUDA device.
+set -uo pipefail
+out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export AOMD_CACHE_DIR="${AOMD_CACHE_DIR:-$(mktemp -d)}"   # a fresh teacher and dataset cache
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
+  || { echo "gpu_check: no CUDA device is visible to PyTorch" >&2; exit 2; }
+
+status=0
+timeout "${AOMD_GPU_TESTS_TIMEOUT:-330}" python -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --durations=8 2>&1 | tee "$out/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+python benchmarks/train_step.py --steps 15 --warmup 3 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
+python benchmarks/data_loading.py --to-device --seconds 5 --train-step-json "$out/train_step.json" \
+  --json "$out/data_path.json" 2>&1 | tee "$out/data_path.md"
+python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
+
+python - "$out" <<'PY' | tee "$out/summary.md"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+read = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None
+tests = [l for l in (out / "tests.log").read_text().splitlines() if " passed" in l or " failed" in l or " error" in l]
+print("# GPU check\n")
+step = read("train_step.json")
+print(f"device: {step['device'] if step else 'unknown'}\n")
+print(f"gpu test tier: {tests[-1].strip('= ') if tests else 'no result (see tests.log)'}\n")
+for name, title in (("train_step.json", "training step"), ("data_path.json", "data path"), ("recipe.json", "reference recipe")):
+    result = read(name)
+    lines = (result or {}).get("verdicts") or [(result or {}).get("verdict")] + (result or {}).get("lines", [])
+    print(f"## {title}\n")
+    print("\n".join(f"- {line}" for line in lines if line) or "- no result", end="\n\n")
+PY
+exit $status

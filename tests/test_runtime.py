@@ -1,0 +1,95 @@
+"""The job's runtime (device, precision, memory format, loaders) and the numerics of the loss terms
+under mixed precision, on the CPU. The same paths on a CUDA device are the `gpu` tier (test_gpu.py)."""
+import pytest
+import torch
+
+from aomd.losses import AOMDLoss, AttentionTransferLoss, FitNetLoss, Objective
+from aomd.losses.objective import NetworkShape, StepOutputs
+from aomd.losses.samplers import DistanceWeightedNegatives
+from aomd.runtime import Runtime
+from conftest import TINY, run_module
+from test_config import assert_one_line_error
+
+
+def test_cpu_defaults_keep_the_cpu_results_unchanged():
+    runtime = Runtime.resolve("cpu")
+    assert (runtime.precision, runtime.channels_last, runtime.num_workers, runtime.pin_memory) == ("fp32", False, 0, False)
+    assert runtime.describe()["device"] == "cpu" and runtime.amp_dtype is None
+
+
+def test_explicit_settings_are_honoured():
+    runtime = Runtime.resolve("cpu", "bf16", channels_last=True, num_workers=3)
+    assert runtime.amp_dtype == torch.bfloat16 and runtime.memory_format == torch.channels_last
+    assert runtime.num_workers == 3
+    assert torch.nn.Conv2d(3, 4, 1).to(memory_format=runtime.memory_format) is not None
+    with runtime.autocast():
+        assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("overrides, words", [
+    (["train.device=cuda"], ["train.device=cuda", "no CUDA device", "train.device=cpu"]),
+    (["train.precision=fp64"], ["train.precision", "fp64", "bf16"]),
+    (["train.num_workers=many"], ["train.num_workers", "many"]),
+])
+def test_a_runtime_it_cannot_honour_is_one_line_before_any_work(tmp_path, overrides, words):
+    result = run_module("aomd.train", *TINY, "logger=none", f"hydra.run.dir={tmp_path}", *overrides)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def _maps(dtype, *shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).abs().to(dtype) for shape in shapes]
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_aomd_of_bf16_maps_is_computed_in_float32_or_better(mode):
+    """bf16 maps give the loss of the same (bf16-rounded) values computed in float64, to float32
+    precision: the descriptors accumulate in float32 and mode 1's cancelling products in float64."""
+    shapes = [(8, 16, 8, 8), (8, 32, 4, 4), (8, 64, 2, 2)]
+    teacher, student = _maps(torch.bfloat16, *shapes, seed=0), _maps(torch.bfloat16, *shapes, seed=1)
+    student = [s.requires_grad_() for s in student]
+    loss = AOMDLoss(mode)(teacher, student)
+    exact = AOMDLoss(mode)([t.double() for t in teacher], [s.detach().double() for s in student])
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
+    loss.backward()
+    assert all(s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all() for s in student)
+
+
+def test_channels_last_maps_get_channels_last_gradients():
+    maps = [m.contiguous(memory_format=torch.channels_last).requires_grad_() for m in _maps(torch.float32, (4, 8, 4, 4), (4, 8, 2, 2))]
+    AOMDLoss(2)([m.detach() for m in _maps(torch.float32, (4, 8, 4, 4), (4, 8, 2, 2), seed=3)], maps).backward()
+    assert all(m.grad.is_contiguous(memory_format=torch.channels_last) for m in maps)
+
+
+def test_stage_terms_keep_float32_arithmetic_on_bf16_maps():
+    teacher, student = _maps(torch.bfloat16, (4, 8, 4, 4), seed=0), _maps(torch.bfloat16, (4, 8, 4, 4), seed=1)
+    at = AttentionTransferLoss()(teacher, student)
+    assert at.dtype == torch.float32
+    assert at.item() == pytest.approx(AttentionTransferLoss()([teacher[0].double()], [student[0].double()]).item(), rel=1e-5)
+    fitnet = FitNetLoss([8], [8])
+    assert fitnet(teacher, student).dtype == torch.float32  # its regressor ran in bf16, its error in float32
+
+
+def test_objective_values_are_float32_under_autocast():
+    shape = NetworkShape((8, 16), 6)
+    objective = Objective(DistanceWeightedNegatives(), shape, shape, triplet_ratio=1, aomd_ratio=1, sp_ratio=1)
+    labels = torch.arange(8) // 2
+    embeddings = torch.nn.functional.normalize(torch.randn(8, 6), dim=1).bfloat16()
+    stages = _maps(torch.bfloat16, (8, 8, 4, 4), (8, 16, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms = objective(StepOutputs(labels, embeddings, stages, embeddings.clone(), [s.clone() for s in stages]))
+    assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.values())
+
+
+def test_deterministic_kernels_are_a_setting():
+    try:
+        Runtime.resolve("cpu", deterministic=False).seed_everything(0)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        Runtime.resolve("cpu").seed_everything(0)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = False
