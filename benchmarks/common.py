@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from aomd.config import config_dir, validate
+from aomd.config import compose, config_dir, validate
 from aomd.data.cache import open_packed
 from aomd.data.splits import RetrievalData
 
@@ -39,10 +39,7 @@ def noise_dataset(cache_dir: str | Path, train_images: int, test_images: int, cl
 
 def loss_config(option: str, *overrides: str):
     """The validated job config of `python -m aomd.train loss=<option> <overrides>`."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return validate(compose(config_name="train", overrides=[f"loss={option}", "logger=none", *overrides]))
+    return validate(compose([f"loss={option}", "logger=none", *overrides]))
 
 
 def loss_options() -> list[str]:

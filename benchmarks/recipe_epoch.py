@@ -28,7 +28,7 @@ from common import CARS196_SPLIT, device_description, loss_config, noise_dataset
 from aomd.engine import fit  # noqa: E402
 from aomd.losses.objective import Objective  # noqa: E402
 from aomd.models import EmbeddingNet  # noqa: E402
-from aomd.pipeline import build_objective  # noqa: E402
+from aomd.build import build_objective  # noqa: E402
 from aomd.runtime import Runtime  # noqa: E402
 
 RECIPE_EPOCHS, RECIPE_ITERS, RECIPE_BATCH = 80, 100, 128
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.loss}, epochs of {iters} batches of {batch} at {size} px", flush=True)
         student = EmbeddingNet("resnet18", 128, cfg.l2normalize, False)
         teacher = EmbeddingNet("resnet50", 512, True, False).eval() if Objective.distils(cfg.loss) else None
-        objective = build_objective(cfg, student, teacher)
+        objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
         stamps = [time.perf_counter()]
 
         def on_epoch(record, is_best):
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" ({record['images_per_second']:,.0f} training images/s)" if record["epoch"] else " (evaluation only)"),
                   flush=True)
 
-        fit(student, objective, data, cfg, runtime, Path(tmp) / "run", on_epoch, teacher)
+        fit(student, objective, data, cfg.train, cfg.eval, runtime, Path(tmp) / "run", on_epoch, teacher)
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
     evaluation, later = durations[0], durations[2:] or durations[1:]
     per_epoch = sum(later) / len(later)

@@ -35,7 +35,7 @@ from aomd.engine import TrainStep  # noqa: E402
 from aomd.losses.aomd import StageAdapters  # noqa: E402
 from aomd.losses.objective import StepOutputs  # noqa: E402
 from aomd.models import EmbeddingNet  # noqa: E402
-from aomd.pipeline import build_objective, network_shape  # noqa: E402
+from aomd.build import build_objective, network_shape  # noqa: E402
 from aomd.runtime import Runtime  # noqa: E402
 
 FLOOR, FLOOR_ADAPTERS = "floor", "floor+adapters"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cfg = loss_config(name, f"dataset.image_size={size}", f"dataset.base_size={stored}")
                 student = EmbeddingNet("resnet18", 128, cfg.l2normalize, False)
-                objective = build_objective(cfg, student, teacher)
+                objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
             try:
                 seconds, peak = measure(student, objective, teacher if objective.needs_teacher else None, runtime,
                                         images, labels, size, steps, warmup)

@@ -61,10 +61,6 @@ def train(run_dir: Path, *overrides: str, tiny: bool = True, logger: str = "logg
 
 def compose(*overrides: str, config_name: str = "train"):
     """The composed (not yet validated) config, as Hydra would build it for the entrypoint."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from aomd.config import compose as compose_config
 
-    from aomd.config import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+    return compose_config(overrides, config_name)

@@ -1,4 +1,4 @@
-"""AOMDLoss against a direct outer-product implementation of METHODS.md section 3."""
+"""AOMDLoss against a direct outer-product implementation of docs/methods.md, section 3."""
 import pytest
 import torch
 import torch.nn.functional as F

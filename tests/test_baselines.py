@@ -1,5 +1,5 @@
 """Each distillation baseline against a direct (looped) implementation of its definition
-(METHODS.md section 4), and the objective that combines the terms."""
+(docs/methods.md, section 4), and the objective that combines the terms."""
 import math
 
 import pytest

@@ -8,7 +8,7 @@ from aomd.config import validate
 from aomd.data.synthetic import load_synthetic
 from aomd.engine import fit
 from aomd.models import EmbeddingNet
-from aomd.pipeline import build_objective
+from aomd.build import build_objective
 from aomd.runtime import Runtime
 from conftest import TINY, compose
 
@@ -22,11 +22,11 @@ def test_adapters_and_regressors_learn_with_the_student(tmp_path, loss):
     torch.manual_seed(0)
     student = EmbeddingNet("resnet18", 16, True, False)
     teacher = EmbeddingNet("resnet50", 32, True, False).eval()
-    objective = build_objective(cfg, student, teacher)
+    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
     before = copy.deepcopy(objective.state_dict())
     assert before, "the objective has parameters of its own"
     records = []
-    fit(student, objective, data, cfg, CPU, tmp_path, lambda record, is_best: records.append(record), teacher)
+    fit(student, objective, data, cfg.train, cfg.eval, CPU, tmp_path, lambda record, is_best: records.append(record), teacher)
     after = objective.state_dict()
     for name, value in before.items():
         assert not torch.equal(value, after[name]), f"{name} was not optimised"
@@ -39,9 +39,9 @@ def test_best_can_be_chosen_among_trained_epochs_only(tmp_path):
     cfg = validate(compose(*TINY, "train.epochs=2", "logger=none"))
     data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
     student = EmbeddingNet("resnet18", 16, True, False)
-    objective = build_objective(cfg, student, None)
+    objective = build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
     flags = []
-    best = fit(student, objective, data, cfg, CPU, tmp_path, lambda record, is_best: flags.append(is_best), None,
+    best = fit(student, objective, data, cfg.train, cfg.eval, CPU, tmp_path, lambda record, is_best: flags.append(is_best), None,
                best_from_epoch=1)
     assert flags[0] is False and flags[1] is True and best["epoch"] >= 1
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["metrics"]["epoch"] == best["epoch"]

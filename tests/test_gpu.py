@@ -20,9 +20,9 @@ from aomd.data.synthetic import load_synthetic
 from aomd.engine import fit
 from aomd.losses.objective import Objective
 from aomd.models import EmbeddingNet
-from aomd.pipeline import build_objective
+from aomd.build import build_objective
 from aomd.runtime import Runtime
-from aomd.tracking import TRAINING_SPEED_KEYS
+from aomd.records import TRAINING_SPEED_KEYS
 from conftest import REPO, TINY, compose, train
 
 DEVICE = os.environ.get("AOMD_GPU_TIER_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
@@ -58,9 +58,9 @@ def test_every_loss_trains_and_evaluates_on_the_device(loss, precision, tiny_dat
     runtime.seed_everything(0)
     student = EmbeddingNet("resnet18", cfg.embedding_size, cfg.l2normalize, False)
     teacher = EmbeddingNet("resnet50", 64, True, False).eval() if Objective.distils(cfg.loss) else None
-    objective = build_objective(cfg, student, teacher)
+    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
     records = []
-    fit(student, objective, tiny_data, cfg, runtime, tmp_path, lambda record, is_best: records.append(record), teacher)
+    fit(student, objective, tiny_data, cfg.train, cfg.eval, runtime, tmp_path, lambda record, is_best: records.append(record), teacher)
     assert [r["epoch"] for r in records] == [0, 1]
     trained = records[1]
     terms = [key for key in trained if key.startswith("loss/")]

@@ -7,7 +7,7 @@ from aomd.metrics import map_at_r, r_precision, recall_at_k, retrieval_metrics
 
 
 def brute_force(embeddings: np.ndarray, labels: np.ndarray, ks):
-    """The definitions of METHODS.md section 5, on the full N x N matrix in float64."""
+    """The definitions of docs/methods.md, section 6, on the full N x N matrix in float64."""
     dist = np.linalg.norm(embeddings[:, None, :] - embeddings[None, :, :], axis=2)
     np.fill_diagonal(dist, np.inf)
     order = np.argsort(dist, axis=1, kind="stable")

@@ -1,4 +1,5 @@
 """Embedding networks, their stage taps, checkpoints and the pretrained-weights error."""
+import copy
 import urllib.error
 
 import pytest
@@ -8,7 +9,7 @@ import torchvision
 import aomd
 from aomd.models import Architecture, CheckpointError, EmbeddingNet, read_checkpoint, save_checkpoint
 from aomd.models.backbones import PretrainedWeightsUnavailable
-from aomd.models.checkpoint import check_architecture
+from aomd.models.checkpoint import check_architecture, load_model
 
 
 @pytest.mark.parametrize("backbone, channels", [
@@ -79,3 +80,92 @@ def test_unavailable_pretrained_weights_say_what_to_do(monkeypatch):
     message = str(error.value)
     assert "backbone.pretrained=false" in message and "hub/checkpoints" in message
     assert "resnet50-" in message  # names the weight file to copy
+
+
+def _fresh_stages(model, images):
+    """The stages of `model` on `images`, from a fresh network with the same weights."""
+    fresh = EmbeddingNet(model.architecture.backbone, model.architecture.embedding_size).eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh.forward_with_stages(images)
+
+
+def test_removed_taps_record_nothing():
+    model = EmbeddingNet("resnet18", 16).eval()
+    model._taps.remove()
+    model.backbone(torch.randn(2, 3, 32, 32))
+    assert model._taps.outputs == [None] * 4
+    with pytest.raises(AssertionError, match="did not run"):
+        model.forward_with_stages(torch.randn(2, 3, 32, 32))
+    assert not any(model.backbone.get_submodule(name)._forward_hooks for name in ("layer1", "layer2", "layer3", "layer4"))
+
+
+def test_a_deep_copy_taps_its_own_stages():
+    original = EmbeddingNet("resnet18", 16).eval()
+    duplicate = copy.deepcopy(original)
+    with torch.no_grad():  # the copy's weights differ, so its stages differ for the same images too
+        for p in duplicate.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    a, b = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    original.backbone(a)  # fills the original's taps without collecting them
+    taps_of_a = list(original._taps.outputs)
+    embeddings_b, stages_b = duplicate.forward_with_stages(b)
+    assert all(o is t for o, t in zip(original._taps.outputs, taps_of_a)), "the copy wrote into the original's taps"
+    embeddings_a, stages_a = original.forward_with_stages(a)
+    for (embeddings, stages), model, images in (((embeddings_a, stages_a), original, a),
+                                                ((embeddings_b, stages_b), duplicate, b)):
+        expected_embeddings, expected_stages = _fresh_stages(model, images)
+        assert torch.allclose(embeddings, expected_embeddings, atol=1e-6)
+        assert all(torch.allclose(s, e, atol=1e-6) for s, e in zip(stages, expected_stages, strict=True))
+    # removing the copy's hooks leaves the original's in place
+    duplicate._taps.remove()
+    assert not any(duplicate.backbone.get_submodule(name)._forward_hooks for name in ("layer1", "layer2", "layer3", "layer4"))
+    assert len(original.forward_with_stages(a)[1]) == 4
+
+
+def test_compiled_forward_taps_the_same_stages():
+    # aot_eager: traces like inductor (dynamo + autograd graph, hooks included) without its
+    # minutes of C++ compilation of a ResNet on the CPU
+    model = EmbeddingNet("resnet18", 16).eval()
+    images = torch.randn(2, 3, 32, 32)
+    eager_embeddings, eager_stages = model.forward_with_stages(images)
+    model.forward_with_stages = torch.compile(model.forward_with_stages, backend="aot_eager")
+    for _ in range(2):  # the second call runs the cached graph
+        embeddings, stages = model.forward_with_stages(images)
+        assert torch.allclose(embeddings, eager_embeddings, atol=1e-5)
+        assert all(torch.allclose(s, e, atol=1e-5) for s, e in zip(stages, eager_stages, strict=True))
+    assert model._taps.outputs == [None] * 4  # collected, also under compile
+
+
+def test_googlenet_transform_input_survives_a_checkpoint(tmp_path):
+    # ImageNet weights cannot be downloaded here: transform_input=True stands for them
+    model = EmbeddingNet("googlenet", 16, transform_input=True).eval()
+    assert model.backbone.transform_input and model.architecture.transform_input
+    path = tmp_path / "googlenet.pt"
+    save_checkpoint(path, model)
+    payload = read_checkpoint(path)
+    assert payload["architecture"]["transform_input"] is True
+    loaded = load_model(path)
+    assert loaded.backbone.transform_input and loaded.architecture.transform_input
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(loaded(images), model(images), atol=1e-6)
+    # a teacher built from its configuration (no transform_input) passes the architecture check
+    # and gets the preprocessing from the weights it loads
+    check_architecture(payload, Architecture("googlenet", 16, True), "teacher", path)
+    teacher = EmbeddingNet("googlenet", 16, True, False).eval()
+    assert not teacher.backbone.transform_input
+    teacher.load_state_dict(payload["model"])
+    assert teacher.backbone.transform_input and teacher.architecture.transform_input
+    assert torch.allclose(teacher(images), model(images), atol=1e-6)
+
+
+def test_checkpoints_without_transform_input_still_load(tmp_path):
+    model = EmbeddingNet("googlenet", 16).eval()
+    assert not model.backbone.transform_input
+    payload = {"model": model.state_dict(), "architecture": model.architecture.as_dict()}
+    del payload["model"]["_extra_state"]  # as written before transform_input was recorded
+    assert "transform_input" not in payload["architecture"]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")
+    assert not loaded.backbone.transform_input and not loaded.architecture.transform_input
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(loaded(images), model(images), atol=1e-6)

@@ -1,4 +1,4 @@
-"""The five negative samplers on hand-built batches (METHODS.md section 2) and the triplet losses."""
+"""The five negative samplers on hand-built batches (docs/methods.md, section 2) and the triplet losses."""
 import math
 
 import numpy as np

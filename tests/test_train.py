@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import aomd
-from aomd.tracking import TRAINING_SPEED_KEYS
+from aomd.records import TRAINING_SPEED_KEYS
 from conftest import TINY, run_module, train
 from test_config import assert_one_line_error
 from wandb_files import read_offline_run

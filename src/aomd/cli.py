@@ -12,23 +12,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from aomd.config import check_before_start, config_dir
 from aomd.errors import UserError
-from aomd.tracking import read_metrics, write_json_atomic, METRICS_FILE
+from aomd.records import FINISHED, read_record, record_failure
 
 log = logging.getLogger(__name__)
 
 
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def record_failure(job_dir: Path, error: BaseException) -> None:
-    """Make the job's metrics.json say it failed (the tracker already does once training started)."""
-    state = read_metrics(job_dir) or {"best": None, "history": []}
-    if state.get("status") != "failed":
-        state.update(status="failed", error=f"{type(error).__name__}: {error}")
-        job_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(job_dir / METRICS_FILE, state)
 
 
 def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str) -> float:
@@ -50,20 +42,45 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
         raise
 
 
+def start(argv: list[str], config_name: str, program: str) -> None:
+    """What an entrypoint does before Hydra starts: an unknown group option, a wrong type or an
+    unknown key in any job of the command line ends it with one line and exit code 2."""
+    check_group_options(argv, config_dir(), program)
+    try:
+        check_before_start(argv, config_name)
+    except UserError as error:
+        print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _search_path(argv: list[str]) -> list[Path]:
+    """Config folders added with `hydra.searchpath=[file:///...]` (a user's own group options)."""
+    folders = []
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):
+            for entry in arg.split("=", 1)[1].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("file://"):
+                    folders.append(Path(entry[len("file://"):]))
+    return folders
+
+
 def check_group_options(argv: list[str], config_path: str, program: str) -> None:
     """Exit with one line when a `group=option` override names an option that does not exist.
 
-    Hydra reports this too, over many lines; this says it in one, with the valid options.
+    Hydra reports this too, over many lines; this says it in one, with the valid options
+    (those of the package and of the folders added with `hydra.searchpath`).
     """
+    folders = [Path(config_path), *_search_path(argv)]
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
-        group = Path(config_path) / key
-        if "." in key or "/" in key or not group.is_dir() or any(c in value for c in "()[]{}$"):
+        groups = [folder / key for folder in folders if (folder / key).is_dir()]
+        if "." in key or "/" in key or not groups or any(c in value for c in "()[]{}$"):
             continue  # a key, a Hydra group such as hydra/launcher, or a sweep expression
-        options = sorted(p.stem for p in group.glob("*.yaml"))
+        options = sorted({p.stem for group in groups for p in group.glob("*.yaml")})
         for option in value.split(","):
             if option not in options and option != "null":
                 print(f"{program}: error: unknown {key} option {option!r}; choose one of: {', '.join(options)}.",
@@ -76,8 +93,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        states = {job.parent.name: read_metrics(job.parent) for job in sorted(sweep_dir.glob("*/.hydra"))}
-        failed = {name: s.get("error", "") for name, s in states.items() if (s or {}).get("status") != "finished"}
+        states = {job.parent.name: read_record(job.parent) for job in sorted(sweep_dir.glob("*/.hydra"))}
+        failed = {name: (s or {}).get("error", "") for name, s in states.items() if (s or {}).get("status") != FINISHED}
         print(f"\nSweep {sweep_dir}: {len(states) - len(failed)} of {len(states)} jobs finished.", flush=True)
         for name, error in failed.items():
             print(f"  job {name} failed: {error or 'no metrics.json'}", flush=True)

@@ -1,22 +1,30 @@
-"""The configuration schema and its validation, run before any data or model is built.
+"""Composing the configuration and checking its values, before any data or model is built.
 
-Hydra composes `conf/train.yaml` with its groups; `validate` then checks the result against the
-typed schema below and the value rules, and raises `ConfigError` with one sentence naming the key.
-Group configs that map to a constructor (`dataset`, `sampler`, `loss`) keep their own keys; the
-constructors check those.
+Hydra composes `conf/train.yaml` with its groups against the typed schema of `aomd.schema`
+(types, unknown keys); `validate` then checks the value rules across keys. Both report a bad
+value as a ConfigError: one sentence naming the key. `check_before_start` runs both for every
+job of a command line before Hydra starts the first one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import itertools
 from pathlib import Path
-from typing import Any, Optional
+from typing import Iterable
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import yaml
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from aomd import records  # noqa: F401  registers the resolver conf/train.yaml uses
+from aomd import schema
 from aomd.errors import ConfigError
+from aomd.losses.terms import check_loss
 from aomd.models.backbones import BACKBONES
 from aomd.runtime import PRECISIONS
+
+MAX_JOBS_CHECKED = 256  # a sweep larger than this has its first jobs checked up front, the rest as they start
 
 
 def config_dir() -> str:
@@ -27,140 +35,73 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "conf")  # editable install: the repository's conf/
 
 
-@dataclass
-class BackboneSchema:
-    name: str = MISSING
-    pretrained: bool = False
+def _option_targets(group: str) -> dict[str, str]:
+    """{option: constructor} of a group's YAML files (a `dataset` option keeps it under `dataset:`)."""
+    targets = {}
+    for path in sorted((Path(config_dir()) / group).glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        target = (data.get(group) or {}).get("_target_") if isinstance(data.get(group), dict) else data.get("_target_")
+        if target:
+            targets[path.stem] = target
+    return targets
 
 
-@dataclass
-class TrainSchema:
-    epochs: int = MISSING
-    iters_per_epoch: int = MISSING
-    batch_size: int = MISSING
-    images_per_class: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = 0.0
-    lr_decay_epochs: list[int] = field(default_factory=list)
-    lr_decay_gamma: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: Optional[bool] = None
-    compile: bool = False
-    deterministic: bool = True
-    num_workers: Any = "auto"
-    pin_memory: Optional[bool] = None
-    progress: bool = True
+# plugins first: the terms, datasets and backbones they register are part of the schema; a
+# plugin that cannot be imported is reported by `compose`, as one line, not at import
+try:
+    schema.load_plugins()
+    _plugin_error: ConfigError | None = None
+except ConfigError as error:
+    _plugin_error = error
+schema.register(_option_targets("dataset"), _option_targets("sampler"))
 
 
-@dataclass
-class EvalSchema:
-    recall_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    batch_size: int = 256
-    chunk_size: int = 1024
+def compose(overrides: Iterable[str] = (), config_name: str = "train", with_hydra: bool = False) -> DictConfig:
+    """The config Hydra composes for `overrides` (not yet validated); a ConfigError names the key
+    of a wrong type, an unknown key or an unknown option."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-
-@dataclass
-class LoggerSchema:
-    enabled: bool = True
-    mode: str = "offline"
-    project: str = "aomd"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class TeacherTrainSchema:
-    """The teacher recipe: what it sets overrides `train` when the teacher is trained."""
-
-    epochs: Optional[int] = None
-    iters_per_epoch: Optional[int] = None
-    batch_size: Optional[int] = None
-    images_per_class: Optional[int] = None
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    lr_decay_epochs: Optional[list[int]] = None
-    lr_decay_gamma: Optional[float] = None
-    seed: Optional[int] = None
-
-
-@dataclass
-class TeacherSchema:
-    backbone: str = "resnet50"
-    embedding_size: int = 512
-    pretrained: bool = False
-    checkpoint: Optional[str] = None
-    train_if_missing: bool = True
-    train: TeacherTrainSchema = field(default_factory=TeacherTrainSchema)
-
-
-@dataclass
-class LossSchema:
-    """The keys of `aomd.losses.Objective` (conf/objective.yaml): term ratios and hyperparameters."""
-
-    _target_: str = "aomd.losses.Objective"
-    triplet_ratio: float = 0.0
-    triplet_p: int = 2
-    contrastive_ratio: float = 0.0
-    margin: float = 0.2
-    aomd_ratio: float = 0.0
-    mode: int = 2
-    global_weight: float = 1.0
-    local_weight: float = 1.0
-    sp_ratio: float = 0.0
-    at_ratio: float = 0.0
-    fitnet_ratio: float = 0.0
-    dark_ratio: float = 0.0
-    dark_alpha: float = 2.0
-    dark_beta: float = 3.0
-    permute_len: int = 4
-    dist_ratio: float = 0.0
-    angle_ratio: float = 0.0
-
-
-@dataclass
-class TrainConfigSchema:
-    dataset: Any = MISSING
-    backbone: BackboneSchema = field(default_factory=BackboneSchema)
-    sampler: Any = MISSING
-    loss: LossSchema = field(default_factory=LossSchema)
-    teacher: TeacherSchema = field(default_factory=TeacherSchema)
-    logger: LoggerSchema = field(default_factory=LoggerSchema)
-    embedding_size: int = 128
-    l2normalize: bool = True
-    train: TrainSchema = field(default_factory=TrainSchema)
-    eval: EvalSchema = field(default_factory=EvalSchema)
-    paths: dict[str, Any] = field(default_factory=dict)
-    skip_finished: bool = True
-    preset: Any = None
-
-
-@dataclass
-class EvaluateConfigSchema(TrainConfigSchema):
-    checkpoint: str = MISSING
-    output: Optional[str] = None
-
-
-def _typed(cfg: DictConfig, schema: type) -> DictConfig:
-    """`cfg` merged onto the schema: wrong types and unknown keys become a ConfigError."""
+    if _plugin_error is not None:
+        raise _plugin_error
+    initialized = GlobalHydra.instance().is_initialized()
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-        OmegaConf.resolve(merged)
-        missing = sorted(OmegaConf.missing_keys(merged))
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None) or getattr(error, "key", None)
-        reason = getattr(error, "msg", None) or str(error)
-        reason = reason.splitlines()[0].rstrip(".")
-        raise ConfigError(f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file.") from None
-    if "dataset.root" in missing:
-        raise ConfigError("dataset.root is not set: pass the folder that holds the dataset, e.g. dataset.root=/data/cub200 "
-                          "(the layouts each dataset accepts are in docs/datasets.md).")
-    if missing:
-        raise ConfigError(f"`{missing[0]}` has no value; set it on the command line, e.g. {missing[0]}=<value>.")
-    return merged
+        if initialized:  # inside a running Hydra app or another compose context
+            return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_composition_error(error)) from None
+
+
+def _composition_error(error: BaseException) -> str:
+    """One sentence from Hydra's and OmegaConf's multi-line composition errors."""
+    cause = error
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or getattr(cause, "key", None)
+        reason = (getattr(cause, "msg", None) or str(cause)).splitlines()[0].rstrip(".")
+        if "not in struct" in reason or "is not in" in reason or "Key '" in reason and "not" in reason:
+            return f"`{key}` is not a key of this configuration; check its spelling (`--cfg job` shows every key)."
+        return f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file."
+    return str(error).strip().splitlines()[0].rstrip(".") + "."
+
+
+def _unknown_keys(node, prefix: str = "") -> list[str]:
+    """Keys of typed nodes (dataclass schemas) that their dataclass does not have, dotted."""
+    found = []
+    if not isinstance(node, DictConfig):
+        return found
+    schema_type = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(schema_type)} if dataclasses.is_dataclass(schema_type) else None
+    for key in node.keys():
+        if names is not None and key not in names:
+            found.append(f"{prefix}{key}")
+        elif not OmegaConf.is_missing(node, key):
+            found += _unknown_keys(node._get_node(key), f"{prefix}{key}.")
+    return found
 
 
 def _require(condition: bool, message: str) -> None:
@@ -188,29 +129,24 @@ def check_train(train, prefix: str = "train") -> None:
              f"train.num_workers must be auto or an integer of 0 or more, got {train.num_workers!r}.")
 
 
-def teacher_train(cfg: DictConfig) -> DictConfig:
-    """The teacher recipe: `teacher.train` (the keys it sets) merged over `train`."""
-    return OmegaConf.merge(cfg.train, {k: v for k, v in cfg.teacher.train.items() if v is not None})
+def validate(cfg: DictConfig) -> DictConfig:
+    """The composed config, resolved; raises ConfigError on the first value that breaks a rule."""
+    try:
+        cfg = cfg.copy()
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_composition_error(error)) from None
+    if "dataset.root" in missing:
+        raise ConfigError("dataset.root is not set: pass the folder that holds the dataset, e.g. dataset.root=/data/cub200 "
+                          "(the layouts each dataset accepts are in docs/datasets.md).")
+    if missing:
+        raise ConfigError(f"`{missing[0]}` has no value; set it on the command line, e.g. {missing[0]}=<value>.")
+    unknown = _unknown_keys(cfg)
+    if unknown:  # keys added with `+key=value` to a typed node: composition lets them through
+        raise ConfigError(f"`{unknown[0]}` is not a key of this configuration; check its spelling (`--cfg job` shows every key).")
+    from aomd.teachers import teacher_recipe  # the teacher recipe is the teachers module's
 
-
-def check_loss(loss) -> None:
-    """Value rules of the `loss` section."""
-    ratios = {key: value for key, value in loss.items() if key.endswith("_ratio")}
-    negative = [f"loss.{key}" for key, value in ratios.items() if value < 0]
-    _require(not negative, f"{', '.join(negative)} must be 0 or more (0 switches a term off).")
-    _require(any(value > 0 for value in ratios.values()),
-             "Every loss.*_ratio is 0, so there is nothing to train; set one, e.g. loss.triplet_ratio=1.")
-    _require(loss.mode in (1, 2), f"loss.mode must be 1 (full mapping) or 2 (pooled mapping), got {loss.mode}.")
-    _require(loss.triplet_p in (1, 2), f"loss.triplet_p must be 1 (L1) or 2 (L2), got {loss.triplet_p}.")
-    _require(loss.global_weight >= 0 and loss.local_weight >= 0, "loss.global_weight and loss.local_weight must be 0 or more.")
-    _require(loss.aomd_ratio == 0 or loss.global_weight + loss.local_weight > 0,
-             "loss.aomd_ratio is on but loss.global_weight and loss.local_weight are both 0; set one of them above 0.")
-    _require(loss.permute_len >= 1, f"loss.permute_len must be at least 1, got {loss.permute_len}.")
-
-
-def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
-    """The composed config, typed and resolved; raises ConfigError on the first bad value."""
-    cfg = _typed(cfg, schema)
     _require(cfg.backbone.name in BACKBONES,
              f"backbone.name must be one of {', '.join(BACKBONES)}, got {cfg.backbone.name!r}.")
     _require(cfg.teacher.backbone in BACKBONES,
@@ -218,10 +154,8 @@ def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
     _require(cfg.embedding_size >= 1, f"embedding_size must be at least 1, got {cfg.embedding_size}.")
     _require(cfg.teacher.embedding_size >= 1, f"teacher.embedding_size must be at least 1, got {cfg.teacher.embedding_size}.")
     check_train(cfg.train)
-    check_train(teacher_train(cfg), "teacher.train")
-    check_loss(cfg.loss)
-    _require(cfg.loss.permute_len < cfg.train.batch_size,
-             f"loss.permute_len ({cfg.loss.permute_len}) must be smaller than train.batch_size ({cfg.train.batch_size}).")
+    check_train(teacher_recipe(cfg), "teacher.train")
+    check_loss(cfg.loss, cfg.train)
     _require(len(cfg.eval.recall_k) > 0 and all(k >= 1 for k in cfg.eval.recall_k),
              f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
     _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")
@@ -236,13 +170,57 @@ def validate(cfg: DictConfig, schema: type = TrainConfigSchema) -> DictConfig:
     return cfg
 
 
-def selection_metric(eval_cfg) -> str:
-    """The metric that selects the best epoch and that a job returns: Recall@K at the smallest K."""
-    return f"recall@{min(eval_cfg.recall_k)}"
-
-
 def check_test_size(recall_k, test_images: int) -> None:
     """Recall@K needs K other images for every query."""
     _require(max(recall_k) < test_images,
              f"eval.recall_k asks for K = {max(recall_k)} but the test split has only {test_images} images; "
              f"use values below {test_images}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# before Hydra starts: every job of the command line composes
+
+_HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
+                     "--version", "--resolve", "-p", "--package")
+
+
+def job_overrides(argv: list[str], config_name: str) -> list[list[str]]:
+    """The overrides of every job `argv` starts: one list for a single run; for `-m`, the
+    combinations of the command line's and the preset's sweeps (BasicSweeper's expansion);
+    sweeps it cannot expand (an optimiser's search spaces) keep their non-swept overrides only."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    if not ({"-m", "--multirun"} & set(argv)):
+        return [overrides]
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    swept = [o for o in parsed if o.is_sweep_override()]
+    base = compose(fixed, config_name, with_hydra=True)
+    params = base.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if isinstance(params, DictConfig) else {}
+    swept_keys = {o.get_key_element() for o in swept}
+    swept += [o for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in swept_keys])]
+    try:
+        batches = BasicSweeper.split_arguments(swept, None)
+    except Exception:  # noqa: BLE001 - a sweeper's own syntax (interval, tag): leave those to it
+        return [fixed]
+    jobs = [fixed + list(job) for batch in batches for job in batch]
+    return jobs or [fixed]
+
+
+def check_before_start(argv: list[str], config_name: str = "train") -> None:
+    """Compose every job `argv` would start (at most MAX_JOBS_CHECKED), so that a wrong type, an
+    unknown key or option fails in one line before the first job runs. Value rules are left to
+    each job, so that in a sweep a job with an impossible value is recorded as failed and the
+    others run."""
+    if set(argv) & set(_HYDRA_INFO_FLAGS):
+        return
+    try:
+        jobs = job_overrides(argv, config_name)
+    except HydraException as error:  # a command line Hydra cannot parse
+        raise ConfigError(_composition_error(error)) from None
+    for overrides in itertools.islice(jobs, MAX_JOBS_CHECKED):
+        compose(overrides, config_name)

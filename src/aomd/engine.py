@@ -10,19 +10,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from aomd.config import selection_metric
 from aomd.data import RetrievalData
 from aomd.data.augment import eval_transform, train_transform
 from aomd.data.loader import eval_loader, to_device, train_loader
 from aomd.data.splits import ImageSplit
 from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
-from aomd.metrics import retrieval_metrics
+from aomd.metrics import retrieval_metrics, selection_metric
 from aomd.models import EmbeddingNet, save_checkpoint
 from aomd.runtime import Runtime
+from aomd.schema import EvalSchema, TrainSchema
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +43,13 @@ def _out_of_memory(error: BaseException, what: str, batch_key: str, batch_size: 
 class Evaluator:
     """Test-split evaluation of any network, with one persistent loader for all the epochs of a job.
 
-    Embeds in batches of `eval_cfg.batch_size` centre crops under the job's precision and
+    Embeds in batches of `eval_spec.batch_size` centre crops under the job's precision and
     inference mode; the metrics are computed on the device from float32 embeddings.
     """
 
-    def __init__(self, split: ImageSplit, image_size: int, eval_cfg, runtime: Runtime, progress: bool = False):
-        self.split, self.image_size, self.eval_cfg, self.runtime, self.progress = split, image_size, eval_cfg, runtime, progress
-        self.loader = eval_loader(split, eval_cfg.batch_size, runtime.num_workers, runtime.pin_memory)
+    def __init__(self, split: ImageSplit, image_size: int, eval_spec, runtime: Runtime, progress: bool = False):
+        self.split, self.image_size, self.eval_spec, self.runtime, self.progress = split, image_size, eval_spec, runtime, progress
+        self.loader = eval_loader(split, eval_spec.batch_size, runtime.num_workers, runtime.pin_memory)
 
     @torch.inference_mode()
     def embed(self, model: EmbeddingNet, desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,13 +60,13 @@ class Evaluator:
         batches = to_device(self.loader, self.runtime.device)
         try:
             for images, batch_labels in tqdm(batches, desc=desc, total=len(self.loader), leave=False, unit="img",
-                                             unit_scale=self.eval_cfg.batch_size, disable=None if self.progress else True):
+                                             unit_scale=self.eval_spec.batch_size, disable=None if self.progress else True):
                 images = eval_transform(images, self.image_size).contiguous(memory_format=self.runtime.memory_format)
                 with self.runtime.autocast():
                     embeddings.append(model(images).float())
                 labels.append(batch_labels)
         except torch.OutOfMemoryError as error:
-            raise _out_of_memory(error, "evaluation", "eval.batch_size", self.eval_cfg.batch_size, self.runtime) from None
+            raise _out_of_memory(error, "evaluation", "eval.batch_size", self.eval_spec.batch_size, self.runtime) from None
         finally:
             model.train(was_training)
         return torch.cat(embeddings), torch.cat(labels)
@@ -75,14 +74,14 @@ class Evaluator:
     def __call__(self, model: EmbeddingNet, desc: str = "evaluate") -> dict[str, float]:
         """{"recall@K": ..., "map@r": ..., "r_precision": ...} of `model` (docs/methods.md, metrics)."""
         embeddings, labels = self.embed(model, desc)
-        return retrieval_metrics(embeddings, labels, self.eval_cfg.recall_k, self.eval_cfg.chunk_size)
+        return retrieval_metrics(embeddings, labels, self.eval_spec.recall_k, self.eval_spec.chunk_size)
 
 
-def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_cfg, runtime: Runtime,
+def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_spec, runtime: Runtime,
              progress: bool = False) -> dict[str, float]:
     """The retrieval metrics of `model` on `split`, once (the network is moved to the device)."""
     runtime.prepare_network(model)
-    return Evaluator(split, image_size, eval_cfg, runtime, progress)(model)
+    return Evaluator(split, image_size, eval_spec, runtime, progress)(model)
 
 
 class TrainStep:
@@ -123,21 +122,22 @@ def fit(
     student: EmbeddingNet,
     objective: Objective,
     data: RetrievalData,
-    cfg: DictConfig,
+    recipe: TrainSchema,
+    eval_spec: EvalSchema,
     runtime: Runtime,
     out_dir: Path,
     on_epoch: Callable[[dict[str, Any], bool], None],
     teacher: EmbeddingNet | None = None,
     best_from_epoch: int = 0,
 ) -> dict[str, Any]:
-    """Train `student` with `objective` for `cfg.train.epochs` epochs on `runtime`; return the best record.
+    """Train `student` with `objective` for `recipe.epochs` epochs on `runtime`; return the best record.
 
     Evaluates the test split at epoch 0 and after every epoch; each record (epoch, mean training
     loss and term values, Recall@K, MAP@R, R-Precision) goes to `on_epoch(record, is_best)`.
     Writes `checkpoints/best.pt` (best test Recall@1 among epochs >= `best_from_epoch`, or epoch 0
     when nothing was trained) and `checkpoints/last.pt` under `out_dir`.
     """
-    train, device = cfg.train, runtime.device
+    train, device = recipe, runtime.device
     torch.manual_seed(train.seed)  # the samplers' draws repeat whether or not a teacher was trained first
     runtime.prepare_network(student).train()
     runtime.place(objective).train()
@@ -149,9 +149,9 @@ def fit(
     step = TrainStep(student, objective, optimizer, runtime, data.image_size, seed=train.seed, teacher=teacher)
     loader = train_loader(data.train, train.batch_size, train.images_per_class, train.iters_per_epoch,
                           seed=train.seed, num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
-    evaluator = Evaluator(data.test, data.image_size, cfg.eval, runtime, train.progress)
+    evaluator = Evaluator(data.test, data.image_size, eval_spec, runtime, train.progress)
     checkpoints = Path(out_dir) / "checkpoints"
-    first_metric = selection_metric(cfg.eval)
+    first_metric = selection_metric(eval_spec.recall_k)
 
     best_from_epoch = min(best_from_epoch, train.epochs)
     best: dict[str, Any] | None = None

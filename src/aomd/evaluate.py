@@ -13,21 +13,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from aomd.cli import check_group_options, run_task
-from aomd.config import EvaluateConfigSchema, config_dir, selection_metric, validate
+from aomd.build import load_data
+from aomd.cli import run_task, start
+from aomd.config import config_dir, validate
 from aomd.engine import evaluate as evaluate_split
+from aomd.metrics import selection_metric
 from aomd.models import load_model
-from aomd.pipeline import load_data
 from aomd.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> float:
-    cfg = validate(cfg, EvaluateConfigSchema)
+    cfg = validate(cfg)
     runtime = Runtime.from_train(cfg.train)
     model = load_model(cfg.checkpoint, runtime.device)  # fails early, before any data is read, on a bad checkpoint
-    data = load_data(cfg)
+    data = load_data(cfg.dataset, None, cfg.eval.recall_k)
     metrics = evaluate_split(model, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
     output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "evaluation.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ def evaluate(cfg: DictConfig) -> float:
     for key, value in metrics.items():
         print(f"  {key:>10}  {100 * value:6.2f}")
     print(f"written to {output}")
-    return metrics[selection_metric(cfg.eval)]
+    return metrics[selection_metric(cfg.eval.recall_k)]
 
 
 @hydra.main(config_path=config_dir(), config_name="evaluate", version_base="1.3")
@@ -48,5 +49,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    check_group_options(sys.argv[1:], config_dir(), "aomd.evaluate")
+    start(sys.argv[1:], "evaluate", "aomd.evaluate")
     main()

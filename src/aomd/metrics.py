@@ -1,4 +1,4 @@
-"""Retrieval metrics on the test split: Recall@K, MAP@R and R-Precision (METHODS.md section 5).
+"""Retrieval metrics on the test split: Recall@K, MAP@R and R-Precision (docs/methods.md, section 6).
 
 Every test image is a query against all OTHER test images, ranked by Euclidean distance.
 The metrics are computed in blocks of `chunk_size` queries against the whole gallery, keeping
@@ -87,3 +87,8 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequen
     """{"recall@K": ..., "map@r": ..., "r_precision": ...} from a single ranking pass."""
     recall, map_r, r_prec = _evaluate(embeddings, labels, ks, True, chunk_size)
     return {**{f"recall@{k}": v for k, v in recall.items()}, "map@r": map_r, "r_precision": r_prec}
+
+
+def selection_metric(recall_k: Sequence[int]) -> str:
+    """The metric that selects the best epoch and that a job returns: Recall@K at the smallest K."""
+    return f"recall@{min(recall_k)}"

@@ -23,13 +23,13 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from aomd.cli import check_group_options, run_task
+from aomd.build import instantiate_node
+from aomd.cli import run_task, start
 from aomd.config import check_test_size, config_dir, validate
 from aomd.data.benchmarks import ARCHIVES
 from aomd.data.cache import H5Images
 from aomd.data.errors import DatasetError
 from aomd.data.splits import ImageSplit, RetrievalData
-from aomd.pipeline import build
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ def verify_split(split_name: str, split: ImageSplit, progress: bool) -> None:
                                f"instead of uint8 [N, S, S, 3]; delete the cache file and run aomd.prepare again.")
 
 
-def prepare(cfg: DictConfig) -> float:
+def prepare(cfg: DictConfig) -> None:
     cfg = validate(cfg)
     progress = bool(cfg.train.progress)
     root = cfg.dataset.get("root")
     root = Path(root).expanduser().resolve() if root else None
 
     # the on-demand reader, whatever dataset.in_memory says: verifying streams the file
-    data: RetrievalData = build(cfg.dataset, "dataset", in_memory=False)
+    data: RetrievalData = instantiate_node(cfg.dataset, "dataset", in_memory=False)
     if set(np.unique(data.train.labels).tolist()) & set(np.unique(data.test.labels).tolist()):
         raise DatasetError(f"The {data.name} train and test splits share classes; delete the cache file and "
                            f"run aomd.prepare again.")
@@ -106,14 +106,13 @@ def prepare(cfg: DictConfig) -> float:
         lines.append(f"  cache: {path} ({path.stat().st_size / 1e9:.2f} GB)")
     lines += check_archives(data.name, root, progress)
     print("\n".join(lines), flush=True)
-    return 0.0
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    return run_task(prepare, cfg, "aomd.prepare")
+def main(cfg: DictConfig) -> None:
+    run_task(prepare, cfg, "aomd.prepare")
 
 
 if __name__ == "__main__":
-    check_group_options(sys.argv[1:], config_dir(), "aomd.prepare")
+    start(sys.argv[1:], "train", "aomd.prepare")
     main()

@@ -39,19 +39,13 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from aomd.errors import UserError
-from aomd.tracking import METRICS_FILE, RETRIEVAL_KEYS
+from aomd.records import FINISHED, METRICS_FILE, RETRIEVAL_KEYS, SEED_KEY, identity_overrides, override_key, read_record
 
 PROGRAM = "aomd.report"
 REPORT_FILE = "report.md"
 RATIO_PLOT = "recall_vs_aomd_ratio.png"
 BARS_PLOT = "baselines.png"
 
-# Overrides that do not make a different configuration: the seed (jobs differing only in it are
-# repeats, averaged into one row), and the keys train.yaml also leaves out of override_dirname.
-SEED_KEY = "train.seed"
-NON_CONFIG_KEYS = frozenset({SEED_KEY, "skip_finished"})
-
-FINISHED = "finished"
 # metrics.json statuses, plus the two this module adds for jobs it cannot read a status from
 MISSING = "missing"        # no metrics.json: the job crashed before training started, or never ran
 UNREADABLE = "unreadable"  # a file of the job could not be parsed
@@ -97,20 +91,9 @@ class Job:
         return tuple(sorted(self.config_overrides))
 
 
-def override_key(override: str) -> str:
-    """"+loss.x=1" -> "loss.x"; "~key" -> "key"; "hydra/launcher=joblib" -> "hydra/launcher"."""
-    return override.split("=", 1)[0].lstrip("+~").strip()
-
-
 def config_overrides(overrides: Iterable[str]) -> tuple[str, ...]:
-    """The overrides that identify a configuration: all but the seed, skip_finished and hydra's own."""
-    kept = []
-    for override in overrides:
-        key = override_key(override)
-        if key in NON_CONFIG_KEYS or key == "hydra" or key.startswith(("hydra.", "hydra/")):
-            continue
-        kept.append(override)
-    return tuple(kept)
+    """The overrides that identify a configuration (`aomd.records`: all that identify a job but the seed)."""
+    return tuple(identity_overrides(overrides, with_seed=False))
 
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
@@ -171,7 +154,7 @@ def read_job(job_dir: Path, name: str) -> Job:
     if not metrics_path.is_file():
         return Job(name, job_dir, MISSING, **fields)
     try:
-        metrics = json.loads(metrics_path.read_text())
+        metrics = read_record(job_dir)
         if not isinstance(metrics, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
@@ -386,8 +369,9 @@ def describe_unfinished(job: Job) -> str:
         return "no metrics.json (crashed before training started, or not started yet)"
     if job.status == "running":
         text = f"running, {job.epochs_evaluated} epoch(s) evaluated"
-        if job.best and isinstance(job.best.get("recall@1"), (int, float)):
-            text += f", best Recall@1 so far {percent(job.best['recall@1'])}"
+        recalls = sorted((k for k in (job.best or {}) if k.startswith("recall@") and k[7:].isdigit()), key=lambda k: int(k[7:]))
+        if recalls and isinstance(job.best[recalls[0]], (int, float)):
+            text += f", best {metric_title(recalls[0])} so far {percent(job.best[recalls[0]])}"
         return text + " (or killed without a record)"
     if job.status == NO_RESULT:
         return "finished without an evaluated epoch"

@@ -3,8 +3,8 @@
 Without `teacher.checkpoint`, the teacher of (dataset, teacher backbone, embedding size, image
 size) lives at a fixed path under `paths.teachers_dir`. When it is missing and
 `teacher.train_if_missing` is true it is trained first with the teacher recipe (`teacher.train`
-over `train`, triplet loss, distance-weighted sampling), under a file lock, so concurrent sweep
-jobs train it once and all reuse it.
+over `train`), objective (`teacher.loss`: triplet) and sampler (`teacher.sampler`:
+distance-weighted), under a file lock, so concurrent sweep jobs train it once and all reuse it.
 """
 from __future__ import annotations
 
@@ -16,20 +16,18 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from aomd.config import LossSchema, teacher_train
 from aomd.data import RetrievalData
 from aomd.errors import ConfigError
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
-from aomd.pipeline import build_objective, train_network
+from aomd.build import build_objective
+from aomd.jobs import train_network
+from aomd.records import finished_record
 from aomd.runtime import Runtime
-from aomd.tracking import read_metrics
+from aomd.tracking import RunInfo
 
 log = logging.getLogger(__name__)
 
-# the teacher recipe's objective and sampler (METHODS.md section 1)
-TEACHER_LOSS = LossSchema(triplet_ratio=1.0, margin=0.2)
-TEACHER_SAMPLER = {"_target_": "aomd.losses.DistanceWeightedNegatives"}
 # dataset and train keys that change neither which images a dataset holds nor what a teacher learns
 # (how and where a teacher computes is not what it learns)
 _NOT_IDENTITY = {"cache_dir", "in_memory", "num_workers", "decode_workers", "pin_memory", "skip_bad_images",
@@ -50,7 +48,10 @@ def default_teacher_dir(cfg: DictConfig) -> Path:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     if dataset.get("root"):
         dataset["root"] = str(Path(dataset["root"]).expanduser().resolve())
-    recipe = OmegaConf.to_container(teacher_train(cfg), resolve=True)
+    recipe = OmegaConf.to_container(teacher_recipe(cfg), resolve=True)
+    # the teacher's objective and sampler are part of what it learns
+    recipe.update(loss=OmegaConf.to_container(cfg.teacher.loss, resolve=True),
+                  sampler=OmegaConf.to_container(cfg.teacher.sampler, resolve=True))
     identity = {
         "dataset": {k: v for k, v in dataset.items() if k not in _NOT_IDENTITY},
         "recipe": {k: v for k, v in recipe.items() if k not in _NOT_IDENTITY},
@@ -64,30 +65,27 @@ def default_teacher_dir(cfg: DictConfig) -> Path:
     )
 
 
-def teacher_job_config(cfg: DictConfig) -> DictConfig:
-    """The config of the job that trains the teacher: the student's, with the teacher recipe."""
-    teacher_cfg = OmegaConf.merge(cfg, {
-        "backbone": {"name": cfg.teacher.backbone, "pretrained": cfg.teacher.pretrained},
-        "embedding_size": cfg.teacher.embedding_size,
-        "l2normalize": True,
-        "train": teacher_train(cfg),
-    })
-    teacher_cfg.loss = TEACHER_LOSS
-    teacher_cfg.sampler = TEACHER_SAMPLER
-    return teacher_cfg
+def teacher_recipe(cfg: DictConfig) -> DictConfig:
+    """The teacher's training recipe: `teacher.train` (the keys it sets) merged over `train`."""
+    return OmegaConf.merge(cfg.train, {k: v for k, v in cfg.teacher.train.items() if v is not None})
 
 
 def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: Runtime) -> None:
-    """Train the teacher with the teacher recipe; its checkpoints land in `out_dir/checkpoints`."""
-    teacher_cfg = teacher_job_config(cfg)
+    """Train the teacher with its recipe, objective and sampler (the `teacher` node); its
+    checkpoints land in `out_dir/checkpoints`."""
+    teacher = cfg.teacher
+    recipe = teacher_recipe(cfg)
     log.info("Training the teacher %s-%d on %s into %s (once; later jobs reuse it).",
-             cfg.teacher.backbone, cfg.teacher.embedding_size, data.name, out_dir)
-    runtime.seed_everything(teacher_cfg.train.seed)
-    model = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, cfg.teacher.pretrained)
-    objective = build_objective(teacher_cfg, model, None)
-    OmegaConf.save(teacher_cfg, out_dir / "config.yaml")
-    train_network(teacher_cfg, data, model, objective, runtime, out_dir, "teacher",
-        run_name=f"teacher-{cfg.teacher.backbone}-{cfg.teacher.embedding_size}", tags=["teacher", data.name],
+             teacher.backbone, teacher.embedding_size, data.name, out_dir)
+    runtime.seed_everything(recipe.seed)
+    model = EmbeddingNet(teacher.backbone, teacher.embedding_size, True, teacher.pretrained)
+    objective = build_objective(teacher.loss, teacher.sampler, model, None, cfg.dataset.image_size)
+    OmegaConf.save(teacher, out_dir / "config.yaml")
+    config = {"teacher": OmegaConf.to_container(teacher, resolve=True),
+              "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
+    train_network(data, model, objective, runtime, OmegaConf.to_object(recipe), OmegaConf.to_object(cfg.eval), out_dir,
+                  "teacher", RunInfo(cfg.logger, config, f"teacher-{teacher.backbone}-{teacher.embedding_size}",
+                                     ["teacher", data.name]),
                   # an untrained network is no teacher: its BatchNorm statistics are those of its
                   # initialisation, and its features blow up in eval mode
                   best_from_epoch=1)
@@ -101,8 +99,7 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
     path = out_dir / "checkpoints" / "best.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir) + ".lock"):
-        finished = (read_metrics(out_dir) or {}).get("status") == "finished"
-        if not (finished and path.is_file()):  # absent, or an interrupted training: (re)train
+        if not (finished_record(out_dir) and path.is_file()):  # absent, or an interrupted training: (re)train
             if not cfg.teacher.train_if_missing:
                 raise ConfigError(f"No teacher at {path} and teacher.train_if_missing=false; pass teacher.checkpoint=<path> or allow training it.")
             train_teacher(cfg, data, out_dir, runtime)

@@ -1,20 +1,18 @@
-"""Where results go: the console, `metrics.json` in the job directory, and one W&B run per job."""
+"""Where results go while a job runs: the console, its job record (metrics.json, `aomd.records`)
+and one W&B run per job, named from what the sweep varies."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+
+from aomd.records import FAILED, FINISHED, RETRIEVAL_KEYS, TRAINING_SPEED_KEYS, JobRecord, identifies, override_key
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
-RETRIEVAL_KEYS = ("recall@", "map@", "r_precision")  # the prefixes of the test metrics in a record
-TRAINING_SPEED_KEYS = ("epoch_seconds", "images_per_second")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -27,35 +25,51 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
-    os.replace(tmp, path)
+@dataclass
+class RunInfo:
+    """What a job's W&B run is: the `logger` settings, the config it records (a plain tree),
+    its name and tags, and the job's command-line overrides (for its record)."""
+
+    logger: Any
+    config: dict[str, Any]
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    overrides: list[str] | None = None
+
+
+def sweep_run_name(task_overrides: list[str], swept: set[str]) -> str | None:
+    """A sweep job's run name: what it sets of what the sweep varies, seeds excluded, so the seeds
+    of one configuration share a name."""
+    parts = [o.lstrip("+~") for o in task_overrides
+             if override_key(o) in swept and identifies(override_key(o), with_seed=False)]
+    return " ".join(parts) or None
+
+
+def swept_keys(sweep_dir: Path, sweeper_params: dict | None) -> set[str]:
+    """The keys a sweep varies: the sweeper's params and the sweep's `key=a,b` overrides
+    (`multirun.yaml`, written by the sweeper before any job)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set((sweeper_params or {}).keys())
+    multirun = Path(sweep_dir) / "multirun.yaml"
+    if multirun.is_file():
+        overrides = OverridesParser.create().parse_overrides(list(OmegaConf.load(multirun).hydra.overrides.task))
+        keys.update(o.get_key_element() for o in overrides if o.is_sweep_override())
+    return {key.lstrip("+~") for key in keys}
 
 
 class Tracker:
-    """Records one job: a W&B run (when `logger.enabled` and mode is not disabled), the
-    `metrics.json` file (rewritten after every epoch, so an unfinished job shows its progress)
-    and a console line per epoch.
+    """Records one job: its `JobRecord`, a W&B run (when `logger.enabled` and mode is not
+    disabled) and a console line per epoch."""
 
-    metrics.json: {"status": running|finished|failed, "overrides": the job's command-line overrides,
-    "runtime": the resolved device and precision, "best": record, "history": [record, ...],
-    "dataset": {...}, "teacher": {...} (distillation only), "error": "..." (failed jobs)}, where a
-    record holds "epoch", "recall@K", "map@r", the mean training "loss" and each term's "loss/<term>".
-    """
-
-    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
-                 run_name: str | None = None, tags: list[str] | None = None,
-                 overrides: list[str] | None = None, runtime: dict[str, Any] | None = None):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.state: dict[str, Any] = {"status": "running", "job_type": job_type, "overrides": overrides,
-                                      "runtime": runtime, "best": None, "history": [], "dataset": dataset_summary}
+    def __init__(self, run: RunInfo, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
+                 runtime: dict[str, Any] | None = None):
+        self.record = JobRecord(out_dir, job_type, dataset_summary, run.overrides, runtime)
         if runtime:
             log.info("Running on %s (%s), precision %s%s%s.", runtime["device"], runtime["device_name"], runtime["precision"],
                      ", channels_last" if runtime["channels_last"] else "", ", compiled" if runtime["compile"] else "")
         self.run = None
-        logger = cfg.logger
+        logger = run.logger
         if logger.enabled and logger.mode != "disabled":
             import wandb
 
@@ -63,31 +77,26 @@ class Tracker:
                 project=logger.project,
                 entity=logger.entity,
                 group=logger.group,
-                name=logger.name or run_name,
+                name=logger.name or run.run_name,
                 job_type=job_type,
-                tags=[*logger.tags, *(tags or [])],
+                tags=[*logger.tags, *run.tags],
                 mode=logger.mode,
-                dir=str(self.out_dir),
-                config={**flatten(OmegaConf.to_container(cfg, resolve=True)),
-                        **{f"runtime.{k}": v for k, v in (runtime or {}).items()}},
+                dir=str(out_dir),
+                config={**flatten(run.config), **{f"runtime.{k}": v for k, v in (runtime or {}).items()}},
                 reinit="finish_previous",
             )
             self.run.summary.update({f"dataset/{k}": v for k, v in dataset_summary.items()})
-        self._save()
 
     def log_teacher(self, metrics: dict[str, float]) -> None:
         """The teacher's test metrics, once per job, next to the student's."""
-        self.state["teacher"] = metrics
+        self.record.set_teacher(metrics)
         log.info("teacher: %s", _format(metrics))
         if self.run is not None:
             self.run.summary.update({f"teacher/{k}": v for k, v in metrics.items()})
-        self._save()
 
     def log_epoch(self, record: dict[str, Any], is_best: bool) -> None:
         """One evaluated epoch; `is_best` when it is the new best (the engine decides which epochs count)."""
-        self.state["history"].append(record)
-        if is_best:
-            self.state["best"] = record
+        self.record.add_epoch(record, is_best)
         log.info("epoch %d: %s", record["epoch"], _format({k: v for k, v in record.items() if k != "epoch"}))
         if self.run is not None:
             logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_SPEED_KEYS}
@@ -95,36 +104,32 @@ class Tracker:
             self.run.log({"epoch": record["epoch"], **logged}, step=record["epoch"])
             if is_best:
                 self.run.summary.update({f"best/{k}": v for k, v in record.items()})
-        self._save()
 
-    def finish(self, status: str = "finished", error: str | None = None) -> None:
-        self.state["status"] = status
-        if error:
-            self.state["error"] = error
-        self._save()
+    def finish(self, status: str = FINISHED, error: str | None = None) -> None:
+        self.record.finish(status, error)
         if self.run is not None:
             self.run.summary["status"] = status
-            self.run.finish(exit_code=0 if status == "finished" else 1)
+            self.run.finish(exit_code=0 if status == FINISHED else 1)
             self.run = None
 
-    def _save(self) -> None:
-        write_json_atomic(self.out_dir / METRICS_FILE, self.state)
+    def fail(self, error: BaseException) -> None:
+        self.finish(FAILED, error=f"{type(error).__name__}: {error}")
 
     def summary_table(self) -> str:
         """The per-epoch history as a fixed-width table, the best epoch marked with *."""
-        history = self.state["history"]
+        history = self.record.history
         if not history:
             return "(no epoch evaluated)"
         metric_keys = [k for k in history[0] if k.startswith(RETRIEVAL_KEYS)]
         headers = ["epoch", "loss", *metric_keys]
-        best_epoch = (self.state["best"] or {}).get("epoch")
+        best_epoch = (self.record.best or {}).get("epoch")
         rows = []
         for r in history:
             loss = r.get("loss")
             rows.append([f"{r['epoch']}{'*' if r['epoch'] == best_epoch else ''}",
                          "-" if loss is None else f"{loss:.4f}", *(f"{100 * r[k]:.2f}" for k in metric_keys)])
-        if "teacher" in self.state:
-            t = self.state["teacher"]
+        if "teacher" in self.record.state:
+            t = self.record.state["teacher"]
             rows.append(["teacher", "-", *(f"{100 * t[k]:.2f}" if k in t else "-" for k in metric_keys)])
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
         line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
@@ -139,9 +144,3 @@ def _format(metrics: dict[str, Any]) -> str:
         elif isinstance(value, float) and math.isfinite(value):
             parts.append(f"{key} {value:.4g}")
     return ", ".join(parts)
-
-
-def read_metrics(job_dir: str | Path) -> dict[str, Any] | None:
-    """The metrics.json of a job directory, or None when there is none."""
-    path = Path(job_dir) / METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,7 +1,8 @@
 """Train an embedding network: `python -m aomd.train [group=option ...] [key=value ...]`.
 
-Validates the composed config, builds the student (and the teacher a distillation loss needs),
-trains and evaluates; returns the best test Recall@1 so Hydra sweepers can optimise it.
+Composes the parts of a job from the validated config (the student, the teacher a distillation
+loss needs, the objective, the data, the runtime), trains and evaluates; returns the best test
+Recall@1 so Hydra sweepers can optimise it.
 """
 from __future__ import annotations
 
@@ -11,84 +12,74 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from aomd.cli import check_group_options, in_multirun, run_task
-from aomd.config import config_dir, selection_metric, validate
+from aomd.build import build_objective, load_data
+from aomd.cli import in_multirun, run_task, start
+from aomd.config import config_dir, validate
 from aomd.engine import evaluate
-from aomd.losses.objective import Objective
+from aomd.jobs import train_network
+from aomd.losses.terms import distils
+from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
-from aomd.pipeline import build_objective, load_data, train_network
+from aomd.records import finished_record
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher
-from aomd.tracking import read_metrics
+from aomd.tracking import RunInfo, sweep_run_name, swept_keys
 
 log = logging.getLogger(__name__)
 
 
-def swept_keys() -> set[str]:
-    """The keys a sweep varies: the sweeper's params and the sweep's `key=a,b` overrides."""
-    hydra_cfg = HydraConfig.get()
-    keys = set((hydra_cfg.sweeper.get("params") or {}).keys())
-    multirun = Path(hydra_cfg.sweep.dir) / "multirun.yaml"  # written by the sweeper before any job
-    if multirun.is_file():
-        overrides = OverridesParser.create().parse_overrides(list(OmegaConf.load(multirun).hydra.overrides.task))
-        keys.update(o.get_key_element() for o in overrides if o.is_sweep_override())
-    return {key.lstrip("+~") for key in keys}
-
-
-def job_identity(cfg: DictConfig) -> tuple[str | None, list[str]]:
-    """W&B run name and tags. In a sweep the name is what this job sets of what the sweep varies
-    (seeds excluded, so the seeds of one configuration share a name); elsewhere it is the
-    command line's overrides. Tags carry the loss, the AOMD mode and the dataset."""
+def run_info(cfg: DictConfig) -> RunInfo:
+    """The job's W&B run: in a sweep its name is what this job sets of what the sweep varies
+    (seeds excluded); elsewhere the command line's identifying overrides. Tags carry the loss,
+    the AOMD mode and the dataset."""
     hydra_cfg = HydraConfig.get()
     choices = hydra_cfg.runtime.choices
     tags = [f"loss:{choices.get('loss')}", f"dataset:{choices.get('dataset')}"]
     if float(cfg.loss.get("aomd_ratio", 0) or 0):
         tags.append(f"mode:{cfg.loss.mode}")
-    if not in_multirun():
-        return hydra_cfg.job.override_dirname or None, tags
-    varied = swept_keys() - {"train.seed"}
-    parts = [o.lstrip("+~") for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") in varied]
-    return " ".join(parts) or f"loss={choices.get('loss')}", tags
+    overrides = list(hydra_cfg.overrides.task)
+    if in_multirun():
+        swept = swept_keys(Path(hydra_cfg.sweep.dir), hydra_cfg.sweeper.get("params"))
+        name = sweep_run_name(overrides, swept) or f"loss={choices.get('loss')}"
+    else:
+        name = hydra_cfg.job.override_dirname or None
+    return RunInfo(cfg.logger, OmegaConf.to_container(cfg, resolve=True), name, tags, overrides)
 
 
 def train(cfg: DictConfig) -> float:
     cfg = validate(cfg)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     hydra_cfg = HydraConfig.get()
-    # what defines the job's result: its overrides less those that do not change it (logging, launcher)
-    ignored = set(hydra_cfg.job.config.override_dirname.exclude_keys) - {"train.seed"}
-    overrides = [o for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") not in ignored]
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    metric = selection_metric(cfg.eval.recall_k)
     if in_multirun() and cfg.skip_finished:
-        previous = read_metrics(out_dir)
-        # the same job folder can hold another configuration when a sweep is rerun with other values
-        if previous and previous.get("status") == "finished" and previous.get("overrides") == overrides:
+        previous = finished_record(out_dir, list(hydra_cfg.overrides.task))
+        if previous:
             log.info("Skipping %s: its metrics.json says finished (skip_finished=false reruns it).", out_dir)
-            return previous["best"][selection_metric(cfg.eval)]
+            return previous["best"][metric]
     if in_multirun() and cfg.logger.group is None:
-        cfg.logger.group = "-".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+        cfg.logger.group = "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
     runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
-    data = load_data(cfg)  # before the networks: a wrong dataset.root is reported before any weight download
+    # the data before the networks: a wrong dataset.root is reported before any weight download
+    data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval.recall_k)
     runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
-    if Objective.distils(cfg.loss):
+    if distils(cfg.loss):
         # built without weights now for its shapes; the weights are loaded (or trained) below
         teacher = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, False)
-    objective = build_objective(cfg, student, teacher)
+    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
 
     teacher_metrics = None
     if teacher is not None:
         path = load_teacher(cfg, teacher, data, runtime)
         log.info("Teacher: %s", path)
         teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
-    run_name, tags = job_identity(cfg)
-    best = train_network(cfg, data, student, objective, runtime, out_dir, "student", teacher, teacher_metrics,
-                         run_name, tags, overrides)
-    return best[selection_metric(cfg.eval)]
+    best = train_network(data, student, objective, runtime, OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.eval),
+                         out_dir, "student", run_info(cfg), teacher, teacher_metrics)
+    return best[metric]
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
@@ -97,5 +88,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    check_group_options(sys.argv[1:], config_dir(), "aomd.train")
+    start(sys.argv[1:], "train", "aomd.train")
     main()

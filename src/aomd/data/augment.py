@@ -1,7 +1,7 @@
 """Image augmentation as tensor ops on uint8 batches, so it runs wherever the batch is (CPU or GPU).
 
 Train: random `image_size` crop of the stored `base_size` image and a random horizontal flip.
-Eval: the centre crop. Both end with ImageNet mean/std normalisation (METHODS.md section 1).
+Eval: the centre crop. Both end with ImageNet mean/std normalisation (docs/methods.md, section 1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The three metric-learning benchmarks, read from the layouts users have (DATASETS.md).
+"""The three metric-learning benchmarks, read from the layouts users have (docs/datasets.md).
 
 - `cub200`: CUB-200-2011, `CUB_200_2011/` with `images.txt`, `image_class_labels.txt`,
   `classes.txt` and `images/<NNN.Class_Name>/*.jpg`. Train: classes 1-100, test: 101-200.
@@ -30,7 +30,7 @@ from aomd.data.splits import RetrievalData
 
 log = logging.getLogger(__name__)
 
-# DATASETS.md: the published class-disjoint splits
+# docs/datasets.md: the published class-disjoint splits
 EXPECTED = {
     "cub200": Expected(images=11_788, train_classes=100, train_images=5_864, test_classes=100, test_images=5_924),
     "cars196": Expected(images=16_185, train_classes=98, train_images=8_054, test_classes=98, test_images=8_131),

@@ -2,7 +2,7 @@
 
 Every image is decoded with PIL, converted to RGB and resized to `size` x `size` with bilinear
 filtering (antialiased when shrinking, as torchvision's `Resize` on PIL images does): the
-"resize to 256x256" of METHODS.md section 1, done once per image instead of once per epoch.
+"resize to 256x256" of docs/methods.md, section 1, done once per image instead of once per epoch.
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ class SplitFiles:
 
 @dataclass(frozen=True)
 class Expected:
-    """The published counts of a benchmark (DATASETS.md), checked when the full dataset is present."""
+    """The published counts of a benchmark (docs/datasets.md), checked when the full dataset is present."""
 
     images: int
     train_classes: int

@@ -1,4 +1,4 @@
-"""Class-balanced batches (METHODS.md section 1)."""
+"""Class-balanced batches (docs/methods.md, section 1)."""
 from __future__ import annotations
 
 from typing import Iterator

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from aomd.data.cache import PackedSplits, open_packed
+from aomd.errors import ConfigError
 from aomd.data.splits import RetrievalData
 
 SHAPES = ("disc", "square", "triangle", "ring", "bar", "cross")
@@ -155,7 +156,7 @@ def load_synthetic(
 ) -> RetrievalData:
     """Generate (first use) or read the synthetic dataset, split class-disjoint in halves."""
     if num_classes < 2 or images_per_class < 2:
-        raise ValueError("dataset.num_classes and dataset.images_per_class must both be at least 2.")
+        raise ConfigError("dataset.num_classes and dataset.images_per_class must both be at least 2.")
 
     def build() -> PackedSplits:
         images, labels = generate(num_classes, images_per_class, base_size, seed)

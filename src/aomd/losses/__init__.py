@@ -11,6 +11,7 @@ from aomd.losses.baselines import (
 )
 from aomd.losses.metric_learning import ContrastiveLoss, TripletLoss
 from aomd.losses.objective import NetworkShape, Objective, StepOutputs
+from aomd.losses.terms import TERMS, Hyperparameter, LossTerm, TermContext, register_term
 from aomd.losses.samplers import (
     AllNegatives,
     DistanceWeightedNegatives,
@@ -25,4 +26,5 @@ __all__ = [
     "RKDAngleLoss", "RKDDistanceLoss", "SimilarityPreservingLoss", "ContrastiveLoss", "TripletLoss",
     "NetworkShape", "Objective", "StepOutputs", "AllNegatives", "DistanceWeightedNegatives",
     "HardNegatives", "NegativeSampler", "RandomNegatives", "SemiHardNegatives",
+    "TERMS", "Hyperparameter", "LossTerm", "TermContext", "register_term",
 ]

@@ -1,4 +1,4 @@
-"""AOMD: architecture oriented mapping distillation (METHODS.md section 3)."""
+"""AOMD: architecture oriented mapping distillation (docs/methods.md, section 3)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""The distillation baselines of METHODS.md section 4.
+"""The distillation baselines of docs/methods.md, section 4.
 
 Every loss is called as ``loss(teacher, student)``, teacher first as in `AOMDLoss`; teacher
 inputs come from a network run under no-grad.
@@ -11,8 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aomd.errors import UserError
 from aomd.losses.aomd import match_spatial
 from aomd.runtime import at_least_float32, in_feature_precision
+
+
+class IncompatibleNetworks(UserError, ValueError):
+    """The teacher's and the student's outputs cannot be compared by a term."""
 
 
 def pairwise_distance(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -45,7 +50,7 @@ class AttentionTransferLoss(nn.Module):
         total = student[0].new_zeros(())
         for t, s in zip(teacher, student):
             if t.shape[-2:] != s.shape[-2:]:
-                raise ValueError(f"Attention Transfer needs equal spatial sizes, got teacher {tuple(t.shape[-2:])} and student {tuple(s.shape[-2:])}; use backbones with the same strides.")
+                raise IncompatibleNetworks(f"Attention Transfer needs equal spatial sizes, got teacher {tuple(t.shape[-2:])} and student {tuple(s.shape[-2:])}; use backbones with the same strides.")
             total = total + (self.attention(s) - self.attention(t)).pow(2).mean()
         return total
 

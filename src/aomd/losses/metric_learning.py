@@ -1,4 +1,4 @@
-"""Metric-learning losses on embeddings: triplet (L2 or L1) and contrastive (METHODS.md section 2)."""
+"""Metric-learning losses on embeddings: triplet (L2 or L1) and contrastive (docs/methods.md, section 2)."""
 from __future__ import annotations
 
 import torch

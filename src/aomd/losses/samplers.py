@@ -1,4 +1,4 @@
-"""The five negative samplers of METHODS.md section 2, vectorised over the batch.
+"""The five negative samplers of docs/methods.md, section 2, vectorised over the batch.
 
 A sampler takes embeddings [N, D] and labels [N] and returns three index tensors
 (anchors, positives, negatives) of equal length T, one entry per triplet. Anchor-positive pairs

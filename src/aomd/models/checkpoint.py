@@ -65,6 +65,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Embeddin
     """The embedding network stored at `path`, in eval mode on `device`, ready to embed a batch.
 
     Input: images [N, 3, H, W] normalised as in `aomd.data.augment` (ImageNet mean/std).
+    Rebuilt without downloading weights, with the recorded preprocessing (GoogLeNet's
+    transform_input), so it computes what the trained network computed.
     """
     payload = read_checkpoint(path)
     model = EmbeddingNet(**payload["architecture"], pretrained=False)

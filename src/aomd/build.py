@@ -1,0 +1,68 @@
+"""Builds the parts of a job from its validated config nodes: data, objective (with its sampler)."""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from aomd.config import check_test_size
+from aomd.data import RetrievalData
+from aomd.errors import ConfigError
+from aomd.losses.objective import NetworkShape, Objective
+from aomd.models import EmbeddingNet
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_node(node, what: str, **objects: Any) -> Any:
+    """Instantiate a config node's `_target_` with `objects` (built Python objects) as extra
+    arguments. Keys the constructor does not take, or required ones it misses, are a ConfigError;
+    errors raised while the object is built (decoding, a file) are the object's own."""
+    try:
+        # partial first: Hydra would turn the extra objects into configs if passed to instantiate
+        factory = instantiate(node, _partial_=True, _convert_="all")
+    except InstantiationException as error:
+        raise ConfigError(f"The {what} config could not be built: {_first_line(error.__cause__ or error)}") from None
+    try:
+        inspect.signature(factory.func).bind(*factory.args, **{**factory.keywords, **objects})
+    except TypeError as error:
+        raise ConfigError(f"The {what} config could not be built: {error}.") from None
+    return factory(**objects)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0]
+
+
+def network_shape(model: EmbeddingNet, image_size: int) -> NetworkShape:
+    return NetworkShape(tuple(model.stage_channels(image_size)), model.architecture.embedding_size)
+
+
+def build_objective(loss, sampler, student: EmbeddingNet, teacher: EmbeddingNet | None, image_size: int) -> Objective:
+    """The Objective of a `loss` node, with the negative sampler of a `sampler` node."""
+    return instantiate_node(
+        loss, "loss",
+        sampler=instantiate_node(sampler, "sampler"),
+        student=network_shape(student, image_size),
+        teacher=None if teacher is None else network_shape(teacher, image_size),
+    )
+
+
+def load_data(dataset, batch_size: int | None, recall_k) -> RetrievalData:
+    """The data of a `dataset` node, checked against the training batch size (None: not for
+    training) and `eval.recall_k`."""
+    data = instantiate_node(dataset, "dataset")
+    summary = data.summary()
+    log.info("%s: %d train images of %d classes, %d test images of %d classes", data.name,
+             summary["train_images"], summary["train_classes"], summary["test_images"], summary["test_classes"])
+    if batch_size is not None and summary["train_images"] < batch_size:
+        raise ConfigError(f"train.batch_size ({batch_size}) is larger than the {data.name} train split "
+                          f"({summary['train_images']} images); use a smaller batch.")
+    if summary["train_classes"] < 2:
+        raise ConfigError(f"The {data.name} train split has {summary['train_images']} images of "
+                          f"{summary['train_classes']} classes; training needs at least 2 classes, check dataset.root and the dataset settings.")
+    check_test_size(recall_k, summary["test_images"])
+    return data

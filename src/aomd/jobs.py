@@ -1,0 +1,34 @@
+"""Runs a training job from its built parts: fit, track, summarise (a student's or a teacher's)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aomd.data import RetrievalData
+from aomd.engine import fit
+from aomd.losses.objective import Objective
+from aomd.models import EmbeddingNet
+from aomd.runtime import Runtime
+from aomd.schema import EvalSchema, TrainSchema
+from aomd.tracking import RunInfo, Tracker
+
+
+def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective, runtime: Runtime,
+                  recipe: TrainSchema, eval_spec: EvalSchema, out_dir: Path, job_type: str, run: RunInfo,
+                  teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
+                  best_from_epoch: int = 0) -> dict[str, Any]:
+    """Fit `model` with `recipe` on `runtime` and track the job (job record, W&B run, console
+    table); the best record."""
+    tracker = Tracker(run, out_dir, job_type, data.summary(), runtime.describe())
+    try:
+        if teacher_metrics is not None:
+            tracker.log_teacher(teacher_metrics)
+        best = fit(model, objective, data, recipe, eval_spec, runtime, out_dir, tracker.log_epoch, teacher,
+                   best_from_epoch)
+    except BaseException as error:
+        tracker.fail(error)
+        raise
+    tracker.finish()
+    print(f"\n{job_type} {model.architecture.backbone}-{model.architecture.embedding_size} on {data.name} "
+          f"(Recall@K and MAP@R in %, * = best):\n{tracker.summary_table()}\n", flush=True)
+    return best

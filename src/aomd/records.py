@@ -1,0 +1,139 @@
+"""The job record: `metrics.json` in a job's directory, and the rule of what identifies a job.
+
+metrics.json::
+
+    {"status": "running" | "finished" | "failed",
+     "job_type": "student" | "teacher",
+     "overrides": the job's command-line overrides that identify it (`identity_overrides`),
+     "runtime": the resolved device and precision (aomd.runtime.Runtime.describe),
+     "best": the best epoch's record, "history": [record, ...] (one per evaluated epoch),
+     "dataset": {"train_images", "test_images", "train_classes", "test_classes"},
+     "teacher": the teacher's test metrics (distillation only),
+     "error": "Type: message" (failed jobs)}
+
+where a record holds "epoch", "recall@K", "map@r", "r_precision", and for trained epochs the
+mean training "loss", each term's "loss/<term>", "epoch_seconds" and "images_per_second".
+It is rewritten atomically after every epoch, so an unfinished job shows its progress. This
+module alone writes and reads it: the tracker, the failure path of a sweep, skip-finished, the
+managed teachers and the sweep report.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import OmegaConf
+
+METRICS_FILE = "metrics.json"
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+RETRIEVAL_KEYS = ("recall@", "map@", "r_precision")  # the prefixes of the test metrics in a record
+TRAINING_SPEED_KEYS = ("epoch_seconds", "images_per_second")
+
+# What identifies a job: its overrides, less those that change neither its data nor what it
+# learns (logging, launching, skipping, the preset's name: a preset's values are overrides too).
+SEED_KEY = "train.seed"
+NOT_IDENTITY_KEYS = ("preset", "skip_finished", "logger", "train.progress")
+NOT_IDENTITY_PREFIXES = ("logger.", "hydra.", "hydra/")
+
+
+def override_key(override: str) -> str:
+    """"+loss.x=1" -> "loss.x"; "~key" -> "key"; "hydra/launcher=joblib" -> "hydra/launcher"."""
+    return override.split("=", 1)[0].lstrip("+~").strip()
+
+
+def identifies(key: str, with_seed: bool = True) -> bool:
+    """Whether an override of `key` changes what a job is (the seed only `with_seed`)."""
+    if key == SEED_KEY:
+        return with_seed
+    return key not in NOT_IDENTITY_KEYS and key != "hydra" and not key.startswith(NOT_IDENTITY_PREFIXES)
+
+
+def identity_overrides(overrides: Iterable[str], with_seed: bool = True) -> list[str]:
+    """The overrides that identify a job (`with_seed`) or its configuration (without), in order."""
+    return [o for o in overrides if identifies(override_key(o), with_seed)]
+
+
+def not_identity_keys() -> list[str]:
+    """The keys Hydra's `override_dirname` leaves out (conf/train.yaml): those that do not
+    identify a configuration, the seed included."""
+    return [SEED_KEY, *NOT_IDENTITY_KEYS, "hydra/launcher"]
+
+
+if not OmegaConf.has_resolver("aomd.not_identity_keys"):
+    OmegaConf.register_new_resolver("aomd.not_identity_keys", not_identity_keys)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def read_record(job_dir: str | Path) -> dict[str, Any] | None:
+    """The metrics.json of a job directory, or None when there is none."""
+    path = Path(job_dir) / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_record(job_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any] | None:
+    """The job's record if it finished (with the same identifying `overrides`, when given)."""
+    record = read_record(job_dir)
+    if not record or record.get("status") != FINISHED:
+        return None
+    if overrides is not None and record.get("overrides") != identity_overrides(overrides):
+        return None  # the same folder can hold another configuration when a sweep is rerun with other values
+    return record
+
+
+def record_failure(job_dir: Path, error: BaseException) -> None:
+    """Make the job's metrics.json say it failed (the tracker already does once training started)."""
+    record = read_record(job_dir) or {"best": None, "history": []}
+    if record.get("status") != FAILED:
+        record.update(status=FAILED, error=f"{type(error).__name__}: {error}")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(job_dir / METRICS_FILE, record)
+
+
+class JobRecord:
+    """The metrics.json of one job being run (see the module docstring)."""
+
+    def __init__(self, job_dir: Path, job_type: str, dataset: dict[str, int], overrides: list[str] | None = None,
+                 runtime: dict[str, Any] | None = None):
+        self.path = Path(job_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.state: dict[str, Any] = {
+            "status": RUNNING, "job_type": job_type,
+            "overrides": None if overrides is None else identity_overrides(overrides),
+            "runtime": runtime, "best": None, "history": [], "dataset": dataset,
+        }
+        self.save()
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.state["history"]
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.state["best"]
+
+    def set_teacher(self, metrics: dict[str, float]) -> None:
+        self.state["teacher"] = metrics
+        self.save()
+
+    def add_epoch(self, record: dict[str, Any], is_best: bool) -> None:
+        self.state["history"].append(record)
+        if is_best:
+            self.state["best"] = record
+        self.save()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        assert status in (FINISHED, FAILED), status
+        self.state["status"] = status
+        if error:
+            self.state["error"] = error
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.state)

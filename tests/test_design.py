@@ -1,0 +1,115 @@
+"""Facts held in one place, and the small defects found on the way (one test each)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import aomd
+from aomd import report
+from aomd.build import instantiate_node, load_data
+from aomd.config import validate
+from aomd.errors import ConfigError
+from aomd.losses.terms import TERMS, distillation_terms, loss_defaults
+from aomd.records import finished_record, identity_overrides, not_identity_keys, record_failure, read_record
+from conftest import TINY, compose
+
+
+def raises_value_error(size: int = 1):
+    raise ValueError("a real error from inside the constructor")
+
+
+def test_a_constructor_error_is_not_reported_as_a_bad_config():
+    node = {"_target_": f"{__name__}.raises_value_error", "size": 2}
+    with pytest.raises(ValueError, match="a real error from inside"):
+        instantiate_node(node, "dataset")
+    with pytest.raises(ConfigError, match="dataset config could not be built"):
+        instantiate_node({**node, "colour": "red"}, "dataset")
+
+
+def test_the_loss_schema_is_the_term_registry():
+    cfg = compose()
+    assert {k for k in cfg.loss if k != "_target_"} == set(loss_defaults())
+    assert set(distillation_terms()) == {"aomd", "sp", "at", "fitnet", "dark", "dist", "angle"}
+    assert all(cfg.loss[term.ratio_key] == 0 or name == "triplet" for name, term in TERMS.items())
+
+
+def test_composition_itself_rejects_wrong_types_and_unknown_keys():
+    with pytest.raises(ConfigError, match="`dataset.colour` is not a key"):
+        compose("dataset.colour=red")
+    with pytest.raises(ConfigError, match="`dataset.colour` is not a key"):  # `+` adds it; validation refuses it
+        validate(compose("+dataset.colour=red"))
+    with pytest.raises(ConfigError, match="sampler.cutoff"):
+        compose("sampler.cutoff=far")
+
+
+def test_a_sweep_with_a_wrong_type_fails_before_its_first_job(tmp_path):
+    from conftest import run_module
+    from test_config import assert_one_line_error
+
+    result = run_module("aomd.train", "-m", *TINY, "logger=none", f"hydra.sweep.dir={tmp_path}", "train.lr=1e-3,fast")
+    assert_one_line_error(result, "train.lr", "fast")
+    assert not list(tmp_path.glob("*/metrics.json"))  # not even the first job ran
+
+
+def test_one_rule_says_what_identifies_a_job(tmp_path):
+    overrides = ["loss=sp", "train.seed=3", "logger=none", "logger.mode=offline", "preset=seeds", "skip_finished=false",
+                 "hydra/launcher=parallel", "train.progress=false", "loss.sp_ratio=20"]
+    assert identity_overrides(overrides) == ["loss=sp", "train.seed=3", "loss.sp_ratio=20"]
+    assert report.config_overrides(overrides) == ("loss=sp", "loss.sp_ratio=20")
+    assert "train.seed" in not_identity_keys() and "logger" in not_identity_keys()
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "finished", "overrides": identity_overrides(overrides)}))
+    assert finished_record(tmp_path, overrides) and not finished_record(tmp_path, ["loss=sp"])
+    record_failure(tmp_path, RuntimeError("boom"))
+    assert read_record(tmp_path)["status"] == "failed" and finished_record(tmp_path) is None
+
+
+def test_hydra_override_dirname_uses_the_same_rule():
+    from aomd.config import compose as compose_config
+
+    cfg = compose_config(["train.seed=2", "logger=none", "train.lr=0.01"], with_hydra=True)
+    assert list(cfg.hydra.job.config.override_dirname.exclude_keys) == not_identity_keys()
+
+
+def test_the_report_names_the_metric_a_running_job_has():
+    job = report.Job("3", None, "running", best={"recall@2": 0.25, "map@r": 0.1}, epochs_evaluated=2)
+    assert "best Recall@2 so far 25.00" in report.describe_unfinished(job)
+
+
+def test_prepare_returns_no_metric(tmp_path):
+    from aomd.prepare import prepare
+
+    cfg = compose("dataset.num_classes=12", "dataset.images_per_class=8", f"paths.cache_dir={tmp_path}",
+                  "train.progress=false")
+    assert prepare(cfg) is None
+
+
+def test_progress_off_reads_nothing_from_the_device_per_step(tmp_path, monkeypatch):
+    """The number of host reads of a tensor (.item()) per epoch does not grow with its steps."""
+    from aomd.data.synthetic import load_synthetic
+    from aomd.engine import fit
+    from aomd.build import build_objective
+    from aomd.models import EmbeddingNet
+    from aomd.runtime import Runtime
+
+    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
+    calls = []
+    real_item = torch.Tensor.item
+    package = str(Path(aomd.__file__).parent)
+
+    def item(self):  # counts the reads aomd makes (the optimiser reads its CPU step counters itself)
+        if sys._getframe(1).f_code.co_filename.startswith(package):
+            calls.append(1)
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    counts = []
+    for steps in (2, 12):  # the old code read the loss every 10 steps: 1 read against 2
+        cfg = validate(compose(*TINY, f"train.iters_per_epoch={steps}", "logger=none"))
+        student = EmbeddingNet("resnet18", 16, True, False)
+        objective = build_objective(cfg.loss, cfg.sampler, student, None, 32)
+        calls.clear()
+        fit(student, objective, data, cfg.train, cfg.eval, Runtime.resolve("cpu"), tmp_path / str(steps), lambda *a: None)
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
