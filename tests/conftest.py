@@ -25,6 +25,7 @@ TINY = [
     "train.progress=false",
     "teacher.train.epochs=1",
     "teacher.train.iters_per_epoch=2",
+    "teacher.backbone=resnet50",  # the product's teacher (the synthetic demo's own is a ResNet18-512)
 ]
 
 

@@ -23,7 +23,9 @@ def test_defaults_compose_and_validate():
     assert list(cfg.eval.recall_k) == [1, 2, 4, 8]
     assert cfg.loss.triplet_ratio == 1.0 and cfg.loss.aomd_ratio == 0.0
     assert cfg.logger.mode in ("offline", "online", "disabled")
-    assert cfg.teacher.backbone == "resnet50" and cfg.teacher.embedding_size == 512
+    assert cfg.teacher.backbone == "resnet18" and cfg.teacher.embedding_size == 512  # the demo's teacher
+    real = validate(compose("dataset=cub200", "dataset.root=/data/cub"))
+    assert real.teacher.backbone == "resnet50" and real.teacher.embedding_size == 512
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in sorted(options)])

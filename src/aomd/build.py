@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 
 from aomd.config import check_test_size
 from aomd.data import RetrievalData
+from aomd.data.splits import hold_out_validation
 from aomd.errors import ConfigError
 from aomd.losses.objective import NetworkShape, Objective
 from aomd.models import EmbeddingNet
@@ -51,10 +52,18 @@ def build_objective(loss, sampler, student: EmbeddingNet, teacher: EmbeddingNet 
     )
 
 
-def load_data(dataset, batch_size: int | None, recall_k) -> RetrievalData:
+def load_data(dataset, batch_size: int | None, eval_spec) -> RetrievalData:
     """The data of a `dataset` node, checked against the training batch size (None: not for
-    training) and `eval.recall_k`."""
+    training) and `eval.recall_k`; with `eval.select=val`, `eval.val_classes` training classes
+    (default a fifth) are held out as the validation split."""
     data = instantiate_node(dataset, "dataset")
+    if eval_spec.select == "val" and batch_size is not None:
+        classes = data.train.num_classes
+        held_out = eval_spec.val_classes or max(1, round(classes / 5))
+        if held_out >= classes - 1:
+            raise ConfigError(f"eval.val_classes ({held_out}) leaves fewer than 2 of the {classes} training classes "
+                              f"of {data.name} to train on; hold out fewer.")
+        data = hold_out_validation(data, held_out)
     summary = data.summary()
     log.info("%s: %d train images of %d classes, %d test images of %d classes", data.name,
              summary["train_images"], summary["train_classes"], summary["test_images"], summary["test_classes"])
@@ -64,5 +73,7 @@ def load_data(dataset, batch_size: int | None, recall_k) -> RetrievalData:
     if summary["train_classes"] < 2:
         raise ConfigError(f"The {data.name} train split has {summary['train_images']} images of "
                           f"{summary['train_classes']} classes; training needs at least 2 classes, check dataset.root and the dataset settings.")
-    check_test_size(recall_k, summary["test_images"])
+    check_test_size(eval_spec.recall_k, summary["test_images"])
+    if data.val is not None:
+        check_test_size(eval_spec.recall_k, summary["val_images"], "validation")
     return data

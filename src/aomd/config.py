@@ -22,6 +22,7 @@ from aomd import schema
 from aomd.errors import ConfigError
 from aomd.losses.terms import check_loss
 from aomd.models.backbones import BACKBONES
+from aomd.metrics import SELECTIONS
 from aomd.runtime import PRECISIONS
 
 MAX_JOBS_CHECKED = 256  # a sweep larger than this has its first jobs checked up front, the rest as they start
@@ -159,6 +160,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(len(cfg.eval.recall_k) > 0 and all(k >= 1 for k in cfg.eval.recall_k),
              f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
     _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")
+    _require(cfg.eval.select in SELECTIONS, f"eval.select must be test, last or val, got {cfg.eval.select!r}.")
+    _require(cfg.eval.val_classes is None or cfg.eval.val_classes >= 1,
+             f"eval.val_classes must be at least 1 (or null: a fifth of the training classes), got {cfg.eval.val_classes}.")
     _require(cfg.logger.mode in ("online", "offline", "disabled"),
              f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}.")
     image_size = cfg.dataset.get("image_size")
@@ -170,10 +174,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def check_test_size(recall_k, test_images: int) -> None:
+def check_test_size(recall_k, test_images: int, split: str = "test") -> None:
     """Recall@K needs K other images for every query."""
     _require(max(recall_k) < test_images,
-             f"eval.recall_k asks for K = {max(recall_k)} but the test split has only {test_images} images; "
+             f"eval.recall_k asks for K = {max(recall_k)} but the {split} split has only {test_images} images; "
              f"use values below {test_images}.")
 
 

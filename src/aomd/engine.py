@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +83,13 @@ def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_spec,
     return Evaluator(split, image_size, eval_spec, runtime, progress)(model)
 
 
+def learning_rate(base: float, milestones, gamma: float, epoch: int) -> float:
+    """The learning rate of `epoch` (numbered from 1): x `gamma` from each milestone epoch on, as
+    the reference's command line means it (it steps MultiStepLR at the start of every epoch), so
+    milestones [40, 60] give epochs 1-39 `base`, 40-59 `base` x gamma, 60- `base` x gamma^2."""
+    return base * gamma ** sum(epoch >= milestone for milestone in milestones)
+
+
 class TrainStep:
     """One optimisation step of `aomd.train`, from a uint8 batch on the device to updated weights:
     augmentation (random crop + flip), teacher forward under inference mode, student forward
@@ -94,10 +100,15 @@ class TrainStep:
     """
 
     def __init__(self, student: EmbeddingNet, objective: Objective, optimizer: torch.optim.Optimizer, runtime: Runtime,
-                 image_size: int, seed: int = 0, teacher: EmbeddingNet | None = None):
+                 image_size: int, seed: int = 0, teacher: EmbeddingNet | None = None, decay_unreached: bool = True):
         assert teacher is not None or not objective.needs_teacher, "the objective needs a teacher"
         self.student, self.objective, self.optimizer, self.runtime = student, objective, optimizer, runtime
         self.teacher, self.image_size = teacher, image_size
+        # the reference computes switched-off terms times 0, so every parameter gets a gradient
+        # (zero where no active term reaches it) and the optimiser's weight decay moves it; a
+        # parameter without a gradient (None) would be skipped and keep its initial weights
+        self.decay_unreached = decay_unreached
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = runtime.grad_scaler()
         self.augment_rng = torch.Generator().manual_seed(seed)
 
@@ -113,6 +124,10 @@ class TrainStep:
         loss, terms = self.objective(StepOutputs(labels, embeddings, stages, teacher_embeddings, teacher_stages))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.decay_unreached:
+            for parameter in self.parameters:
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.detach(), {name: value.detach() for name, value in terms.items()}
@@ -132,10 +147,13 @@ def fit(
 ) -> dict[str, Any]:
     """Train `student` with `objective` for `recipe.epochs` epochs on `runtime`; return the best record.
 
-    Evaluates the test split at epoch 0 and after every epoch; each record (epoch, mean training
-    loss and term values, Recall@K, MAP@R, R-Precision) goes to `on_epoch(record, is_best)`.
-    Writes `checkpoints/best.pt` (best test Recall@1 among epochs >= `best_from_epoch`, or epoch 0
-    when nothing was trained) and `checkpoints/last.pt` under `out_dir`.
+    The learning rate of every epoch is `learning_rate` (the reference's milestones). Evaluates the
+    test split (and with `eval_spec.select == "val"` the validation split, as `val/...`) at epoch 0
+    and after every epoch; each record (epoch, mean training loss and term values, lr, Recall@K,
+    MAP@R, R-Precision) goes to `on_epoch(record, is_best)`. The selected epoch (`is_best`) is,
+    among epochs >= `best_from_epoch`: the best test Recall@1 (select "test", the reference's
+    practice), the best validation Recall@1 ("val") or the last ("last"). Writes
+    `checkpoints/best.pt` (the selected epoch) and `checkpoints/last.pt` under `out_dir`.
     """
     train, device = recipe, runtime.device
     torch.manual_seed(train.seed)  # the samplers' draws repeat whether or not a teacher was trained first
@@ -145,13 +163,17 @@ def fit(
         runtime.prepare_network(teacher).eval()
     parameters = [*student.parameters(), *objective.parameters()]  # adapters and regressors learn too
     optimizer = torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(train.lr_decay_epochs), train.lr_decay_gamma)
-    step = TrainStep(student, objective, optimizer, runtime, data.image_size, seed=train.seed, teacher=teacher)
+    step = TrainStep(student, objective, optimizer, runtime, data.image_size, seed=train.seed, teacher=teacher,
+                     decay_unreached=train.decay_unreached)
     loader = train_loader(data.train, train.batch_size, train.images_per_class, train.iters_per_epoch,
                           seed=train.seed, num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
     evaluator = Evaluator(data.test, data.image_size, eval_spec, runtime, train.progress)
+    validator = None
+    if eval_spec.select == "val":
+        assert data.val is not None, "eval.select=val needs the validation split (aomd.data.splits.hold_out_validation)"
+        validator = Evaluator(data.val, data.image_size, eval_spec, runtime, train.progress)
     checkpoints = Path(out_dir) / "checkpoints"
-    first_metric = selection_metric(eval_spec.recall_k)
+    selected_by = selection_metric(eval_spec.recall_k, eval_spec.select)
 
     best_from_epoch = min(best_from_epoch, train.epochs)
     best: dict[str, Any] | None = None
@@ -159,7 +181,10 @@ def fit(
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
         nonlocal best
         record = {"epoch": epoch, **losses, **evaluator(student)}
-        is_best = epoch >= best_from_epoch and (best is None or record[first_metric] > best[first_metric])
+        if validator is not None:
+            record.update({f"val/{key}": value for key, value in validator(student, "validate").items()})
+        is_best = epoch >= best_from_epoch and (
+            best is None or eval_spec.select == "last" or record[selected_by] > best[selected_by])
         if is_best:
             best = record
             save_checkpoint(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict())
@@ -173,6 +198,9 @@ def fit(
         started = time.perf_counter()
         bar = tqdm(to_device(loader, device), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
                    leave=False, unit="img", unit_scale=train.batch_size, disable=None if train.progress else True)
+        lr = learning_rate(train.lr, train.lr_decay_epochs, train.lr_decay_gamma, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         shown = None
         try:
             for index, (images, labels) in enumerate(bar):
@@ -187,14 +215,10 @@ def fit(
                     shown = loss
         except torch.OutOfMemoryError as error:
             raise _out_of_memory(error, "training", "train.batch_size", train.batch_size, runtime) from None
-        with warnings.catch_warnings():
-            # fp16: the gradient scaler skips the first steps while it finds its scale, and PyTorch
-            # then warns that the scheduler steps before the optimiser did; the schedule is right
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-            scheduler.step()
         means = {name: total.item() / train.iters_per_epoch for name, total in sums.items()}
         if not math.isfinite(means["loss"]):
             raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")
+        means["lr"] = lr
         means["epoch_seconds"] = time.perf_counter() - started
         means["images_per_second"] = train.iters_per_epoch * train.batch_size / means["epoch_seconds"]
         record = evaluate_epoch(epoch, means)

@@ -28,7 +28,7 @@ def evaluate(cfg: DictConfig) -> float:
     cfg = validate(cfg)
     runtime = Runtime.from_train(cfg.train)
     model = load_model(cfg.checkpoint, runtime.device)  # fails early, before any data is read, on a bad checkpoint
-    data = load_data(cfg.dataset, None, cfg.eval.recall_k)
+    data = load_data(cfg.dataset, None, cfg.eval)
     metrics = evaluate_split(model, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
     output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "evaluation.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from typing import Any
 from aomd.data import RetrievalData
 from aomd.engine import fit
 from aomd.losses.objective import Objective
+from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd.runtime import Runtime
 from aomd.schema import EvalSchema, TrainSchema
@@ -19,7 +20,8 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
                   best_from_epoch: int = 0) -> dict[str, Any]:
     """Fit `model` with `recipe` on `runtime` and track the job (job record, W&B run, console
     table); the best record."""
-    tracker = Tracker(run, out_dir, job_type, data.summary(), runtime.describe())
+    selection = {"select": eval_spec.select, "metric": selection_metric(eval_spec.recall_k, eval_spec.select)}
+    tracker = Tracker(run, out_dir, job_type, data.summary(), runtime.describe(), selection)
     try:
         if teacher_metrics is not None:
             tracker.log_teacher(teacher_metrics)
@@ -30,5 +32,5 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
         raise
     tracker.finish()
     print(f"\n{job_type} {model.architecture.backbone}-{model.architecture.embedding_size} on {data.name} "
-          f"(Recall@K and MAP@R in %, * = best):\n{tracker.summary_table()}\n", flush=True)
+          f"(Recall@K and MAP@R in %, * = best epoch, selected by {selection['metric']}):\n{tracker.summary_table()}\n", flush=True)
     return best

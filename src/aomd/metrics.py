@@ -89,6 +89,11 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequen
     return {**{f"recall@{k}": v for k, v in recall.items()}, "map@r": map_r, "r_precision": r_prec}
 
 
-def selection_metric(recall_k: Sequence[int]) -> str:
-    """The metric that selects the best epoch and that a job returns: Recall@K at the smallest K."""
-    return f"recall@{min(recall_k)}"
+SELECTIONS = ("test", "last", "val")
+
+
+def selection_metric(recall_k: Sequence[int], select: str = "test") -> str:
+    """The metric that selects the epoch and that a job returns: Recall@K at the smallest K, of
+    the validation split with `select="val"` ("val/recall@K"), else of the test split."""
+    assert select in SELECTIONS, select
+    return f"{'val/' if select == 'val' else ''}recall@{min(recall_k)}"

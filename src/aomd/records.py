@@ -6,13 +6,17 @@ metrics.json::
      "job_type": "student" | "teacher",
      "overrides": the job's command-line overrides that identify it (`identity_overrides`),
      "runtime": the resolved device and precision (aomd.runtime.Runtime.describe),
-     "best": the best epoch's record, "history": [record, ...] (one per evaluated epoch),
+     "selection": {"select": "test" | "last" | "val", "metric": what chose `best`, e.g. "val/recall@1"},
+     "best": the selected epoch's record, "last": the last epoch's record,
+     "history": [record, ...] (one per evaluated epoch),
      "dataset": {"train_images", "test_images", "train_classes", "test_classes"},
      "teacher": the teacher's test metrics (distillation only),
      "error": "Type: message" (failed jobs)}
 
-where a record holds "epoch", "recall@K", "map@r", "r_precision", and for trained epochs the
-mean training "loss", each term's "loss/<term>", "epoch_seconds" and "images_per_second".
+where a record holds "epoch", the test split's "recall@K", "map@r", "r_precision" (with
+eval.select=val also the validation split's, as "val/recall@K", ...), and for trained epochs the
+mean training "loss", each term's "loss/<term>", the epoch's "lr", "epoch_seconds" and
+"images_per_second".
 It is rewritten atomically after every epoch, so an unfinished job shows its progress. This
 module alone writes and reads it: the tracker, the failure path of a sweep, skip-finished, the
 managed teachers and the sweep report.
@@ -30,6 +34,8 @@ METRICS_FILE = "metrics.json"
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 RETRIEVAL_KEYS = ("recall@", "map@", "r_precision")  # the prefixes of the test metrics in a record
 TRAINING_SPEED_KEYS = ("epoch_seconds", "images_per_second")
+TRAINING_KEYS = ("lr", *TRAINING_SPEED_KEYS)  # logged under train/ with the losses
+VALIDATION_PREFIX = "val/"
 
 # What identifies a job: its overrides, less those that change neither its data nor what it
 # learns (logging, launching, skipping, the preset's name: a preset's values are overrides too).
@@ -100,13 +106,13 @@ class JobRecord:
     """The metrics.json of one job being run (see the module docstring)."""
 
     def __init__(self, job_dir: Path, job_type: str, dataset: dict[str, int], overrides: list[str] | None = None,
-                 runtime: dict[str, Any] | None = None):
+                 runtime: dict[str, Any] | None = None, selection: dict[str, str] | None = None):
         self.path = Path(job_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] = {
             "status": RUNNING, "job_type": job_type,
             "overrides": None if overrides is None else identity_overrides(overrides),
-            "runtime": runtime, "best": None, "history": [], "dataset": dataset,
+            "runtime": runtime, "selection": selection, "best": None, "last": None, "history": [], "dataset": dataset,
         }
         self.save()
 
@@ -124,6 +130,7 @@ class JobRecord:
 
     def add_epoch(self, record: dict[str, Any], is_best: bool) -> None:
         self.state["history"].append(record)
+        self.state["last"] = record
         if is_best:
             self.state["best"] = record
         self.save()

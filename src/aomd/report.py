@@ -39,10 +39,12 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from aomd.errors import UserError
-from aomd.records import FINISHED, METRICS_FILE, RETRIEVAL_KEYS, SEED_KEY, identity_overrides, override_key, read_record
+from aomd.records import (FINISHED, METRICS_FILE, RETRIEVAL_KEYS, SEED_KEY, VALIDATION_PREFIX, identity_overrides,
+                           override_key, read_record)
 
 PROGRAM = "aomd.report"
 REPORT_FILE = "report.md"
+LAST_PREFIX = "last/"  # the report's own key for the last epoch's test metric
 RATIO_PLOT = "recall_vs_aomd_ratio.png"
 BARS_PLOT = "baselines.png"
 
@@ -81,6 +83,7 @@ class Job:
     aomd_ratio: float = 0.0
     mode: Any = None
     best: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
     teacher: dict[str, Any] | None = None
     epochs_evaluated: int = 0
     error: str | None = None
@@ -163,7 +166,9 @@ def read_job(job_dir: Path, name: str) -> Job:
     best = metrics.get("best") if isinstance(metrics.get("best"), dict) else None
     if status == FINISHED and best is None:
         status = NO_RESULT
-    return Job(name, job_dir, status, best=best, teacher=metrics.get("teacher") or None,
+    history = metrics.get("history") or []
+    last = metrics.get("last") if isinstance(metrics.get("last"), dict) else (history[-1] if history else None)
+    return Job(name, job_dir, status, best=best, last=last, teacher=metrics.get("teacher") or None,
                epochs_evaluated=len(metrics.get("history") or []), error=metrics.get("error"), **fields)
 
 
@@ -238,14 +243,23 @@ def is_metric(key: str) -> bool:
 
 
 def metric_keys(rows: Iterable[ConfigRow]) -> list[str]:
-    """The metrics present in any row: recall@K by K, then map@R and R-Precision."""
-    keys = {key for row in rows for key in row.mean}
+    """The main table's metrics present in any row (the selected epoch's test metrics): recall@K
+    by K, then map@R and R-Precision."""
+    keys = {key for row in rows for key in row.mean if not key.startswith((VALIDATION_PREFIX, LAST_PREFIX))}
 
     def order(key: str) -> tuple:
         name, _, k = key.partition("@")
         return (name != "recall", int(k) if k.isdigit() else math.inf, key)
 
     return sorted(keys, key=order)
+
+
+def selection_keys(rows: Sequence[ConfigRow]) -> list[str]:
+    """The selection table's columns: the selected epoch's test Recall@K (smallest K), its
+    validation Recall@K when the jobs selected on validation classes, the last epoch's test Recall@K."""
+    primary = primary_metric(rows)
+    keys = [primary, VALIDATION_PREFIX + primary, LAST_PREFIX + primary]
+    return [key for key in keys if any(key in row.mean for row in rows)]
 
 
 def primary_metric(rows: Iterable[ConfigRow]) -> str:
@@ -269,9 +283,12 @@ def aggregate(jobs: Iterable[Job]) -> list[ConfigRow]:
     for row in rows.values():
         values: dict[str, list[float]] = {}
         for job in row.finished:
-            for key, value in job.best.items():
-                if is_metric(key) and isinstance(value, (int, float)):
+            for key, value in job.best.items():  # the selected epoch: its test metrics, and its validation Recall@K
+                if (is_metric(key) or key.startswith(f"{VALIDATION_PREFIX}recall@")) and isinstance(value, (int, float)):
                     values.setdefault(key, []).append(float(value))
+            for key, value in (job.last or {}).items():  # the last epoch's test Recall@K
+                if key.startswith("recall@") and isinstance(value, (int, float)):
+                    values.setdefault(f"{LAST_PREFIX}{key}", []).append(float(value))
         row.mean = {key: statistics.fmean(v) for key, v in values.items()}
         # sample std (n - 1): the seeds are a sample of the runs one could get
         row.std = {key: statistics.stdev(v) if len(v) > 1 else 0.0 for key, v in values.items()}
@@ -324,7 +341,11 @@ def teachers(jobs: Iterable[Job]) -> list[tuple[dict[str, Any], int]]:
 
 
 def metric_title(key: str) -> str:
-    """"recall@1" -> "Recall@1", "map@r" -> "MAP@R"."""
+    """"recall@1" -> "Recall@1", "map@r" -> "MAP@R", "val/recall@1" -> "val Recall@1",
+    "last/recall@1" -> "last-epoch Recall@1"."""
+    for prefix, words in ((VALIDATION_PREFIX, "val "), (LAST_PREFIX, "last-epoch ")):
+        if key.startswith(prefix):
+            return words + metric_title(key[len(prefix):])
     name, _, k = key.partition("@")
     return f"Recall@{k}" if name == "recall" else f"{name.upper()}@{k.upper()}"
 
@@ -348,6 +369,18 @@ def _code(text: str) -> str:
 
 def _n_cell(row: ConfigRow) -> str:
     return str(row.n) if row.n == len(row.jobs) else f"{row.n} of {len(row.jobs)}"
+
+
+def render_selection(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], str]) -> str:
+    """Per configuration (in the main table's order), the selected epoch's test Recall@K beside the
+    last epoch's, and the validation Recall@K that selected the epoch when there is one."""
+    keys = selection_keys(rows)
+    lines = []
+    for row in rows:
+        if row.n:
+            values = [f"{metric_title(key).replace('last-epoch ', 'last epoch ')} {format_cell(row, key)}" for key in keys[1:]]
+            lines.append(f"- {_code(labels[row.key])}: selected epoch {format_cell(row, keys[0])}; " + "; ".join(values))
+    return "\n".join(lines)
 
 
 def render_table(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], str] | None = None) -> str:
@@ -394,6 +427,18 @@ def render_unfinished(jobs: Sequence[Job], labels: dict[tuple[str, ...], str] | 
     return "\n".join(lines)
 
 
+def _selection_text(jobs: Sequence[Job]) -> str:
+    """How the jobs chose their epoch, from their records ("best test Recall@1" for records
+    written before the selection was recorded)."""
+    texts = set()
+    for job in jobs:
+        selection = read_record(job.path).get("selection") if job.status == FINISHED and job.path else None
+        select = (selection or {}).get("select", "test")
+        texts.add({"test": "best test Recall@K, the reference's practice", "last": "the last epoch",
+                   "val": "best validation Recall@K on held-out training classes"}[select])
+    return "; ".join(sorted(texts)) or "best test Recall@K"
+
+
 def render_report(sweep_dir: Path, jobs: Sequence[Job], rows: Sequence[ConfigRow],
                   plots: dict[str, str | None]) -> str:
     """The whole report.md. `plots` maps each PNG file name to None (written, linked) or the
@@ -407,12 +452,18 @@ def render_report(sweep_dir: Path, jobs: Sequence[Job], rows: Sequence[ConfigRow
     primary = metric_title(primary_metric(rows))
     parts = [f"# Sweep report: {sweep_dir}", "",
              f"{len(jobs)} jobs ({status_text}) in {len(rows)} configurations.",
-             f"Values are the best epoch's test metrics in percent, mean ± sample std over the seeds "
-             f"(`{SEED_KEY}`; n = finished seeds, the mean alone for n = 1), best {primary} first.", ""]
+             f"Values are the test metrics of each job's selected epoch ({_selection_text(jobs)}) in percent, "
+             f"mean ± sample std over the seeds (`{SEED_KEY}`; n = finished seeds, the mean alone for n = 1), "
+             f"best {primary} first. Below the table, the selected epoch's test {primary} beside the last "
+             f"epoch's and, when the epoch was selected on held-out training classes, their {primary} (val).", ""]
     common = common_overrides(rows)
     if common:
         parts += ["Overrides common to all configurations: " + " ".join(map(_code, common)), ""]
     parts += [render_table(rows, labels), ""]
+    if any(row.n for row in rows):
+        parts += [f"{metric_title(primary_metric(rows))} of the selected epoch against the last epoch"
+                  f"{' and the validation classes' if any(k.startswith(VALIDATION_PREFIX) for k in selection_keys(rows)) else ''}:",
+                  "", render_selection(rows, labels), ""]
     for teacher, count in teachers(jobs):
         values = ", ".join(f"{metric_title(k)} {percent(v)}" for k, v in teacher.items()
                            if is_metric(k) and isinstance(v, (int, float)))

@@ -71,6 +71,7 @@ class TrainSchema:
     weight_decay: float = MISSING
     lr_decay_epochs: list[int] = MISSING
     lr_decay_gamma: float = MISSING
+    decay_unreached: bool = MISSING
     seed: int = MISSING
     device: str = MISSING
     precision: str = MISSING
@@ -89,6 +90,8 @@ class EvalSchema:
     recall_k: list[int] = MISSING
     batch_size: int = MISSING
     chunk_size: int = MISSING
+    select: str = MISSING
+    val_classes: Optional[int] = MISSING
 
 
 @dataclass
@@ -104,7 +107,7 @@ class LoggerSchema:
 
 # the keys of `train` that make a recipe (the rest says where and how it computes)
 RECIPE_KEYS = ("epochs", "iters_per_epoch", "batch_size", "images_per_class", "lr", "weight_decay",
-               "lr_decay_epochs", "lr_decay_gamma", "seed")
+               "lr_decay_epochs", "lr_decay_gamma", "decay_unreached", "seed")
 # The teacher recipe (`teacher.train`): what it sets overrides `train` when the teacher is
 # trained; a key left at None takes the student's value. Its keys and types are TrainSchema's.
 TeacherTrainSchema = make_dataclass("TeacherTrainSchema", [

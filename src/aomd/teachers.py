@@ -22,7 +22,7 @@ from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
 from aomd.build import build_objective
 from aomd.jobs import train_network
-from aomd.records import finished_record
+from aomd.records import finished_record, read_record
 from aomd.runtime import Runtime
 from aomd.tracking import RunInfo
 
@@ -56,6 +56,8 @@ def default_teacher_dir(cfg: DictConfig) -> Path:
         "dataset": {k: v for k, v in dataset.items() if k not in _NOT_IDENTITY},
         "recipe": {k: v for k, v in recipe.items() if k not in _NOT_IDENTITY},
     }
+    if cfg.eval.select != "test":  # held-out classes change what the teacher trains on and how it is chosen
+        identity["selection"] = {"select": cfg.eval.select, "val_classes": cfg.eval.val_classes}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     name = dataset.get("_target_", "dataset").rsplit(".", 1)[-1].removeprefix("load_")
     pretrained = "imagenet" if cfg.teacher.pretrained else "scratch"
@@ -115,3 +117,21 @@ def load_teacher(cfg: DictConfig, teacher: EmbeddingNet, data: RetrievalData, ru
     teacher.load_state_dict(payload["model"])
     runtime.prepare_network(teacher).eval().requires_grad_(False)
     return path
+
+
+def teacher_warnings(path: Path, teacher_metrics: dict[str, float], metric: str = "recall@1") -> list[str]:
+    """Why a distillation job's teacher may not be worth distilling: it was selected at epoch 0
+    (never trained), or its test `metric` is below its untrained network's (its own job record,
+    next to the checkpoint, holds epoch 0)."""
+    warnings = []
+    epoch = (read_checkpoint(path).get("metrics") or {}).get("epoch")
+    if epoch == 0:
+        warnings.append(f"The teacher {path} is its epoch 0, an untrained network; train it longer or choose another "
+                        f"teacher.checkpoint.")
+    history = (read_record(Path(path).parent.parent) or {}).get("history") or []
+    untrained = history[0].get(metric) if history and history[0].get("epoch") == 0 else None
+    if untrained is not None and metric in teacher_metrics and teacher_metrics[metric] < untrained:
+        warnings.append(f"The teacher {path} has a test {metric} of {100 * teacher_metrics[metric]:.2f}, below its "
+                        f"untrained network's {100 * untrained:.2f}: distilling it can only mislead the student; "
+                        f"train it longer or with another recipe (teacher.train.*).")
+    return warnings

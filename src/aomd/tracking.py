@@ -10,7 +10,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from aomd.records import FAILED, FINISHED, RETRIEVAL_KEYS, TRAINING_SPEED_KEYS, JobRecord, identifies, override_key
+from aomd.records import (FAILED, FINISHED, RETRIEVAL_KEYS, TRAINING_KEYS, VALIDATION_PREFIX, JobRecord, identifies,
+                           override_key)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ class Tracker:
     disabled) and a console line per epoch."""
 
     def __init__(self, run: RunInfo, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
-                 runtime: dict[str, Any] | None = None):
-        self.record = JobRecord(out_dir, job_type, dataset_summary, run.overrides, runtime)
+                 runtime: dict[str, Any] | None = None, selection: dict[str, str] | None = None):
+        self.record = JobRecord(out_dir, job_type, dataset_summary, run.overrides, runtime, selection)
         if runtime:
             log.info("Running on %s (%s), precision %s%s%s.", runtime["device"], runtime["device_name"], runtime["precision"],
                      ", channels_last" if runtime["channels_last"] else "", ", compiled" if runtime["compile"] else "")
@@ -86,6 +87,8 @@ class Tracker:
                 reinit="finish_previous",
             )
             self.run.summary.update({f"dataset/{k}": v for k, v in dataset_summary.items()})
+            if selection:  # what best/* is: the epoch chosen by this metric (best/val/* with select=val)
+                self.run.summary.update({"selection/select": selection["select"], "selection/metric": selection["metric"]})
 
     def log_teacher(self, metrics: dict[str, float]) -> None:
         """The teacher's test metrics, once per job, next to the student's."""
@@ -99,9 +102,11 @@ class Tracker:
         self.record.add_epoch(record, is_best)
         log.info("epoch %d: %s", record["epoch"], _format({k: v for k, v in record.items() if k != "epoch"}))
         if self.run is not None:
-            logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_SPEED_KEYS}
+            logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_KEYS}
             logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
+            logged.update({k: v for k, v in record.items() if k.startswith(VALIDATION_PREFIX)})
             self.run.log({"epoch": record["epoch"], **logged}, step=record["epoch"])
+            self.run.summary.update({f"last/{k}": v for k, v in record.items()})
             if is_best:
                 self.run.summary.update({f"best/{k}": v for k, v in record.items()})
 
@@ -121,6 +126,7 @@ class Tracker:
         if not history:
             return "(no epoch evaluated)"
         metric_keys = [k for k in history[0] if k.startswith(RETRIEVAL_KEYS)]
+        metric_keys += [k for k in history[0] if k.startswith(VALIDATION_PREFIX + "recall@")][:1]
         headers = ["epoch", "loss", *metric_keys]
         best_epoch = (self.record.best or {}).get("epoch")
         rows = []
@@ -139,7 +145,7 @@ class Tracker:
 def _format(metrics: dict[str, Any]) -> str:
     parts = []
     for key, value in metrics.items():
-        if isinstance(value, float) and (key.startswith(RETRIEVAL_KEYS)):
+        if isinstance(value, float) and key.removeprefix(VALIDATION_PREFIX).startswith(RETRIEVAL_KEYS):
             parts.append(f"{key} {100 * value:.2f}")
         elif isinstance(value, float) and math.isfinite(value):
             parts.append(f"{key} {value:.4g}")

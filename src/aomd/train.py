@@ -24,7 +24,7 @@ from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd.records import finished_record
 from aomd.runtime import Runtime
-from aomd.teachers import load_teacher
+from aomd.teachers import load_teacher, teacher_warnings
 from aomd.tracking import RunInfo, sweep_run_name, swept_keys
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> float:
     cfg = validate(cfg)
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    metric = selection_metric(cfg.eval.recall_k)
+    metric = selection_metric(cfg.eval.recall_k, cfg.eval.select)
     if in_multirun() and cfg.skip_finished:
         previous = finished_record(out_dir, list(hydra_cfg.overrides.task))
         if previous:
@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> float:
 
     runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
     # the data before the networks: a wrong dataset.root is reported before any weight download
-    data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval.recall_k)
+    data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
     runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
@@ -77,6 +77,8 @@ def train(cfg: DictConfig) -> float:
         path = load_teacher(cfg, teacher, data, runtime)
         log.info("Teacher: %s", path)
         teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
+        for warning in teacher_warnings(path, teacher_metrics, selection_metric(cfg.eval.recall_k)):
+            log.warning(warning)
     best = train_network(data, student, objective, runtime, OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.eval),
                          out_dir, "student", run_info(cfg), teacher, teacher_metrics)
     return best[metric]

@@ -1,7 +1,7 @@
 """What a dataset hands to training: two class-disjoint splits of uint8 images and labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +31,13 @@ class ImageSplit:
     def num_classes(self) -> int:
         return len(np.unique(self.labels))
 
+    def subset(self, indices: np.ndarray) -> "ImageSplit":
+        """The images at `indices` (sorted) as a split of their own."""
+        indices = np.asarray(indices, dtype=np.int64)
+        images = self.images[indices] if isinstance(self.images, np.ndarray) else _IndexedImages(self.images, indices)
+        paths = None if self.paths is None else [self.paths[i] for i in indices]
+        return ImageSplit(images, self.labels[indices], paths)
+
     def take(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Images at `indices` (any order, repeats allowed) as uint8 [len(indices), H, W, 3]."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -39,6 +46,20 @@ class ImageSplit:
         # HDF5 reads want sorted unique indices; reading those once also serves repeats
         unique, inverse = np.unique(indices, return_inverse=True)
         return np.asarray(self.images[unique])[inverse]
+
+
+class _IndexedImages:
+    """Some images of an on-demand reader, re-indexed from 0 (reads go to the reader)."""
+
+    def __init__(self, images: Any, indices: np.ndarray):
+        self.images, self.indices = images, indices
+        self.shape = (len(indices), *images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.images[self.indices[index]]
 
 
 @dataclass
@@ -53,12 +74,28 @@ class RetrievalData:
     test: ImageSplit
     base_size: int
     image_size: int
+    val: ImageSplit | None = None   # held-out training classes that select the epoch (eval.select=val)
 
     def summary(self) -> dict[str, int]:
         """Image and class counts, as logged and written to metrics.json."""
-        return {
+        counts = {
             "train_images": len(self.train),
             "test_images": len(self.test),
             "train_classes": self.train.num_classes,
             "test_classes": self.test.num_classes,
         }
+        if self.val is not None:
+            counts.update(val_images=len(self.val), val_classes=self.val.num_classes)
+        return counts
+
+
+def hold_out_validation(data: RetrievalData, num_classes: int, seed: int = 0) -> RetrievalData:
+    """`data` with `num_classes` of its training classes (drawn with `seed`) moved to a validation
+    split: train, validation and test are class-disjoint, as on held-out classes the model
+    selection of Musgrave et al. (2020) is done. The images are not copied when held in memory
+    as a view would be; an on-demand reader is shared by both splits."""
+    classes = np.unique(data.train.labels)
+    assert 1 <= num_classes < len(classes), "the validation split needs some classes and must leave some to train"
+    held_out = np.sort(np.random.default_rng(seed).choice(classes, size=num_classes, replace=False))
+    is_val = np.isin(data.train.labels, held_out)
+    return replace(data, train=data.train.subset(np.flatnonzero(~is_val)), val=data.train.subset(np.flatnonzero(is_val)))
