@@ -50,7 +50,7 @@ def records(path: str | Path) -> list[wandb_internal_pb2.Record]:
 
 
 def read_offline_run(run_dir: str | Path) -> dict:
-    """{"group", "job_type", "name", "tags", "config": {key: value}, "history": [{key: value}],
+    """{"id", "group", "job_type", "name", "tags", "config": {key: value}, "history": [{key: value}],
     "summary": {key: value}} of the offline run in `run_dir` (a `wandb/offline-run-*` folder)."""
     (log,) = Path(run_dir).glob("run-*.wandb")
     result = {"config": {}, "history": [], "summary": {}}
@@ -58,7 +58,8 @@ def read_offline_run(run_dir: str | Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
-            result.update(group=run.run_group, job_type=run.job_type, name=run.display_name, tags=list(run.tags))
+            result.update(id=run.run_id, group=run.run_group, job_type=run.job_type, name=run.display_name,
+                          tags=list(run.tags))
             result["config"].update({i.key: json.loads(i.value_json) for i in run.config.update})
         elif kind == "config":
             result["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})

@@ -19,6 +19,7 @@ from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
 from aomd.metrics import retrieval_metrics, selection_metric
 from aomd.models import EmbeddingNet, save_checkpoint
+from aomd import resume as resume_state
 from aomd.runtime import Runtime
 from aomd.schema import EvalSchema, TrainSchema
 
@@ -144,8 +145,17 @@ def fit(
     on_epoch: Callable[[dict[str, Any], bool], None],
     teacher: EmbeddingNet | None = None,
     best_from_epoch: int = 0,
+    identity: str = "",
+    resume: dict[str, Any] | None = None,
+    on_restore: Callable[[list[dict[str, Any]], dict[str, Any] | None], None] | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `student` with `objective` for `recipe.epochs` epochs on `runtime`; return the best record.
+
+    `resume` is a `last.pt` payload of this job (`aomd.resume.read_state`): the run continues
+    after its epoch, exactly as if it had not stopped, and `on_restore(history, best)` hands the
+    records so far to the tracker. Every `last.pt` holds the training state under `training`,
+    tagged with `identity` and `checkpoint_extra` (the W&B run id).
 
     The learning rate of every epoch is `learning_rate` (the reference's milestones). Evaluates the
     test split (and with `eval_spec.select == "val"` the validation split, as `val/...`) at epoch 0
@@ -177,6 +187,14 @@ def fit(
 
     best_from_epoch = min(best_from_epoch, train.epochs)
     best: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = []
+    scaler = step.scaler
+
+    def save_last(epoch: int, record: dict[str, Any] | None) -> None:
+        training = {"epoch": epoch, "identity": identity, "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "best": best, "history": history,
+                    "random": resume_state.random_states(loader.sampler.rng, step.augment_rng), **(checkpoint_extra or {})}
+        save_checkpoint(checkpoints / "last.pt", student, metrics=record, objective=objective.state_dict(), training=training)
 
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
         nonlocal best
@@ -188,11 +206,26 @@ def fit(
         if is_best:
             best = record
             save_checkpoint(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict())
+        history.append(record)
         on_epoch(record, is_best)
         return record
 
-    evaluate_epoch(0, {})
-    for epoch in range(1, train.epochs + 1):
+    if resume is None:
+        evaluate_epoch(0, {})
+        first_epoch = 1
+    else:
+        training = resume["training"]
+        student.load_state_dict(resume["model"])
+        objective.load_state_dict(resume["objective"])
+        optimizer.load_state_dict(training["optimizer"])
+        scaler.load_state_dict(training["scaler"])
+        best, history = training["best"], list(training["history"])
+        resume_state.restore_random_states(training["random"], loader.sampler.rng, step.augment_rng)
+        first_epoch = training["epoch"] + 1
+        log.info("Resuming after epoch %d of %d.", training["epoch"], train.epochs)
+        if on_restore is not None:
+            on_restore(history, best)
+    for epoch in range(first_epoch, train.epochs + 1):
         # running sums stay on the device: no host synchronisation per step
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         started = time.perf_counter()
@@ -222,7 +255,7 @@ def fit(
         means["epoch_seconds"] = time.perf_counter() - started
         means["images_per_second"] = train.iters_per_epoch * train.batch_size / means["epoch_seconds"]
         record = evaluate_epoch(epoch, means)
-        save_checkpoint(checkpoints / "last.pt", student, metrics=record, objective=objective.state_dict())
+        save_last(epoch, record)
     if train.epochs == 0:
-        save_checkpoint(checkpoints / "last.pt", student, metrics=best, objective=objective.state_dict())
+        save_last(0, best)
     return best

@@ -23,6 +23,7 @@ managed teachers and the sweep report.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -69,6 +70,21 @@ def not_identity_keys() -> list[str]:
 
 if not OmegaConf.has_resolver("aomd.not_identity_keys"):
     OmegaConf.register_new_resolver("aomd.not_identity_keys", not_identity_keys)
+
+
+# keys that say where and how a job computes or logs, not what it learns (content_digest skips them)
+NOT_CONTENT_KEYS = frozenset({"cache_dir", "in_memory", "num_workers", "decode_workers", "pin_memory", "skip_bad_images",
+                              "progress", "device", "precision", "channels_last", "compile", "deterministic", "resume"})
+
+
+def content_digest(tree: Any) -> str:
+    """A short hash of what a job learns from (a plain config tree), keys of NOT_CONTENT_KEYS left out."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in NOT_CONTENT_KEYS}
+        return node
+
+    return hashlib.sha1(json.dumps(strip(tree), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -133,6 +149,11 @@ class JobRecord:
         self.state["last"] = record
         if is_best:
             self.state["best"] = record
+        self.save()
+
+    def restore(self, history: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+        """The records of the epochs before a resume (from `last.pt`, which is written after them)."""
+        self.state.update(history=list(history), best=best, last=history[-1] if history else None)
         self.save()
 
     def finish(self, status: str, error: str | None = None) -> None:

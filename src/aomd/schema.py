@@ -81,6 +81,7 @@ class TrainSchema:
     num_workers: Any = MISSING
     pin_memory: Optional[bool] = MISSING
     progress: bool = MISSING
+    resume: str = MISSING
 
 
 @dataclass
@@ -103,6 +104,7 @@ class LoggerSchema:
     group: Optional[str] = MISSING
     name: Optional[str] = MISSING
     tags: list[str] = MISSING
+    init_timeout: float = MISSING
 
 
 # the keys of `train` that make a recipe (the rest says where and how it computes)

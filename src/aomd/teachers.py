@@ -8,30 +8,24 @@ distance-weighted), under a file lock, so concurrent sweep jobs train it once an
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from aomd import resume
+from aomd.build import build_objective
 from aomd.data import RetrievalData
 from aomd.errors import ConfigError
+from aomd.jobs import train_network
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
-from aomd.build import build_objective
-from aomd.jobs import train_network
-from aomd.records import finished_record, read_record
+from aomd.records import content_digest, finished_record, read_record
 from aomd.runtime import Runtime
 from aomd.tracking import RunInfo
 
 log = logging.getLogger(__name__)
-
-# dataset and train keys that change neither which images a dataset holds nor what a teacher learns
-# (how and where a teacher computes is not what it learns)
-_NOT_IDENTITY = {"cache_dir", "in_memory", "num_workers", "decode_workers", "pin_memory", "skip_bad_images",
-                 "progress", "device", "precision", "channels_last", "compile", "deterministic"}
 
 
 def teacher_architecture(cfg: DictConfig) -> Architecture:
@@ -53,12 +47,12 @@ def default_teacher_dir(cfg: DictConfig) -> Path:
     recipe.update(loss=OmegaConf.to_container(cfg.teacher.loss, resolve=True),
                   sampler=OmegaConf.to_container(cfg.teacher.sampler, resolve=True))
     identity = {
-        "dataset": {k: v for k, v in dataset.items() if k not in _NOT_IDENTITY},
-        "recipe": {k: v for k, v in recipe.items() if k not in _NOT_IDENTITY},
+        "dataset": dataset,   # content_digest leaves out how and where it computes (records.NOT_CONTENT_KEYS)
+        "recipe": recipe,
     }
     if cfg.eval.select != "test":  # held-out classes change what the teacher trains on and how it is chosen
         identity["selection"] = {"select": cfg.eval.select, "val_classes": cfg.eval.val_classes}
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = content_digest(identity)[:8]
     name = dataset.get("_target_", "dataset").rsplit(".", 1)[-1].removeprefix("load_")
     pretrained = "imagenet" if cfg.teacher.pretrained else "scratch"
     t = cfg.teacher
@@ -90,7 +84,9 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
                                      ["teacher", data.name]),
                   # an untrained network is no teacher: its BatchNorm statistics are those of its
                   # initialisation, and its features blow up in eval mode
-                  best_from_epoch=1)
+                  best_from_epoch=1,
+                  # a teacher training that was killed continues where it stopped
+                  identity=f"teacher-{out_dir.name}", resume_from=resume.source("auto", out_dir))
 
 
 def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -> Path:

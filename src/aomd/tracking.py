@@ -64,7 +64,8 @@ class Tracker:
     disabled) and a console line per epoch."""
 
     def __init__(self, run: RunInfo, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
-                 runtime: dict[str, Any] | None = None, selection: dict[str, str] | None = None):
+                 runtime: dict[str, Any] | None = None, selection: dict[str, str] | None = None,
+                 resume_id: str | None = None):
         self.record = JobRecord(out_dir, job_type, dataset_summary, run.overrides, runtime, selection)
         if runtime:
             log.info("Running on %s (%s), precision %s%s%s.", runtime["device"], runtime["device_name"], runtime["precision"],
@@ -72,30 +73,50 @@ class Tracker:
         self.run = None
         logger = run.logger
         if logger.enabled and logger.mode != "disabled":
-            import wandb
-
-            self.run = wandb.init(
+            self.run = _start_run(
+                logger.mode, logger.init_timeout, out_dir,
                 project=logger.project,
                 entity=logger.entity,
                 group=logger.group,
                 name=logger.name or run.run_name,
                 job_type=job_type,
                 tags=[*logger.tags, *run.tags],
-                mode=logger.mode,
                 dir=str(out_dir),
+                id=resume_id,
+                resume="allow" if resume_id else None,  # a resumed job continues its run: one run per job
                 config={**flatten(run.config), **{f"runtime.{k}": v for k, v in (runtime or {}).items()}},
                 reinit="finish_previous",
             )
-            self.run.summary.update({f"dataset/{k}": v for k, v in dataset_summary.items()})
+            self._wandb(self.run.summary.update, {f"dataset/{k}": v for k, v in dataset_summary.items()})
             if selection:  # what best/* is: the epoch chosen by this metric (best/val/* with select=val)
-                self.run.summary.update({"selection/select": selection["select"], "selection/metric": selection["metric"]})
+                self._wandb(self.run.summary.update,
+                            {"selection/select": selection["select"], "selection/metric": selection["metric"]})
+
+    def _wandb(self, call, *args, **kwargs) -> None:
+        """A call to the W&B run; an error stops W&B logging for this job with one warning, never the job."""
+        if self.run is None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever W&B raises, the training goes on
+            log.warning("W&B failed (%s: %s); this job goes on without it, its results are in metrics.json.",
+                        type(error).__name__, _first_line(error))
+            self.run = None
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
+
+    def restore(self, history: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
+        """A resumed job's earlier epochs: into its record (W&B already has them, in the same run)."""
+        self.record.restore(history, best)
 
     def log_teacher(self, metrics: dict[str, float]) -> None:
         """The teacher's test metrics, once per job, next to the student's."""
         self.record.set_teacher(metrics)
         log.info("teacher: %s", _format(metrics))
         if self.run is not None:
-            self.run.summary.update({f"teacher/{k}": v for k, v in metrics.items()})
+            self._wandb(self.run.summary.update, {f"teacher/{k}": v for k, v in metrics.items()})
 
     def log_epoch(self, record: dict[str, Any], is_best: bool) -> None:
         """One evaluated epoch; `is_best` when it is the new best (the engine decides which epochs count)."""
@@ -105,16 +126,18 @@ class Tracker:
             logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_KEYS}
             logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
             logged.update({k: v for k, v in record.items() if k.startswith(VALIDATION_PREFIX)})
-            self.run.log({"epoch": record["epoch"], **logged}, step=record["epoch"])
-            self.run.summary.update({f"last/{k}": v for k, v in record.items()})
-            if is_best:
-                self.run.summary.update({f"best/{k}": v for k, v in record.items()})
+            self._wandb(self.run.log, {"epoch": record["epoch"], **logged}, step=record["epoch"])
+        if self.run is not None:
+            self._wandb(self.run.summary.update, {f"last/{k}": v for k, v in record.items()})
+        if self.run is not None and is_best:
+            self._wandb(self.run.summary.update, {f"best/{k}": v for k, v in record.items()})
 
     def finish(self, status: str = FINISHED, error: str | None = None) -> None:
         self.record.finish(status, error)
         if self.run is not None:
-            self.run.summary["status"] = status
-            self.run.finish(exit_code=0 if status == FINISHED else 1)
+            run = self.run
+            self._wandb(run.summary.update, {"status": status})
+            self._wandb(run.finish, exit_code=0 if status == FINISHED else 1)
             self.run = None
 
     def fail(self, error: BaseException) -> None:
@@ -140,6 +163,32 @@ class Tracker:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
         line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
         return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+_online_failed = False  # once an online run could not start, later jobs of this process go offline at once
+
+
+def _start_run(mode: str, init_timeout: float, out_dir: Path, **kwargs):
+    """`wandb.init`; an online run that cannot start (no API key, no server) becomes an offline
+    run with one warning saying how to upload it, so W&B never stops a job. In a sweep the
+    warning comes once: the jobs after it start offline directly."""
+    global _online_failed
+    import wandb
+
+    if mode == "online" and not _online_failed:
+        try:
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
+        except Exception as error:  # noqa: BLE001 - UsageError (no key), CommError (no server), timeouts
+            _online_failed = True
+            log.warning("W&B could not start an online run (%s: %s); logging offline instead: upload later with "
+                        "`wandb sync %s/wandb/offline-run-*`.", type(error).__name__, _first_line(error), out_dir)
+    elif mode == "online":
+        log.info("W&B online was unavailable earlier in this process; logging offline to %s/wandb.", out_dir)
+    return wandb.init(mode="offline" if mode == "online" else mode, **kwargs)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def _format(metrics: dict[str, Any]) -> str:

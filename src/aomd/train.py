@@ -22,7 +22,8 @@ from aomd.jobs import train_network
 from aomd.losses.terms import distils
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
-from aomd.records import finished_record
+from aomd import resume
+from aomd.records import content_digest, finished_record
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
 from aomd.tracking import RunInfo, sweep_run_name, swept_keys
@@ -48,16 +49,27 @@ def run_info(cfg: DictConfig) -> RunInfo:
     return RunInfo(cfg.logger, OmegaConf.to_container(cfg, resolve=True), name, tags, overrides)
 
 
+def job_identity(cfg: DictConfig) -> str:
+    """What a resumed `last.pt` must have been written by: this student's network, objective,
+    sampler, recipe, data, selection and teacher."""
+    parts = {key: OmegaConf.to_container(cfg[key], resolve=True)
+             for key in ("backbone", "loss", "sampler", "train", "dataset", "eval", "teacher")}
+    return "student-" + content_digest({**parts, "embedding_size": cfg.embedding_size, "l2normalize": cfg.l2normalize})
+
+
 def train(cfg: DictConfig) -> float:
     cfg = validate(cfg)
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     metric = selection_metric(cfg.eval.recall_k, cfg.eval.select)
-    if in_multirun() and cfg.skip_finished:
+    if in_multirun() and cfg.skip_finished or not in_multirun() and cfg.train.resume == "auto":
         previous = finished_record(out_dir, list(hydra_cfg.overrides.task))
         if previous:
-            log.info("Skipping %s: its metrics.json says finished (skip_finished=false reruns it).", out_dir)
+            log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
+                     "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
             return previous["best"][metric]
+    # an unfinished run in this folder (killed, preempted, requeued) continues from its last.pt
+    resume_from = None if finished_record(out_dir) else resume.source(cfg.train.resume, out_dir)
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
@@ -80,7 +92,8 @@ def train(cfg: DictConfig) -> float:
         for warning in teacher_warnings(path, teacher_metrics, selection_metric(cfg.eval.recall_k)):
             log.warning(warning)
     best = train_network(data, student, objective, runtime, OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.eval),
-                         out_dir, "student", run_info(cfg), teacher, teacher_metrics)
+                         out_dir, "student", run_info(cfg), teacher, teacher_metrics,
+                         identity=job_identity(cfg), resume_from=resume_from)
     return best[metric]
 
 

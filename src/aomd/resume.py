@@ -1,0 +1,106 @@
+"""Resuming an interrupted job from its `checkpoints/last.pt`.
+
+`last.pt` is written atomically after every epoch. Beyond the model it holds, under `training`,
+what an exact continuation needs: the objective (adapters, regressors), the optimiser and the
+gradient scaler, the epoch, the selected (`best`) record and the metrics history, the
+class-balanced sampler's and the augmentation's generators, the Python, NumPy and torch (CPU and
+CUDA) random states, the job's identity and its W&B run id. A job resumed from it on the CPU ends
+with the same history and the same `best.pt` as one that was never interrupted.
+
+`train.resume`: `auto` (the default: continue the job folder's own unfinished run; a finished one
+is not trained again), `never` (start over), or a run folder or `last.pt` to continue from.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aomd.errors import UserError
+from aomd.models import CheckpointError, read_checkpoint
+
+LAST = Path("checkpoints") / "last.pt"
+
+
+class ResumeError(UserError, ValueError):
+    """A `last.pt` that cannot be continued from: truncated, or another job's."""
+
+
+def random_states(sampler_rng: np.random.Generator, augment_rng: torch.Generator) -> dict[str, Any]:
+    """Every generator the training loop draws from, as tensors and plain data."""
+    numpy_state = np.random.get_state()
+    return {
+        "sampler": _plain(sampler_rng.bit_generator.state),
+        "augment": augment_rng.get_state(),
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_random_states(states: dict[str, Any], sampler_rng: np.random.Generator, augment_rng: torch.Generator) -> None:
+    sampler_rng.bit_generator.state = _unplain(states["sampler"])
+    augment_rng.set_state(states["augment"])
+    random.setstate(_tuples(states["python"]))
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _plain(tree: Any) -> Any:
+    """NumPy's generator state with its 128-bit integers as strings (a weights-only checkpoint
+    holds 64-bit integers at most)."""
+    if isinstance(tree, dict):
+        return {key: _plain(value) for key, value in tree.items()}
+    if isinstance(tree, int) and not -2**63 <= tree < 2**63:
+        return f"int:{tree}"
+    return tree
+
+
+def _unplain(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _unplain(value) for key, value in tree.items()}
+    if isinstance(tree, str) and tree.startswith("int:"):
+        return int(tree[4:])
+    return tree
+
+
+def _tuples(tree: Any) -> Any:
+    return tuple(_tuples(v) for v in tree) if isinstance(tree, (list, tuple)) else tree
+
+
+def source(setting: str, out_dir: Path) -> Path | None:
+    """The `last.pt` a job continues from under `train.resume` = `setting`, or None."""
+    if setting == "never":
+        return None
+    if setting == "auto":
+        path = Path(out_dir) / LAST
+        return path if path.is_file() else None
+    path = Path(setting).expanduser()
+    path = path / LAST if path.is_dir() else path
+    if not path.is_file():
+        raise ResumeError(f"train.resume={setting} names no last.pt ({path} does not exist); pass a run folder or its "
+                          f"checkpoints/last.pt, or train.resume=auto.")
+    return path
+
+
+def read_state(path: Path, identity: str) -> dict[str, Any]:
+    """The checkpoint at `path` with its `training` state, checked to belong to the job `identity`."""
+    try:
+        payload = read_checkpoint(path)
+    except CheckpointError as error:
+        raise ResumeError(f"Cannot resume from {path}: {error} Delete it or pass train.resume=never to start over.") from None
+    training = payload.get("training")
+    if not isinstance(training, dict):
+        raise ResumeError(f"Cannot resume from {path}: it holds no training state (written by an older aomd); "
+                          f"pass train.resume=never to start over.")
+    if training.get("identity") != identity:
+        raise ResumeError(f"Cannot resume from {path}: it belongs to another job ({training.get('identity')!r}, this "
+                          f"job is {identity!r}); pass train.resume=never to start over, or the right run folder.")
+    return payload

@@ -1,0 +1,129 @@
+"""A killed job continues from its last.pt and ends exactly as if it had never stopped (CPU)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aomd.records import TRAINING_SPEED_KEYS
+from conftest import REPO, TINY, run_module, train
+from test_config import assert_one_line_error
+from wandb_files import read_offline_run
+
+FOUR_EPOCHS = [*TINY, "train.epochs=4", "train.iters_per_epoch=4", "train.lr_decay_epochs=[3]", "logger=none"]
+
+
+def strip_timing(history):
+    return [{k: v for k, v in record.items() if k not in TRAINING_SPEED_KEYS} for record in history]
+
+
+def kill_when(run_dir: Path, args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:
+    """Start `python -m aomd.train <args>` into `run_dir` and SIGKILL it as soon as `ready()`."""
+    process = subprocess.Popen([sys.executable, "-m", "aomd.train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                               env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert process.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "the job did not get far enough in time"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+
+
+def epochs_saved(checkpoint: Path) -> int:
+    """The epoch a last.pt was written after (-1 when there is none yet or it is being replaced)."""
+    try:
+        return torch.load(checkpoint, weights_only=True)["training"]["epoch"]
+    except Exception:  # noqa: BLE001 - not there yet
+        return -1
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    first, second = (torch.load(p, weights_only=True) for p in (a, b))
+    assert first["metrics"]["epoch"] == second["metrics"]["epoch"]
+    for name in ("model", "objective"):
+        assert first[name].keys() == second[name].keys()
+        for key, value in first[name].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, second[name][key]), (name, key)
+
+
+def test_a_killed_run_resumes_to_the_same_history_and_best(tmp_path):
+    uninterrupted = train(tmp_path / "a", *FOUR_EPOCHS, tiny=False)
+    killed = tmp_path / "b"
+    kill_when(killed, FOUR_EPOCHS, lambda: epochs_saved(killed / "checkpoints" / "last.pt") >= 2)
+    assert json.loads((killed / "metrics.json").read_text())["status"] == "running"
+    result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={killed}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming after epoch" in result.stderr + result.stdout
+    resumed = json.loads((killed / "metrics.json").read_text())
+    assert resumed["status"] == "finished"
+    assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
+    assert resumed["best"]["epoch"] == uninterrupted["best"]["epoch"]
+    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt", killed / "checkpoints" / "best.pt")
+    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", killed / "checkpoints" / "last.pt")
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path):
+    train(tmp_path)
+    stamp = (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns
+    result = run_module("aomd.train", *TINY, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0 and "Skipping" in result.stderr + result.stdout
+    assert (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(tmp_path):
+    train(tmp_path / "done", *TINY, "logger=none", tiny=False)
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "done" / "checkpoints" / "last.pt", other / "checkpoints" / "last.pt")
+    result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={other}")
+    assert_one_line_error(result, "Cannot resume", "another job", "train.resume=never")
+    (other / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    result = run_module("aomd.train", *TINY, "logger=none", f"hydra.run.dir={other}")
+    assert_one_line_error(result, "Cannot resume", "train.resume=never")
+    result = run_module("aomd.train", *TINY, "logger=none", "train.resume=never", f"hydra.run.dir={other}")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_distillation_killed_while_its_teacher_trains_resumes_exactly(tmp_path):
+    teacher = ["loss=aomd_mode2", "teacher.backbone=resnet18", "teacher.embedding_size=32", "teacher.train.epochs=4",
+               "teacher.train.iters_per_epoch=4", "teacher.train.lr_decay_epochs=[3]"]
+    args = [*FOUR_EPOCHS, *teacher]
+    uninterrupted = train(tmp_path / "a", *args, tiny=False, env={"AOMD_CACHE_DIR": str(tmp_path / "cache-a")})
+    cache = tmp_path / "cache-b"
+    teacher_last = lambda: next(iter(sorted((cache / "teachers").glob("*/checkpoints/last.pt"))), Path("/nonexistent"))
+    kill_when(tmp_path / "b", args, lambda: epochs_saved(teacher_last()) >= 2, env={"AOMD_CACHE_DIR": str(cache)})
+    result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path / 'b'}", env={"AOMD_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming after epoch" in result.stderr + result.stdout
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert resumed["teacher"] == uninterrupted["teacher"]
+    assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
+    (teacher_a,), (teacher_b,) = ((tmp_path / c / "teachers").glob("*/checkpoints/best.pt") for c in ("cache-a", "cache-b"))
+    assert_same_checkpoint(teacher_a, teacher_b)
+
+
+def test_a_resumed_job_continues_its_wandb_run(tmp_path):
+    args = [*FOUR_EPOCHS[:-1], "logger=wandb", "logger.mode=offline", "logger.project=aomd-test"]
+    env = {"WANDB_MODE": "offline"}
+    kill_when(tmp_path, args, lambda: epochs_saved(tmp_path / "checkpoints" / "last.pt") >= 2, env=env)
+    result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs
+    # one run per job in the dashboard: the same id (the end of an offline run folder's name)
+    assert len({run.name.rsplit("-", 1)[1] for run in runs}) == 1
+    second = read_offline_run(runs[1])
+    assert second["id"] == runs[0].name.rsplit("-", 1)[1]
+    logged = [h["epoch"] for h in second["history"] if "test/recall@1" in h]
+    assert logged and min(logged) >= 3 and max(logged) == 4  # it continued, it did not start over
