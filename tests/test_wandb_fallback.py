@@ -44,3 +44,32 @@ def test_a_sweep_warns_once(tmp_path):
     assert result.stdout.count(WARNING) + result.stderr.count(WARNING) == 1
     assert "2 of 2 jobs finished" in result.stdout
     assert all(list((tmp_path / str(job) / "wandb").glob("offline-run-*")) for job in (0, 1))
+
+
+def test_a_wandb_error_mid_run_continues_in_an_offline_run_with_the_same_id(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from aomd.tracking import RunInfo, Tracker
+    from wandb_files import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = SimpleNamespace(enabled=True, mode="offline", init_timeout=5, project="aomd-test", entity=None, group=None,
+                             name=None, tags=[])
+    tracker = Tracker(RunInfo(logger, {"train": {"lr": 0.1}}, "mid-run"), tmp_path, "student", {"train_images": 4})
+    first_id = tracker.run_id
+    tracker.log_epoch({"epoch": 0, "recall@1": 0.1}, True)
+
+    def broken_log(*args, **kwargs):
+        raise RuntimeError("the W&B service went away")
+
+    monkeypatch.setattr(tracker.run, "log", broken_log)
+    tracker.log_epoch({"epoch": 1, "loss": 0.5, "recall@1": 0.2}, True)  # fails, continues offline
+    tracker.log_epoch({"epoch": 2, "loss": 0.4, "recall@1": 0.3}, True)
+    assert tracker.run_id == first_id
+    tracker.finish()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {run.name.rsplit("-", 1)[1] for run in runs} == {first_id}
+    logged = [h["epoch"] for h in read_offline_run(runs[1])["history"] if "test/recall@1" in h]
+    assert logged == [1, 2]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "finished" and [h["epoch"] for h in record["history"]] == [0, 1, 2]

@@ -2,6 +2,7 @@
 and one W&B run per job, named from what the sweep varies."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -73,8 +74,7 @@ class Tracker:
         self.run = None
         logger = run.logger
         if logger.enabled and logger.mode != "disabled":
-            self.run = _start_run(
-                logger.mode, logger.init_timeout, out_dir,
+            self._init = dict(
                 project=logger.project,
                 entity=logger.entity,
                 group=logger.group,
@@ -82,24 +82,41 @@ class Tracker:
                 job_type=job_type,
                 tags=[*logger.tags, *run.tags],
                 dir=str(out_dir),
-                id=resume_id,
-                resume="allow" if resume_id else None,  # a resumed job continues its run: one run per job
                 config={**flatten(run.config), **{f"runtime.{k}": v for k, v in (runtime or {}).items()}},
                 reinit="finish_previous",
             )
-            self._wandb(self.run.summary.update, {f"dataset/{k}": v for k, v in dataset_summary.items()})
+            self.run = _start_run(logger.mode, logger.init_timeout, out_dir, id=resume_id,
+                                  resume="allow" if resume_id else None,  # a resumed job continues its run
+                                  **self._init)
+            self._wandb(lambda r: r.summary.update({f"dataset/{k}": v for k, v in dataset_summary.items()}))
             if selection:  # what best/* is: the epoch chosen by this metric (best/val/* with select=val)
-                self._wandb(self.run.summary.update,
-                            {"selection/select": selection["select"], "selection/metric": selection["metric"]})
+                self._wandb(lambda r: r.summary.update({"selection/select": selection["select"],
+                                                        "selection/metric": selection["metric"]}))
 
-    def _wandb(self, call, *args, **kwargs) -> None:
-        """A call to the W&B run; an error stops W&B logging for this job with one warning, never the job."""
+    def _wandb(self, call) -> None:
+        """`call(run)` on the W&B run. When W&B fails mid-run, the job goes on in an offline run
+        with the same id (one warning, saying how to upload it); if that fails too, without W&B.
+        W&B never stops a job."""
         if self.run is None:
             return
         try:
-            call(*args, **kwargs)
+            call(self.run)
+            return
         except Exception as error:  # noqa: BLE001 - whatever W&B raises, the training goes on
-            log.warning("W&B failed (%s: %s); this job goes on without it, its results are in metrics.json.",
+            run_id, failed = self.run.id, self.run
+            log.warning("W&B failed (%s: %s); this job goes on in an offline run with the same id: upload it later "
+                        "with `wandb sync %s/wandb/offline-run-*`.", type(error).__name__, _first_line(error),
+                        self._init["dir"])
+        self.run = None
+        try:
+            with contextlib.suppress(Exception):
+                failed.finish(exit_code=1, quiet=True)
+            import wandb
+
+            self.run = wandb.init(mode="offline", id=run_id, resume="allow", **self._init)
+            call(self.run)
+        except Exception as error:  # noqa: BLE001
+            log.warning("W&B failed again (%s: %s); this job goes on without it, its results are in metrics.json.",
                         type(error).__name__, _first_line(error))
             self.run = None
 
@@ -116,7 +133,7 @@ class Tracker:
         self.record.set_teacher(metrics)
         log.info("teacher: %s", _format(metrics))
         if self.run is not None:
-            self._wandb(self.run.summary.update, {f"teacher/{k}": v for k, v in metrics.items()})
+            self._wandb(lambda r: r.summary.update({f"teacher/{k}": v for k, v in metrics.items()}))
 
     def log_epoch(self, record: dict[str, Any], is_best: bool) -> None:
         """One evaluated epoch; `is_best` when it is the new best (the engine decides which epochs count)."""
@@ -126,18 +143,16 @@ class Tracker:
             logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_KEYS}
             logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
             logged.update({k: v for k, v in record.items() if k.startswith(VALIDATION_PREFIX)})
-            self._wandb(self.run.log, {"epoch": record["epoch"], **logged}, step=record["epoch"])
-        if self.run is not None:
-            self._wandb(self.run.summary.update, {f"last/{k}": v for k, v in record.items()})
-        if self.run is not None and is_best:
-            self._wandb(self.run.summary.update, {f"best/{k}": v for k, v in record.items()})
+            self._wandb(lambda r: r.log({"epoch": record["epoch"], **logged}, step=record["epoch"]))
+            self._wandb(lambda r: r.summary.update({f"last/{k}": v for k, v in record.items()}))
+            if is_best:
+                self._wandb(lambda r: r.summary.update({f"best/{k}": v for k, v in record.items()}))
 
     def finish(self, status: str = FINISHED, error: str | None = None) -> None:
         self.record.finish(status, error)
         if self.run is not None:
-            run = self.run
-            self._wandb(run.summary.update, {"status": status})
-            self._wandb(run.finish, exit_code=0 if status == FINISHED else 1)
+            self._wandb(lambda r: r.summary.update({"status": status}))
+            self._wandb(lambda r: r.finish(exit_code=0 if status == FINISHED else 1))
             self.run = None
 
     def fail(self, error: BaseException) -> None:
