@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CARS196_SPLIT, device_description, loss_config, noise_dataset, write_json  # noqa: E402
 

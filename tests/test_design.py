@@ -8,7 +8,7 @@ import torch
 
 import aomd
 from aomd import report
-from aomd.build import instantiate_node, load_data
+from aomd.build import instantiate_node
 from aomd.config import validate
 from aomd.errors import ConfigError
 from aomd.losses.terms import TERMS, distillation_terms, loss_defaults

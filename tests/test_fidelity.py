@@ -1,6 +1,5 @@
 """The reference recipe exactly: learning-rate milestones, weight decay on parameters no term
 reaches, and model selection (test as the reference, last, or held-out validation classes)."""
-import json
 import warnings
 
 import numpy as np

@@ -23,7 +23,6 @@ from aomd.errors import ConfigError
 from aomd.losses.terms import check_loss
 from aomd.models.backbones import BACKBONES
 from aomd.metrics import SELECTIONS
-from aomd.runtime import PRECISIONS
 
 MAX_JOBS_CHECKED = 256  # a sweep larger than this has its first jobs checked up front, the rest as they start
 
@@ -124,10 +123,7 @@ def check_train(train, prefix: str = "train") -> None:
              f"({2 * train.images_per_class}) so that every batch holds negatives.")
     _require(train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:"),
              f"train.device must be auto, cpu or cuda, got {train.device!r}.")
-    _require(train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {train.precision!r}.")
-    _require(train.num_workers == "auto" or (isinstance(train.num_workers, int) and not isinstance(train.num_workers, bool)
-                                             and train.num_workers >= 0),
-             f"train.num_workers must be auto or an integer of 0 or more, got {train.num_workers!r}.")
+    # train.precision and train.num_workers are checked where they are resolved, aomd.runtime.Runtime.resolve
 
 
 def validate(cfg: DictConfig) -> DictConfig:

@@ -73,9 +73,9 @@ def check_archives(name: str, root: Path | None, progress: bool) -> list[str]:
 def verify_split(split_name: str, split: ImageSplit, progress: bool) -> None:
     """Read every image of a cached split back, so a damaged cache file fails here, not mid-sweep."""
     n = len(split)
-    for start in tqdm(range(0, n, READ_CHUNK), desc=f"verifying {split_name}", leave=False,
+    for first in tqdm(range(0, n, READ_CHUNK), desc=f"verifying {split_name}", leave=False,
                       disable=None if progress else True):
-        images = np.asarray(split.images[start : min(start + READ_CHUNK, n)])
+        images = np.asarray(split.images[first : min(first + READ_CHUNK, n)])
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise DatasetError(f"The cached {split_name} images have dtype {images.dtype} and shape {images.shape} "
                                f"instead of uint8 [N, S, S, 3]; delete the cache file and run aomd.prepare again.")

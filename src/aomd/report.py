@@ -26,7 +26,6 @@ The module is split so tests can call each stage directly: reading (`read_sweep`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re

@@ -72,7 +72,7 @@ class Runtime:
         if num_workers == "auto":
             # the CPU trains in the main process (tests and results unchanged); a GPU needs loaders
             num_workers = min(8, max((os.cpu_count() or 1) - 1, 1)) if on_cuda else 0
-        elif not (isinstance(num_workers, int) and num_workers >= 0):
+        elif not (isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0):
             raise ConfigError(f"train.num_workers must be auto or an integer of 0 or more, got {num_workers!r}.")
         if channels_last is None:
             # compiled networks get their memory layout from inductor, which picks channels_last for

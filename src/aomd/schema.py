@@ -24,7 +24,6 @@ import inspect
 import os
 import types
 import typing
-from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable, Optional
 

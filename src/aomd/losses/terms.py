@@ -14,7 +14,7 @@ imports before it builds the schema (README, "Extending aomd").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -51,8 +51,6 @@ class StepOutputs:
 
     def with_float_embeddings(self) -> "StepOutputs":
         """The same outputs with both embeddings in float32 at least (a no-op when they already are)."""
-        from dataclasses import replace
-
         as_float = lambda e: None if e is None else at_least_float32(e)
         return replace(self, student_embeddings=as_float(self.student_embeddings),
                        teacher_embeddings=as_float(self.teacher_embeddings))
