@@ -68,7 +68,8 @@ def test_a_wandb_error_mid_run_continues_in_an_offline_run_with_the_same_id(tmp_
     assert tracker.run_id == first_id
     tracker.finish()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {run.name.rsplit("-", 1)[1] for run in runs} == {first_id}
+    # the run ids from the run files (folder names get a "-1" suffix when two start in the same second)
+    assert len(runs) == 2 and {read_offline_run(run)["id"] for run in runs} == {first_id}
     logged = [h["epoch"] for h in read_offline_run(runs[1])["history"] if "test/recall@1" in h]
     assert logged == [1, 2]
     record = json.loads((tmp_path / "metrics.json").read_text())
