@@ -102,3 +102,59 @@ def test_eval_transform_is_the_centre_crop():
     out = eval_transform(images, 4)
     expected = eval_transform(images[:, 2:6, 2:6], 4)
     assert torch.equal(out, expected) and out.shape == (3, 3, 4, 4)
+
+
+def test_a_skipping_sampler_yields_the_rest_of_the_same_epoch():
+    labels = np.repeat(np.arange(6), 5)
+    whole = list(ClassBalancedBatchSampler(labels, 8, 2, num_batches=5, seed=1))
+    resumed = ClassBalancedBatchSampler(labels, 8, 2, num_batches=5, seed=1)
+    resumed.skip(3)
+    assert list(resumed) == whole[3:]
+    # the next epoch is whole again, and the same as an unskipped sampler's next epoch
+    reference = ClassBalancedBatchSampler(labels, 8, 2, num_batches=5, seed=1)
+    list(reference)
+    assert list(resumed) == list(reference)
+
+
+def _split(n: int = 24):
+    from aomd.data.splits import ImageSplit
+
+    return ImageSplit(np.arange(n * 4 * 4 * 3, dtype=np.uint8).reshape(n, 4, 4, 3) % 251, np.repeat(np.arange(n // 4), 4))
+
+
+def test_iterating_a_loader_leaves_the_global_random_state_alone():
+    from aomd.data.loader import eval_loader, train_loader
+
+    state = torch.get_rng_state()
+    for loader in (eval_loader(_split(), 8), train_loader(_split(), 8, 2, 3, seed=0)):
+        for _ in range(2):
+            list(loader)
+    # the training steps draw from it (negative sampling): a resumed epoch must find it as saved
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_loader_workers_ignore_the_stop_signals(tmp_path):
+    """SLURM signals every process of a job; a worker must neither die nor run the training
+    process's handlers (submitit's would requeue the job a second time)."""
+    import os
+    import signal
+    import time
+
+    from aomd.data.loader import eval_loader
+
+    parent, marker = os.getpid(), tmp_path / "handled-in-a-worker"
+    previous = signal.signal(signal.SIGUSR2, lambda *_: marker.touch() if os.getpid() != parent else None)
+    try:
+        loader = eval_loader(_split(), 4, num_workers=1)
+        batches = iter(loader)
+        first = next(batches)
+        (worker,) = batches._workers
+        for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+            os.kill(worker.pid, signum)
+        time.sleep(0.5)
+        rest = list(batches)
+        assert worker.is_alive() and not marker.exists()
+        assert sum(len(labels) for _, labels in [first, *rest]) == 24
+        del batches, loader
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -72,6 +72,38 @@ def test_a_killed_run_resumes_to_the_same_history_and_best(tmp_path):
     assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", killed / "checkpoints" / "last.pt")
 
 
+def signalled_at_step(signal_name: str, step: int) -> dict[str, str]:
+    """The environment of a job that sends itself `signal_name` at its `step`-th training step."""
+    return {"AOMD_PLUGINS": "signal_plugin", "PYTHONPATH": str(REPO / "tests"), "AOMD_TEST_SIGNAL": f"{signal_name}@{step}"}
+
+
+@pytest.mark.parametrize("signal_name, workers", [("SIGTERM", 0), ("SIGUSR2", 1), ("SIGINT", 0)])
+def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(signal_name, workers, tmp_path):
+    args = [*FOUR_EPOCHS, f"train.num_workers={workers}"]  # with a worker, it gets the signal too
+    uninterrupted = train(tmp_path / "a", *args, tiny=False)
+    stopped = tmp_path / "b"
+    # step 7 of 4 x 4: the third step of epoch 2; the step finishes, then the job saves and stops
+    result = run_module("aomd.train", *args, f"hydra.run.dir={stopped}", env=signalled_at_step(signal_name, 7))
+    assert result.returncode == 128 + getattr(signal, signal_name), result.stderr[-3000:]
+    if signal_name == "SIGINT":  # Ctrl-C: a line, not a traceback
+        assert "interrupted; the same command continues the job" in result.stderr and "Traceback" not in result.stderr
+    assert f"{signal_name} in epoch 2 after step 3 of 4: saved checkpoints/last.pt" in result.stdout + result.stderr
+    record = json.loads((stopped / "metrics.json").read_text())
+    assert record["status"] == "interrupted"
+    assert record["error"].startswith(f"stopped by {signal_name} in epoch 2 after step 3 of 4")
+    assert [r["epoch"] for r in record["history"]] == [0, 1]
+    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["training"]
+    assert state["epoch"] == 1 and state["partial"]["steps"] == 3
+    result = run_module("aomd.train", *args, f"hydra.run.dir={stopped}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming in epoch 2 of 4 after step 3 of 4" in result.stdout + result.stderr
+    resumed = json.loads((stopped / "metrics.json").read_text())
+    assert resumed["status"] == "finished"
+    assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
+    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt", stopped / "checkpoints" / "best.pt")
+    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", stopped / "checkpoints" / "last.pt")
+
+
 def test_a_finished_run_is_not_trained_again(tmp_path):
     train(tmp_path)
     stamp = (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns

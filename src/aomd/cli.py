@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from aomd.config import check_before_start, config_dir
 from aomd.errors import UserError
-from aomd.records import FINISHED, read_record, record_failure
+from aomd.records import FINISHED, RUNNING, read_record, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,13 @@ def in_multirun() -> bool:
 def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str) -> float:
     """Run a task function. A single run ends on bad input with one line on stderr and exit code 2;
     in a sweep, a failed job (bad value, NaN, out of memory, ...) is recorded in its metrics.json
-    and returns NaN, so the other jobs go on."""
+    and returns NaN, so the other jobs go on. Ctrl-C ends it with one line and exit code 130."""
     try:
         return task(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback; a sweep ends too
+        print(f"{program}: interrupted; the same command continues the job (train.resume=auto).", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
     except Exception as error:
         if in_multirun():
             job_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -94,8 +98,10 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         states = {job.parent.name: read_record(job.parent) for job in sorted(sweep_dir.glob("*/.hydra"))}
-        failed = {name: (s or {}).get("error", "") for name, s in states.items() if (s or {}).get("status") != FINISHED}
-        print(f"\nSweep {sweep_dir}: {len(states) - len(failed)} of {len(states)} jobs finished.", flush=True)
-        for name, error in failed.items():
-            print(f"  job {name} failed: {error or 'no metrics.json'}", flush=True)
+        unfinished = {name: s or {} for name, s in states.items() if (s or {}).get("status") != FINISHED}
+        print(f"\nSweep {sweep_dir}: {len(states) - len(unfinished)} of {len(states)} jobs finished.", flush=True)
+        for name, state in unfinished.items():
+            status = "failed" if state.get("status") in (None, RUNNING) else state["status"]
+            why = state.get("error") or ("ended without updating its metrics.json" if state else "no metrics.json")
+            print(f"  job {name} {status}: {why}", flush=True)
         print(f"Compare the jobs with: python -m aomd.report {sweep_dir}", flush=True)

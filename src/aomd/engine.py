@@ -19,6 +19,7 @@ from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
 from aomd.metrics import retrieval_metrics, selection_metric
 from aomd.models import EmbeddingNet, save_checkpoint
+from aomd.preemption import StopSignals
 from aomd import resume as resume_state
 from aomd.runtime import Runtime
 from aomd.schema import EvalSchema, TrainSchema
@@ -189,12 +190,16 @@ def fit(
     best: dict[str, Any] | None = None
     history: list[dict[str, Any]] = []
     scaler = step.scaler
+    sampler = loader.sampler
 
-    def save_last(epoch: int, record: dict[str, Any] | None) -> None:
+    def save_last(epoch: int, sampler_state: dict[str, Any], partial: dict[str, Any] | None = None) -> None:
+        """`last.pt` after `epoch`, or in the middle of the next one (`partial`: its steps so far,
+        with `sampler_state` the sampler's state at that epoch's start)."""
         training = {"epoch": epoch, "identity": identity, "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "best": best, "history": history,
-                    "random": resume_state.random_states(loader.sampler.rng, step.augment_rng), **(checkpoint_extra or {})}
-        save_checkpoint(checkpoints / "last.pt", student, metrics=record, objective=objective.state_dict(), training=training)
+                    "scaler": scaler.state_dict(), "best": best, "history": history, "partial": partial,
+                    "random": resume_state.random_states(sampler_state, step.augment_rng), **(checkpoint_extra or {})}
+        save_checkpoint(checkpoints / "last.pt", student, metrics=history[-1] if history else None,
+                        objective=objective.state_dict(), training=training)
 
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
         nonlocal best
@@ -210,52 +215,77 @@ def fit(
         on_epoch(record, is_best)
         return record
 
-    if resume is None:
-        evaluate_epoch(0, {})
-        first_epoch = 1
-    else:
-        training = resume["training"]
-        student.load_state_dict(resume["model"])
-        objective.load_state_dict(resume["objective"])
-        optimizer.load_state_dict(training["optimizer"])
-        scaler.load_state_dict(training["scaler"])
-        best, history = training["best"], list(training["history"])
-        resume_state.restore_random_states(training["random"], loader.sampler.rng, step.augment_rng)
-        first_epoch = training["epoch"] + 1
-        log.info("Resuming after epoch %d of %d.", training["epoch"], train.epochs)
-        if on_restore is not None:
-            on_restore(history, best)
-    for epoch in range(first_epoch, train.epochs + 1):
-        # running sums stay on the device: no host synchronisation per step
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-        started = time.perf_counter()
-        bar = tqdm(to_device(loader, device), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
-                   leave=False, unit="img", unit_scale=train.batch_size, disable=None if train.progress else True)
-        lr = learning_rate(train.lr, train.lr_decay_epochs, train.lr_decay_gamma, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        shown = None
-        try:
-            for index, (images, labels) in enumerate(bar):
-                loss, terms = step(images, labels)
-                sums["loss"] += loss
-                for name, value in terms.items():
-                    sums[f"loss/{name}"] += value
-                if train.progress and index % 10 == 0:
-                    # the loss of ten steps ago is long computed: reading it does not stall the device
-                    if shown is not None:
-                        bar.set_postfix(loss=f"{shown.item():.4f}")
-                    shown = loss
-        except torch.OutOfMemoryError as error:
-            raise _out_of_memory(error, "training", "train.batch_size", train.batch_size, runtime) from None
-        means = {name: total.item() / train.iters_per_epoch for name, total in sums.items()}
-        if not math.isfinite(means["loss"]):
-            raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")
-        means["lr"] = lr
-        means["epoch_seconds"] = time.perf_counter() - started
-        means["images_per_second"] = train.iters_per_epoch * train.batch_size / means["epoch_seconds"]
-        record = evaluate_epoch(epoch, means)
-        save_last(epoch, record)
-    if train.epochs == 0:
-        save_last(0, best)
+    partial = None
+    with StopSignals() as stop:
+        if resume is None:
+            evaluate_epoch(0, {})
+            first_epoch = 1
+            if stop.requested:
+                save_last(0, resume_state.sampler_state(sampler))
+                stop.stop("after the evaluation before training")
+        else:
+            training = resume["training"]
+            student.load_state_dict(resume["model"])
+            objective.load_state_dict(resume["objective"])
+            optimizer.load_state_dict(training["optimizer"])
+            scaler.load_state_dict(training["scaler"])
+            best, history = training["best"], list(training["history"])
+            resume_state.restore_random_states(training["random"], sampler, step.augment_rng)
+            partial = training.get("partial")
+            first_epoch = training["epoch"] + 1
+            if partial is None:
+                log.info("Resuming after epoch %d of %d.", training["epoch"], train.epochs)
+            else:
+                log.info("Resuming in epoch %d of %d after step %d of %d.", first_epoch, train.epochs,
+                         partial["steps"], train.iters_per_epoch)
+            if on_restore is not None:
+                on_restore(history, best)
+        for epoch in range(first_epoch, train.epochs + 1):
+            epoch_start = resume_state.sampler_state(sampler)
+            # running sums stay on the device: no host synchronisation per step
+            sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+            steps_done, seconds_before = 0, 0.0
+            if partial is not None:  # resumed in the middle of this epoch
+                steps_done, seconds_before = partial["steps"], partial["seconds"]
+                sums.update({name: total.to(device) for name, total in partial["sums"].items()})
+                sampler.skip(steps_done)
+                partial = None
+            started = time.perf_counter()
+            bar = tqdm(to_device(loader, device), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
+                       initial=steps_done, leave=False, unit="img", unit_scale=train.batch_size,
+                       disable=None if train.progress else True)
+            lr = learning_rate(train.lr, train.lr_decay_epochs, train.lr_decay_gamma, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            shown = None
+            try:
+                for index, (images, labels) in enumerate(bar, start=steps_done + 1):
+                    loss, terms = step(images, labels)
+                    sums["loss"] += loss
+                    for name, value in terms.items():
+                        sums[f"loss/{name}"] += value
+                    if stop.requested:
+                        save_last(epoch - 1, epoch_start, {
+                            "steps": index, "sums": {name: total.cpu() for name, total in sums.items()},
+                            "seconds": seconds_before + time.perf_counter() - started})
+                        stop.stop(f"in epoch {epoch} after step {index} of {train.iters_per_epoch}")
+                    if train.progress and index % 10 == 0:
+                        # the loss of ten steps ago is long computed: reading it does not stall the device
+                        if shown is not None:
+                            bar.set_postfix(loss=f"{shown.item():.4f}")
+                        shown = loss
+            except torch.OutOfMemoryError as error:
+                raise _out_of_memory(error, "training", "train.batch_size", train.batch_size, runtime) from None
+            means = {name: total.item() / train.iters_per_epoch for name, total in sums.items()}
+            if not math.isfinite(means["loss"]):
+                raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")
+            means["lr"] = lr
+            means["epoch_seconds"] = seconds_before + time.perf_counter() - started
+            means["images_per_second"] = train.iters_per_epoch * train.batch_size / means["epoch_seconds"]
+            evaluate_epoch(epoch, means)
+            save_last(epoch, resume_state.sampler_state(sampler))
+            if stop.requested:  # during the evaluation: the state after the epoch is saved
+                stop.stop(f"after epoch {epoch}")
+        if train.epochs == 0:
+            save_last(0, resume_state.sampler_state(sampler))
     return best

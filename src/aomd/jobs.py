@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from aomd.data import RetrievalData
+from aomd import preemption
 from aomd.engine import fit
 from aomd.losses.objective import Objective
 from aomd.metrics import selection_metric
@@ -32,6 +33,9 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
         best = fit(model, objective, data, recipe, eval_spec, runtime, out_dir, tracker.log_epoch, teacher,
                    best_from_epoch, identity=identity, resume=state, on_restore=tracker.restore,
                    checkpoint_extra={"wandb_run_id": tracker.run_id})
+    except (SystemExit, KeyboardInterrupt) as stop:  # a signal (preemption, time limit, Ctrl-C): resumable
+        tracker.interrupt(preemption.last_stop or f"stopped by {type(stop).__name__}")
+        raise
     except BaseException as error:
         tracker.fail(error)
         raise

@@ -2,7 +2,7 @@
 
 metrics.json::
 
-    {"status": "running" | "finished" | "failed",
+    {"status": "running" | "finished" | "failed" | "interrupted",
      "job_type": "student" | "teacher",
      "overrides": the job's command-line overrides that identify it (`identity_overrides`),
      "runtime": the resolved device and precision (aomd.runtime.Runtime.describe),
@@ -11,7 +11,10 @@ metrics.json::
      "history": [record, ...] (one per evaluated epoch),
      "dataset": {"train_images", "test_images", "train_classes", "test_classes"},
      "teacher": the teacher's test metrics (distillation only),
-     "error": "Type: message" (failed jobs)}
+     "error": "Type: message" (failed jobs), or why it stopped (interrupted jobs)}
+
+"interrupted": the job was asked to stop by a signal (SLURM preemption or time limit, `kill`,
+Ctrl-C) and saved its state in `checkpoints/last.pt`; running the same job again continues it.
 
 where a record holds "epoch", the test split's "recall@K", "map@r", "r_precision" (with
 eval.select=val also the validation split's, as "val/recall@K", ...), and for trained epochs the
@@ -32,7 +35,7 @@ from typing import Any, Iterable
 from omegaconf import OmegaConf
 
 METRICS_FILE = "metrics.json"
-RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 RETRIEVAL_KEYS = ("recall@", "map@", "r_precision")  # the prefixes of the test metrics in a record
 TRAINING_SPEED_KEYS = ("epoch_seconds", "images_per_second")
 TRAINING_KEYS = ("lr", *TRAINING_SPEED_KEYS)  # logged under train/ with the losses
@@ -157,7 +160,7 @@ class JobRecord:
         self.save()
 
     def finish(self, status: str, error: str | None = None) -> None:
-        assert status in (FINISHED, FAILED), status
+        assert status in (FINISHED, FAILED, INTERRUPTED), status
         self.state["status"] = status
         if error:
             self.state["error"] = error

@@ -65,7 +65,7 @@ class ReportError(UserError):
 class Job:
     """One job folder of a sweep.
 
-    `status` is the metrics.json status ("finished", "running", "failed") or one of "missing"
+    `status` is the metrics.json status ("finished", "running", "failed", "interrupted") or one of "missing"
     (no metrics.json), "unreadable" (a file could not be parsed; `error` says which) and
     "no result" (finished without an evaluated epoch). `best` holds the metrics of the best epoch
     (fractions), `config_overrides` the overrides that identify its configuration (all overrides

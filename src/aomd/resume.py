@@ -1,11 +1,15 @@
 """Resuming an interrupted job from its `checkpoints/last.pt`.
 
-`last.pt` is written atomically after every epoch. Beyond the model it holds, under `training`,
-what an exact continuation needs: the objective (adapters, regressors), the optimiser and the
-gradient scaler, the epoch, the selected (`best`) record and the metrics history, the
-class-balanced sampler's and the augmentation's generators, the Python, NumPy and torch (CPU and
-CUDA) random states, the job's identity and its W&B run id. A job resumed from it on the CPU ends
-with the same history and the same `best.pt` as one that was never interrupted.
+`last.pt` is written atomically after every epoch, and in the middle of an epoch when the job is
+asked to stop by a signal (SIGTERM, SIGINT, SLURM's SIGUSR2: `aomd.preemption`). Beyond the model
+it holds, under `training`, what an exact continuation needs: the objective (adapters,
+regressors), the optimiser and the gradient scaler, the last finished epoch, the selected
+(`best`) record and the metrics history, the class-balanced sampler's and the augmentation's
+generators, the Python, NumPy and torch (CPU and CUDA) random states, the job's identity and its
+W&B run id; in the middle of an epoch also `partial`: the steps trained in it, their running loss
+sums and seconds (the sampler's state is then the one at the start of that epoch, and the resumed
+run skips the batches already trained on). A job resumed from it on the CPU ends with the same
+history and the same `best.pt` as one that was never interrupted.
 
 `train.resume`: `auto` (the default: continue the job folder's own unfinished run; a finished one
 is not trained again), `never` (start over), or a run folder or `last.pt` to continue from.
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.errors import UserError
 from aomd.models import CheckpointError, read_checkpoint
 
@@ -29,11 +34,17 @@ class ResumeError(UserError, ValueError):
     """A `last.pt` that cannot be continued from: truncated, or another job's."""
 
 
-def random_states(sampler_rng: np.random.Generator, augment_rng: torch.Generator) -> dict[str, Any]:
-    """Every generator the training loop draws from, as tensors and plain data."""
+def sampler_state(sampler: ClassBalancedBatchSampler) -> dict[str, Any]:
+    """The state of the batch sampler's generator now, as plain data."""
+    return _plain(sampler.rng.bit_generator.state)
+
+
+def random_states(sampler: dict[str, Any], augment_rng: torch.Generator) -> dict[str, Any]:
+    """Every generator the training loop draws from, as tensors and plain data (`sampler`: a
+    `sampler_state`, taken at the start of the epoch when the state is saved in its middle)."""
     numpy_state = np.random.get_state()
     return {
-        "sampler": _plain(sampler_rng.bit_generator.state),
+        "sampler": sampler,
         "augment": augment_rng.get_state(),
         "python": random.getstate(),
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
@@ -42,8 +53,8 @@ def random_states(sampler_rng: np.random.Generator, augment_rng: torch.Generator
     }
 
 
-def restore_random_states(states: dict[str, Any], sampler_rng: np.random.Generator, augment_rng: torch.Generator) -> None:
-    sampler_rng.bit_generator.state = _unplain(states["sampler"])
+def restore_random_states(states: dict[str, Any], sampler: ClassBalancedBatchSampler, augment_rng: torch.Generator) -> None:
+    sampler.rng.bit_generator.state = _unplain(states["sampler"])
     augment_rng.set_state(states["augment"])
     random.setstate(_tuples(states["python"]))
     kind, keys, *rest = states["numpy"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from aomd.records import (FAILED, FINISHED, RETRIEVAL_KEYS, TRAINING_KEYS, VALIDATION_PREFIX, JobRecord, identifies,
+from aomd.records import (FAILED, FINISHED, INTERRUPTED, RETRIEVAL_KEYS, TRAINING_KEYS, VALIDATION_PREFIX, JobRecord, identifies,
                            override_key)
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,17 @@ class Tracker:
         self.record.finish(status, error)
         if self.run is not None:
             self._wandb(lambda r: r.summary.update({"status": status}))
+            if status == INTERRUPTED:  # W&B shows it as preempted until the job resumes the run
+                self._wandb(lambda r: r.mark_preempting())
             self._wandb(lambda r: r.finish(exit_code=0 if status == FINISHED else 1))
             self.run = None
 
     def fail(self, error: BaseException) -> None:
         self.finish(FAILED, error=f"{type(error).__name__}: {error}")
+
+    def interrupt(self, reason: str) -> None:
+        """The job was stopped by a signal; its last.pt continues it."""
+        self.finish(INTERRUPTED, error=reason)
 
     def summary_table(self) -> str:
         """The per-epoch history as a fixed-width table, the best epoch marked with *."""

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.data.splits import ImageSplit
+from aomd.preemption import ignore_in_worker
 
 
 class _BatchReader(Dataset):
@@ -32,11 +33,14 @@ class _BatchReader(Dataset):
 
 def _loader(split: ImageSplit, batches, num_workers: int, pin_memory: bool) -> DataLoader:
     """A loader of whole batches. The batch indices are drawn in this process (the data order
-    does not depend on the number of workers); each worker opens its own cache handle and the
-    workers persist across epochs (no fork per epoch or per evaluation)."""
+    does not depend on the number of workers); each worker opens its own cache handle, ignores
+    the stop signals (aomd.preemption) and persists across epochs (no fork per epoch or per
+    evaluation). The loader draws its workers' seeds from a generator of its own: iterating it
+    leaves the global random state, which the training steps draw from, untouched (a run resumed
+    in the middle of an epoch continues exactly)."""
     workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
-    return DataLoader(_BatchReader(split), sampler=batches, batch_size=None,
-                      num_workers=num_workers, pin_memory=pin_memory, **workers)
+    return DataLoader(_BatchReader(split), sampler=batches, batch_size=None, num_workers=num_workers,
+                      pin_memory=pin_memory, worker_init_fn=ignore_in_worker, generator=torch.Generator(), **workers)
 
 
 def train_loader(split: ImageSplit, batch_size: int, images_per_class: int, num_batches: int,

@@ -14,6 +14,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     random images are taken from each until the batch is full; the last class visited fills
     only what is left (batch 128 with m = 5 is 25 classes x 5 + 3). A class with fewer than m
     images gives all of them.
+
+    `skip(k)` makes the next epoch yield only its batches after the first k (they are still
+    drawn, so the random stream is the one of a whole epoch): a run resumed in the middle of an
+    epoch sees the batches it had not trained on yet.
     """
 
     def __init__(self, labels: np.ndarray, batch_size: int, images_per_class: int, num_batches: int, seed: int = 0):
@@ -26,13 +30,21 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.images_per_class = images_per_class
         self.num_batches = num_batches
         self.rng = np.random.default_rng(seed)
+        self._skip = 0
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def skip(self, num_batches: int) -> None:
+        assert 0 <= num_batches <= self.num_batches, num_batches
+        self._skip = num_batches
+
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            yield self._batch()
+        skipped, self._skip = self._skip, 0
+        for index in range(self.num_batches):
+            batch = self._batch()
+            if index >= skipped:
+                yield batch
 
     def _batch(self) -> list[int]:
         batch: list[int] = []
