@@ -28,8 +28,11 @@ pytestmark = pytest.mark.slow
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 # five short epochs: long enough to requeue or cancel a job in the middle of its training
 EPOCHS = ["train.epochs=5", "train.iters_per_epoch=6"]
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
+CPU_ONLY = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]
+# submitit counts a SIGUSR2 as a time-out when the job ran 80% of its time, or all but 10 minutes of
+# it: with 10 minutes every SIGUSR2 is a time-out, with 60 a preemption
+SLURM = [*CPU_ONLY, "hydra.launcher.timeout_min=10"]
 LOSSES = "loss=triplet,contrastive"
 SWEEP_TIMEOUT = 600  # seconds: a sweep that takes longer hangs
 
@@ -69,15 +72,17 @@ def slurm(env: dict[str, str], *command: str) -> str:
     return result.stdout
 
 
-def sweep_args(sweep_dir: Path, *overrides: str) -> list[str]:
-    return ["-m", *TINY, *EPOCHS, "logger=none", *SLURM, f"hydra.sweep.dir={sweep_dir}", LOSSES, *overrides]
+def sweep_args(sweep_dir: Path, *overrides: str, launcher: list[str] = SLURM, epochs: list[str] = EPOCHS,
+               losses: str = LOSSES) -> list[str]:
+    return ["-m", *TINY, *epochs, "logger=none", *launcher, f"hydra.sweep.dir={sweep_dir}", losses, *overrides]
 
 
-def start_sweep(sweep_dir: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`python -m aomd.train -m ...` through the slurm launcher, in the background (output in sweep.log)."""
+def start_sweep(sweep_dir: Path, env: dict[str, str], **options) -> subprocess.Popen:
+    """`python -m aomd.train -m ...` through the slurm launcher, in the background (output in
+    <sweep_dir>.log); `options` go to `sweep_args`."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     output = open(sweep_dir.parent / f"{sweep_dir.name}.log", "w")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen([sys.executable, "-m", "aomd.train", *sweep_args(sweep_dir)], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "aomd.train", *sweep_args(sweep_dir, **options)], cwd=REPO,
                                env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT, text=True)
     process.output_file = output
     return process
@@ -158,6 +163,11 @@ def log_text(sweep_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in files)
 
 
+def job_log(sweep_dir: Path, job_num: int) -> str:
+    """What sweep job `job_num` logged: its Hydra log and its array task's submitit output."""
+    return log_text(sweep_dir / str(job_num)) + "".join(log_text(f) for f in sweep_dir.glob(f".submitit/*_{job_num}"))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tmp_path_factory) -> dict[int, dict]:
     """A two-job sweep through SLURM, run to the end: {job number: metrics.json}."""
@@ -193,9 +203,7 @@ def test_a_requeued_job_resumes_and_ends_as_if_never_stopped(cluster, uninterrup
     assert code == 0, output[-3000:]
     jobs = read_jobs(sweep_dir)
     assert all(job["status"] == "finished" for job in jobs.values()), {n: job.get("error") for n, job in jobs.items()}
-    # its Hydra log, and submitit's stdout and stderr of the array task (.submitit/<array id>_0/)
-    logs = log_text(sweep_dir / "0") + "".join(log_text(folder) for folder in sweep_dir.glob(".submitit/*_0"))
-    assert "Resuming after epoch" in logs, "job 0 was not resumed from its last.pt after the requeue"
+    assert "Resuming" in job_log(sweep_dir, 0), "job 0 was not resumed from its last.pt after the requeue"
     for number in (0, 1):
         assert strip_timing(jobs[number]["history"]) == strip_timing(uninterrupted[number]["history"])
         assert jobs[number]["best"]["epoch"] == uninterrupted[number]["best"]["epoch"]
@@ -221,3 +229,61 @@ def test_a_cancelled_job_ends_the_sweep_and_is_reported_unfinished(cluster, tmp_
     assert "## Jobs not finished (1)" in text
     unfinished = text.split("## Jobs not finished", 1)[1]
     assert "- job `1`:" in unfinished
+
+
+def test_a_preempted_job_saves_its_epoch_is_requeued_and_ends_as_if_never_stopped(cluster, uninterrupted, tmp_path):
+    """`scancel --signal=USR2` is how SLURM (and submitit's own tests) preempt a job: the job saves
+    last.pt after its current step, submitit requeues it, and it continues from that step."""
+    sweep_dir = tmp_path / "sweep"
+    process = start_sweep(sweep_dir, cluster, launcher=[*CPU_ONLY, "hydra.launcher.timeout_min=60"])
+    try:
+        job_id = slurm_job_id(cluster, 0)
+        wait_until(lambda: epochs_saved(sweep_dir / "0") >= 1, "job 0 trained an epoch", process)
+        slurm(cluster, "scancel", "--signal=USR2", job_id)
+        code, output = finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0, output[-3000:]
+    logs = job_log(sweep_dir, 0)
+    assert "Caught SIGUSR2" in logs and "saved checkpoints/last.pt" in logs
+    assert "this job is preempted" in logs and "Requeued job" in logs  # submitit's words
+    assert "Resuming" in logs
+    jobs = read_jobs(sweep_dir)
+    for number in (0, 1):
+        assert jobs[number]["status"] == "finished"
+        assert strip_timing(jobs[number]["history"]) == strip_timing(uninterrupted[number]["history"])
+
+
+def test_a_job_reaching_its_time_limit_is_requeued_as_often_as_max_num_timeout_allows(cluster, tmp_path):
+    """Two single-job sweeps at once, each job given one minute: SLURM sends SIGUSR2
+    `signal_delay_s` (plus up to its 30 s check interval) before the limit, 20 to 50 s after the
+    job started. The job saves and submitit requeues it, at most `max_num_timeout` times: with 8
+    the job trains about 50 s over several attempts and finishes; with 0 it is not requeued and
+    its record says why."""
+    one_minute = [*CPU_ONLY, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10"]
+    requeued, not_requeued = tmp_path / "requeued", tmp_path / "not-requeued"
+    processes = [
+        start_sweep(requeued, cluster, launcher=[*one_minute, "hydra.launcher.max_num_timeout=8"],
+                    epochs=["train.epochs=10", "train.iters_per_epoch=50"], losses="loss=triplet"),
+        start_sweep(not_requeued, cluster, launcher=[*one_minute, "hydra.launcher.max_num_timeout=0"],
+                    epochs=["train.epochs=30", "train.iters_per_epoch=50"], losses="loss=triplet"),
+    ]
+    try:
+        (code, output), (_, refused_output) = (finish(process) for process in processes)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert code == 0, output[-3000:]
+    logs = job_log(requeued, 0)
+    assert "this job is timed-out" in logs and "Requeued job" in logs and "Resuming" in logs
+    record = read_jobs(requeued)[0]
+    assert record["status"] == "finished" and [r["epoch"] for r in record["history"]] == list(range(11))
+
+    logs = job_log(not_requeued, 0)
+    assert "this job is timed-out" in logs and "Requeued job" not in logs
+    record = read_jobs(not_requeued)[0]
+    assert record["status"] == "failed" and "timed-out too many times" in record["error"], record.get("error")
+    assert "job 0 failed: UncompletedJobError" in refused_output
+    assert (not_requeued / "0" / "checkpoints" / "last.pt").is_file()  # a rerun of the sweep continues it

@@ -19,6 +19,7 @@ from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
 from aomd.metrics import retrieval_metrics, selection_metric
 from aomd.models import EmbeddingNet, save_checkpoint
+from aomd import preemption
 from aomd.preemption import StopSignals
 from aomd import resume as resume_state
 from aomd.runtime import Runtime
@@ -216,6 +217,7 @@ def fit(
         return record
 
     partial = None
+    preemption.last_stop = None
     with StopSignals() as stop:
         if resume is None:
             evaluate_epoch(0, {})

@@ -53,8 +53,6 @@ class StopSignals:
         self._previous: dict[int, Callable[[int, FrameType | None], Any] | int] = {}
 
     def __enter__(self) -> "StopSignals":
-        global last_stop
-        last_stop = None
         if threading.current_thread() is not threading.main_thread():
             return self
         for signum in stop_signals():
@@ -72,7 +70,7 @@ class StopSignals:
 
     def _request(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:
-            self._act(signum, frame)  # asked twice: no waiting for the step to end
+            _act(self._previous.get(signum, signal.SIG_DFL), signum, frame)  # asked twice: no waiting
         self.requested = signum
         log.warning("Caught %s: stopping after the current step, once checkpoints/last.pt is written.",
                     signal.Signals(signum).name)
@@ -85,11 +83,17 @@ class StopSignals:
         last_stop = f"stopped by {signal.Signals(signum).name} {where}; the next run of this job continues from there"
         log.warning("%s %s: saved checkpoints/last.pt; the next run of this job (train.resume=auto) continues from it.",
                     signal.Signals(signum).name, where)
-        self._act(signum, None)
-
-    def _act(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)
-        if callable(previous):
-            previous(signum, frame)  # may return: submitit ignores SIGTERM, SLURM ends the job itself
-            return
-        raise SystemExit(128 + signum)
+        # while it acts, the previous handlers take the signals that come (SLURM's SIGTERM after
+        # submitit requeued the job); if it returns, the job goes on, guarded again
+        self.__exit__()
+        _act(previous, signum, None)
+        self.__enter__()
+
+
+def _act(handler: Callable[[int, FrameType | None], Any] | int, signum: int, frame: FrameType | None) -> None:
+    """What `signum` does with `handler` installed (SIG_DFL: the stop signals end the process)."""
+    if callable(handler):
+        handler(signum, frame)  # may return: submitit ignores SIGTERM, SLURM ends the job itself
+        return
+    raise SystemExit(128 + signum)
