@@ -9,6 +9,7 @@ needs a card's speed is skipped then.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ from aomd.models import EmbeddingNet
 from aomd.build import build_objective
 from aomd.runtime import Runtime
 from aomd.records import TRAINING_SPEED_KEYS
-from conftest import REPO, TINY, compose, train
+from conftest import REPO, TINY, compose, run_module, train
 
 DEVICE = os.environ.get("AOMD_GPU_TIER_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE is not None and DEVICE.startswith("cuda")
@@ -104,6 +105,23 @@ def test_a_device_run_repeats_its_metrics(tmp_path):
     first = train(tmp_path / "a", "loss=triplet", f"train.device={DEVICE}")
     second = train(tmp_path / "b", "loss=triplet", f"train.device={DEVICE}")
     assert strip_timing(first["history"]) == strip_timing(second["history"])
+
+
+@pytest.mark.parametrize("loss", ["aomd_mode2", "triplet"])
+def test_a_device_run_stopped_mid_epoch_resumes_to_the_same_history(loss, tmp_path):
+    """SIGUSR2 (SLURM's preemption) at step 3 of epoch 2, in the default precision with a gradient
+    scaler or autocast state and the CUDA generator in last.pt: the resumed run's history equals an
+    uninterrupted one's."""
+    from test_resume import signalled_at_step
+
+    args = [f"loss={loss}", f"train.device={DEVICE}", "train.epochs=3", "train.iters_per_epoch=4"]
+    uninterrupted = train(tmp_path / "a", *args)
+    result = run_module("aomd.train", *TINY, "logger=none", *args, f"hydra.run.dir={tmp_path / 'b'}",
+                        env=signalled_at_step("SIGUSR2", 7))
+    assert result.returncode == 128 + signal.SIGUSR2, result.stderr[-3000:]
+    resumed = train(tmp_path / "b", *args)
+    assert resumed["status"] == "finished"
+    assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
 
 
 def test_bf16_recall_is_within_tolerance_of_fp32(tmp_path):

@@ -148,11 +148,14 @@ def test_a_distillation_killed_while_its_teacher_trains_resumes_exactly(tmp_path
 def test_a_resumed_job_continues_its_wandb_run(tmp_path):
     args = [*FOUR_EPOCHS[:-1], "logger=wandb", "logger.mode=offline", "logger.project=aomd-test"]
     env = {"WANDB_MODE": "offline"}
-    kill_when(tmp_path, args, lambda: epochs_saved(tmp_path / "checkpoints" / "last.pt") >= 2, env=env)
+    # stopped by SIGTERM in epoch 3 (its first step)
+    result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path}", env={**env, **signalled_at_step("SIGTERM", 9)})
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path}", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs
+    assert read_offline_run(runs[0])["summary"]["status"] == "interrupted"
     # one run per job in the dashboard: the same id (the end of an offline run folder's name)
     assert len({run.name.rsplit("-", 1)[1] for run in runs}) == 1
     second = read_offline_run(runs[1])
