@@ -57,19 +57,25 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 def test_a_killed_run_resumes_to_the_same_history_and_best(tmp_path):
-    uninterrupted = train(tmp_path / "a", *FOUR_EPOCHS, tiny=False)
+    train(tmp_path / "a", *FOUR_EPOCHS, tiny=False)
     killed = tmp_path / "b"
     kill_when(killed, FOUR_EPOCHS, lambda: epochs_saved(killed / "checkpoints" / "last.pt") >= 2)
     assert json.loads((killed / "metrics.json").read_text())["status"] == "running"
-    result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={killed}")
+    assert_resumes_to(tmp_path / "a", killed, FOUR_EPOCHS, "Resuming after epoch 2 of 4")
+
+
+def assert_resumes_to(uninterrupted: Path, stopped: Path, args: list[str], message: str) -> None:
+    """Running the job again into `stopped` says `message` and ends exactly as `uninterrupted` did:
+    the same history, the same best.pt and last.pt."""
+    result = run_module("aomd.train", *args, f"hydra.run.dir={stopped}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming after epoch" in result.stderr + result.stdout
-    resumed = json.loads((killed / "metrics.json").read_text())
+    assert message in result.stdout + result.stderr
+    resumed, expected = (json.loads((folder / "metrics.json").read_text()) for folder in (stopped, uninterrupted))
     assert resumed["status"] == "finished"
-    assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
-    assert resumed["best"]["epoch"] == uninterrupted["best"]["epoch"]
-    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt", killed / "checkpoints" / "best.pt")
-    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", killed / "checkpoints" / "last.pt")
+    assert strip_timing(resumed["history"]) == strip_timing(expected["history"])
+    assert resumed["best"]["epoch"] == expected["best"]["epoch"]
+    for name in ("best.pt", "last.pt"):
+        assert_same_checkpoint(uninterrupted / "checkpoints" / name, stopped / "checkpoints" / name)
 
 
 def signalled_at_step(signal_name: str, step: int) -> dict[str, str]:
@@ -80,7 +86,7 @@ def signalled_at_step(signal_name: str, step: int) -> dict[str, str]:
 @pytest.mark.parametrize("signal_name, workers", [("SIGTERM", 0), ("SIGUSR2", 1), ("SIGINT", 0)])
 def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(signal_name, workers, tmp_path):
     args = [*FOUR_EPOCHS, f"train.num_workers={workers}"]  # with a worker, it gets the signal too
-    uninterrupted = train(tmp_path / "a", *args, tiny=False)
+    train(tmp_path / "a", *args, tiny=False)
     stopped = tmp_path / "b"
     # step 7 of 4 x 4: the third step of epoch 2; the step finishes, then the job saves and stops
     result = run_module("aomd.train", *args, f"hydra.run.dir={stopped}", env=signalled_at_step(signal_name, 7))
@@ -94,14 +100,7 @@ def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly
     assert [r["epoch"] for r in record["history"]] == [0, 1]
     state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["training"]
     assert state["epoch"] == 1 and state["partial"]["steps"] == 3
-    result = run_module("aomd.train", *args, f"hydra.run.dir={stopped}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming in epoch 2 of 4 after step 3 of 4" in result.stdout + result.stderr
-    resumed = json.loads((stopped / "metrics.json").read_text())
-    assert resumed["status"] == "finished"
-    assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
-    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt", stopped / "checkpoints" / "best.pt")
-    assert_same_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt", stopped / "checkpoints" / "last.pt")
+    assert_resumes_to(tmp_path / "a", stopped, args, "Resuming in epoch 2 of 4 after step 3 of 4")
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path):

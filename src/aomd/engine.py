@@ -166,6 +166,10 @@ def fit(
     among epochs >= `best_from_epoch`: the best test Recall@1 (select "test", the reference's
     practice), the best validation Recall@1 ("val") or the last ("last"). Writes
     `checkpoints/best.pt` (the selected epoch) and `checkpoints/last.pt` under `out_dir`.
+
+    A stop signal (SIGTERM, SIGINT, SLURM's SIGUSR2: `aomd.preemption`) waits for the step in
+    progress (or the evaluation), then `last.pt` is written with the place in the epoch
+    (`partial`) and the signal takes effect; resuming from it skips the batches already trained on.
     """
     train, device = recipe, runtime.device
     torch.manual_seed(train.seed)  # the samplers' draws repeat whether or not a teacher was trained first
