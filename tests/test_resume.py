@@ -56,12 +56,18 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
                 assert torch.equal(value, second[name][key]), (name, key)
 
 
-def test_a_killed_run_resumes_to_the_same_history_and_best(tmp_path):
-    train(tmp_path / "a", *FOUR_EPOCHS, tiny=False)
-    killed = tmp_path / "b"
-    kill_when(killed, FOUR_EPOCHS, lambda: epochs_saved(killed / "checkpoints" / "last.pt") >= 2)
-    assert json.loads((killed / "metrics.json").read_text())["status"] == "running"
-    assert_resumes_to(tmp_path / "a", killed, FOUR_EPOCHS, "Resuming after epoch 2 of 4")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run folder of FOUR_EPOCHS run to its end, once for the tests that stop the same job."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    train(folder, *FOUR_EPOCHS, tiny=False)
+    return folder
+
+
+def test_a_killed_run_resumes_to_the_same_history_and_best(uninterrupted, tmp_path):
+    kill_when(tmp_path, FOUR_EPOCHS, lambda: epochs_saved(tmp_path / "checkpoints" / "last.pt") >= 2)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "running"
+    assert_resumes_to(uninterrupted, tmp_path, FOUR_EPOCHS, "Resuming after epoch 2 of 4")
 
 
 def assert_resumes_to(uninterrupted: Path, stopped: Path, args: list[str], message: str) -> None:
@@ -83,11 +89,16 @@ def signalled_at_step(signal_name: str, step: int) -> dict[str, str]:
     return {"AOMD_PLUGINS": "signal_plugin", "PYTHONPATH": str(REPO / "tests"), "AOMD_TEST_SIGNAL": f"{signal_name}@{step}"}
 
 
-@pytest.mark.parametrize("signal_name, workers", [("SIGTERM", 0), ("SIGUSR2", 1), ("SIGINT", 0)])
-def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(signal_name, workers, tmp_path):
-    args = [*FOUR_EPOCHS, f"train.num_workers={workers}"]  # with a worker, it gets the signal too
-    train(tmp_path / "a", *args, tiny=False)
-    stopped = tmp_path / "b"
+@pytest.mark.parametrize("signal_name, workers", [
+    ("SIGTERM", 0),
+    pytest.param("SIGUSR2", 1, marks=pytest.mark.slow),  # the loader worker gets the signal too
+    pytest.param("SIGINT", 0, marks=pytest.mark.slow),
+])
+def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(signal_name, workers, uninterrupted,
+                                                                                 tmp_path):
+    # the batches are drawn in the training process: a loader worker does not change the history
+    args = [*FOUR_EPOCHS, f"train.num_workers={workers}"]
+    stopped = tmp_path
     # step 7 of 4 x 4: the third step of epoch 2; the step finishes, then the job saves and stops
     result = run_module("aomd.train", *args, f"hydra.run.dir={stopped}", env=signalled_at_step(signal_name, 7))
     assert result.returncode == 128 + getattr(signal, signal_name), result.stderr[-3000:]
@@ -100,7 +111,7 @@ def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly
     assert [r["epoch"] for r in record["history"]] == [0, 1]
     state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["training"]
     assert state["epoch"] == 1 and state["partial"]["steps"] == 3
-    assert_resumes_to(tmp_path / "a", stopped, args, "Resuming in epoch 2 of 4 after step 3 of 4")
+    assert_resumes_to(uninterrupted, stopped, args, "Resuming in epoch 2 of 4 after step 3 of 4")
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path):
@@ -111,11 +122,10 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
 
 
-def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(tmp_path):
-    train(tmp_path / "done", *TINY, "logger=none", tiny=False)
+def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(uninterrupted, tmp_path):
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "done" / "checkpoints" / "last.pt", other / "checkpoints" / "last.pt")
+    shutil.copy(uninterrupted / "checkpoints" / "last.pt", other / "checkpoints" / "last.pt")
     result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={other}")
     assert_one_line_error(result, "Cannot resume", "another job", "train.resume=never")
     (other / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
