@@ -22,6 +22,8 @@
 # The settings let a requeued job (`scontrol requeue ID`) start again within ~15 s: KillWait=5,
 # AuthInfo=cred_expire=10, sched_interval=2. No cgroups (proctrack/linuxproc, task/none), so
 # memory limits are not enforced; DefMemPerCPU keeps one job from reserving the whole node.
+# JobRequeue=0, as on clusters that do not requeue batch jobs unless they ask for it: the slurm
+# launcher preset asks (sbatch --requeue), and the tests prove that it has to.
 #
 # Exit status: 0 when the cluster is up (or stopped), 1 with one line on stderr when it cannot
 # start (not root, no apt-get, a daemon that does not start; the logs under STATE_DIR/log say why).
@@ -213,7 +215,7 @@ KillWait=5
 InactiveLimit=0
 MinJobAge=3600
 ReturnToService=2
-JobRequeue=1
+JobRequeue=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
 $node NodeAddr=127.0.0.1 State=UNKNOWN
