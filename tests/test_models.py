@@ -169,3 +169,18 @@ def test_checkpoints_without_transform_input_still_load(tmp_path):
     assert not loaded.backbone.transform_input and not loaded.architecture.transform_input
     images = torch.randn(2, 3, 64, 64)
     assert torch.allclose(loaded(images), model(images), atol=1e-6)
+
+
+def test_saving_removes_the_temporary_files_of_dead_savers(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.pt.tmp-{dead.stdout.strip()}"  # a job killed while saving
+    alive = tmp_path / f".last.pt.tmp-{os.getppid()}"  # another process saving right now
+    stale.write_bytes(b"half a checkpoint")
+    alive.write_bytes(b"being written")
+    save_checkpoint(tmp_path / "last.pt", EmbeddingNet("resnet18", 16))
+    assert not stale.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "last.pt"])

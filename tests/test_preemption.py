@@ -30,23 +30,73 @@ def test_a_signal_waits_for_stop_then_ends_the_process_as_its_default_would(rest
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # put back on exit
 
 
-def test_a_previous_handler_is_called_and_if_it_returns_the_job_goes_on_guarded(restore_handlers):
+class Requeued(Exception):
+    """What submitit's SIGUSR2 handler does, in short: requeue the job, then leave."""
+
+
+def submitit_like_handlers(calls: list) -> None:
+    """Handlers shaped like submitit's: SIGUSR2 requeues and exits, SIGTERM is only logged."""
+    def requeue(signum, frame):
+        calls.append(signum)
+        raise Requeued()
+
+    signal.signal(signal.SIGUSR2, requeue)
+    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+
+
+def test_the_previous_handler_acts_after_the_save(restore_handlers):
     calls = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # like submitit's SIGTERM bypass
+    submitit_like_handlers(calls)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == [] and stop.requested == signal.SIGUSR2
+        with pytest.raises(Requeued):
+            stop.stop("in epoch 1 after step 2 of 4")
+    assert calls == [signal.SIGUSR2]
+
+
+def test_sigterm_ends_the_job_even_when_its_handler_returns(restore_handlers):
+    calls = []
+    submitit_like_handlers(calls)
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert calls == []
+        with pytest.raises(SystemExit) as stopped:
+            stop.stop("after epoch 1")
+    assert calls == [signal.SIGTERM] and stopped.value.code == 128 + signal.SIGTERM
+
+
+def test_a_handler_that_lets_the_job_go_on_leaves_it_guarded(restore_handlers):
+    calls = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # submitit on a rank > 0
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)
         stop.stop("after epoch 1")
-        assert calls == [signal.SIGTERM] and stop.requested is None
-        os.kill(os.getpid(), signal.SIGTERM)  # guarded again
-        assert stop.requested == signal.SIGTERM and calls == [signal.SIGTERM]
+        assert calls == [signal.SIGUSR2] and stop.requested is None and preemption.last_stop is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested == signal.SIGUSR2 and calls == [signal.SIGUSR2]
+        stop.stop("after epoch 2")
 
 
-def test_a_second_signal_acts_at_once(restore_handlers):
+def test_a_second_signal_acts_at_once_and_a_sigterm_does_not_cancel_the_requeue(restore_handlers):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with StopSignals():
         os.kill(os.getpid(), signal.SIGTERM)
         with pytest.raises(SystemExit):
+            os.kill(os.getpid(), signal.SIGTERM)
+    calls = []
+    submitit_like_handlers(calls)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR2)  # the time limit's warning, during a long evaluation ...
+        with pytest.raises(Requeued):
+            os.kill(os.getpid(), signal.SIGTERM)  # ... then SLURM ends the job: requeue now
+        assert calls == [signal.SIGUSR2]
+        stop.requested = None
+
+
+def test_a_signal_after_the_last_check_acts_when_the_guard_exits(restore_handlers):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with pytest.raises(SystemExit):
+        with StopSignals():
             os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -84,34 +84,46 @@ def assert_resumes_to(uninterrupted: Path, stopped: Path, args: list[str], messa
         assert_same_checkpoint(uninterrupted / "checkpoints" / name, stopped / "checkpoints" / name)
 
 
-def signalled_at_step(signal_name: str, step: int) -> dict[str, str]:
-    """The environment of a job that sends itself `signal_name` at its `step`-th training step."""
+def signalled_at_step(signal_name: str, step: int | str) -> dict[str, str]:
+    """The environment of a job that sends itself `signal_name` at its `step`-th training step
+    (or with "evalN" at its N-th evaluation; tests/signal_plugin.py)."""
     return {"AOMD_PLUGINS": "signal_plugin", "PYTHONPATH": str(REPO / "tests"), "AOMD_TEST_SIGNAL": f"{signal_name}@{step}"}
 
 
-@pytest.mark.parametrize("signal_name, workers", [
-    ("SIGTERM", 0),
-    pytest.param("SIGUSR2", 1, marks=pytest.mark.slow),  # the loader worker gets the signal too
-    pytest.param("SIGINT", 0, marks=pytest.mark.slow),
-])
-def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(signal_name, workers, uninterrupted,
-                                                                                 tmp_path):
-    # the batches are drawn in the training process: a loader worker does not change the history
-    args = [*FOUR_EPOCHS, f"train.num_workers={workers}"]
-    stopped = tmp_path
+def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(uninterrupted, tmp_path):
     # step 7 of 4 x 4: the third step of epoch 2; the step finishes, then the job saves and stops
-    result = run_module("aomd.train", *args, f"hydra.run.dir={stopped}", env=signalled_at_step(signal_name, 7))
+    result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={tmp_path}", env=signalled_at_step("SIGTERM", 7))
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "SIGTERM in epoch 2 after step 3 of 4: saved checkpoints/last.pt" in result.stdout + result.stderr
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "interrupted"
+    assert record["error"].startswith("stopped by SIGTERM in epoch 2 after step 3 of 4")
+    assert [r["epoch"] for r in record["history"]] == [0, 1]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["training"]
+    assert state["epoch"] == 1 and state["partial"]["epoch"] == 2 and state["partial"]["steps"] == 3
+    assert_resumes_to(uninterrupted, tmp_path, FOUR_EPOCHS, "Resuming in epoch 2 of 4 after step 3 of 4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, when, workers, where, resumed", [
+    # the loader worker gets the signal too; the batches are drawn in the training process, so a
+    # worker does not change the history
+    ("SIGUSR2", "7", 1, "in epoch 2 after step 3 of 4", "Resuming in epoch 2 of 4 after step 3 of 4"),
+    ("SIGINT", "7", 0, "in epoch 2 after step 3 of 4", "Resuming in epoch 2 of 4 after step 3 of 4"),
+    ("SIGTERM", "8", 0, "in epoch 2 after step 4 of 4", "Resuming in epoch 2 of 4 after step 4 of 4"),
+    ("SIGTERM", "eval3", 0, "after epoch 2", "Resuming after epoch 2 of 4"),
+    ("SIGTERM", "eval1", 0, "after the evaluation before training", "Resuming after epoch 0 of 4"),
+])
+def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, workers, where, resumed,
+                                                            uninterrupted, tmp_path):
+    args = [*FOUR_EPOCHS, f"train.num_workers={workers}"]
+    result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path}", env=signalled_at_step(signal_name, when))
     assert result.returncode == 128 + getattr(signal, signal_name), result.stderr[-3000:]
     if signal_name == "SIGINT":  # Ctrl-C: a line, not a traceback
         assert "interrupted; the same command continues the job" in result.stderr and "Traceback" not in result.stderr
-    assert f"{signal_name} in epoch 2 after step 3 of 4: saved checkpoints/last.pt" in result.stdout + result.stderr
-    record = json.loads((stopped / "metrics.json").read_text())
-    assert record["status"] == "interrupted"
-    assert record["error"].startswith(f"stopped by {signal_name} in epoch 2 after step 3 of 4")
-    assert [r["epoch"] for r in record["history"]] == [0, 1]
-    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["training"]
-    assert state["epoch"] == 1 and state["partial"]["steps"] == 3
-    assert_resumes_to(uninterrupted, stopped, args, "Resuming in epoch 2 of 4 after step 3 of 4")
+    assert f"{signal_name} {where}: saved checkpoints/last.pt" in result.stdout + result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+    assert_resumes_to(uninterrupted, tmp_path, args, resumed)
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path):
@@ -136,17 +148,26 @@ def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(uninterrupted, tm
 
 
 @pytest.mark.slow
-def test_a_distillation_killed_while_its_teacher_trains_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_distillation_stopped_while_its_teacher_trains_resumes_exactly(stop, tmp_path):
     teacher = ["loss=aomd_mode2", "teacher.backbone=resnet18", "teacher.embedding_size=32", "teacher.train.epochs=4",
                "teacher.train.iters_per_epoch=4", "teacher.train.lr_decay_epochs=[3]"]
     args = [*FOUR_EPOCHS, *teacher]
     uninterrupted = train(tmp_path / "a", *args, tiny=False, env={"AOMD_CACHE_DIR": str(tmp_path / "cache-a")})
     cache = tmp_path / "cache-b"
-    teacher_last = lambda: next(iter(sorted((cache / "teachers").glob("*/checkpoints/last.pt"))), Path("/nonexistent"))
-    kill_when(tmp_path / "b", args, lambda: epochs_saved(teacher_last()) >= 2, env={"AOMD_CACHE_DIR": str(cache)})
+    if stop == "SIGKILL":  # after the teacher's second epoch
+        teacher_last = lambda: next(iter(sorted((cache / "teachers").glob("*/checkpoints/last.pt"))), Path("/nonexistent"))
+        kill_when(tmp_path / "b", args, lambda: epochs_saved(teacher_last()) >= 2, env={"AOMD_CACHE_DIR": str(cache)})
+    else:  # in the teacher's third epoch (the student has not trained yet): the student's record says so
+        result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path / 'b'}",
+                            env={"AOMD_CACHE_DIR": str(cache), **signalled_at_step("SIGTERM", 10)})
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+        record = json.loads((tmp_path / "b" / "metrics.json").read_text())
+        assert record["status"] == "interrupted" and record["error"].startswith("stopped by SIGTERM in epoch 3 after step 2")
+        assert record["error"].endswith("(training its teacher)")
     result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path / 'b'}", env={"AOMD_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming after epoch" in result.stderr + result.stdout
+    assert ("Resuming after epoch 2" if stop == "SIGKILL" else "Resuming in epoch 3 of 4 after step 2") in result.stderr + result.stdout
     resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert resumed["teacher"] == uninterrupted["teacher"]
     assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])

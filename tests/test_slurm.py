@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -120,29 +119,19 @@ def epochs_saved(job_dir: Path) -> int:
         return -1
 
 
-def slurm_job_id(env: dict[str, str], job_num: int, timeout: float = 120) -> str:
-    """The SLURM job id of sweep job `job_num` (a task of the sweep's job array), once it is running."""
+def slurm_job_id(env: dict[str, str], sweep_dir: Path, job_num: int, timeout: float = 120) -> str:
+    """The SLURM id of sweep job `job_num` once it is running: `<array>_<job_num>`, a task of the
+    sweep's own job array (submitit names its folders after it). Not the task's numeric job id: the
+    array's id is the numeric id of one of its tasks, so `scancel <that number>` would cancel the
+    whole array; and the earlier sweeps' tasks stay in squeue with the same task numbers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in slurm(env, "squeue", "-h", "-r", "-t", "running", "-o", "%i %A").splitlines():
-            array_task, job_id = line.split()
-            if array_task.endswith(f"_{job_num}"):
-                return job_id
+        tasks = {folder.name for folder in sweep_dir.glob(f".submitit/*_{job_num}")}
+        running = slurm(env, "squeue", "-h", "-r", "-t", "running", "-o", "%i").split()
+        for task in tasks.intersection(running):
+            return task
         time.sleep(0.5)
     pytest.fail(f"sweep job {job_num} was not running on SLURM after {timeout} s")
-
-
-def stop_job(env: dict[str, str], job_id: str, *command: str) -> None:
-    """`scontrol requeue ID` or `scancel ID`, then SIGKILL the job's processes at once. SLURM sends
-    SIGTERM, which submitit ignores, and SIGKILL only KillWait seconds later: the tiny job could
-    finish its training in between, which on a real cluster (minutes per epoch) it would not."""
-    processes = [int(line.split()[0]) for line in slurm(env, "scontrol", "listpids", job_id).splitlines()[1:]]
-    slurm(env, *command, job_id)
-    for pid in processes:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_until(ready, what: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -190,12 +179,13 @@ def test_a_requeued_job_resumes_and_ends_as_if_never_stopped(cluster, uninterrup
     sweep_dir = tmp_path / "sweep"
     process = start_sweep(sweep_dir, cluster)
     try:
-        job_id = slurm_job_id(cluster, 0)
+        job_id = slurm_job_id(cluster, sweep_dir, 0)
         # two evaluated epochs (the one before training and epoch 1) and the last.pt written after
         # epoch 1: four epochs still to go
         wait_until(lambda: len((read_record(sweep_dir / "0") or {}).get("history", [])) >= 2
                    and epochs_saved(sweep_dir / "0") >= 1, "job 0 evaluated two epochs", process)
-        stop_job(cluster, job_id, "scontrol", "requeue")
+        # SLURM sends SIGTERM: the job saves its place after the current step and stops
+        slurm(cluster, "scontrol", "requeue", job_id)
         code, output = finish(process)
     finally:
         if process.poll() is None:
@@ -203,7 +193,9 @@ def test_a_requeued_job_resumes_and_ends_as_if_never_stopped(cluster, uninterrup
     assert code == 0, output[-3000:]
     jobs = read_jobs(sweep_dir)
     assert all(job["status"] == "finished" for job in jobs.values()), {n: job.get("error") for n, job in jobs.items()}
-    assert "Resuming" in job_log(sweep_dir, 0), "job 0 was not resumed from its last.pt after the requeue"
+    logs = job_log(sweep_dir, 0)
+    assert "saved checkpoints/last.pt" in logs and "SIGTERM" in logs
+    assert "Resuming" in logs, "job 0 was not resumed from its last.pt after the requeue"
     for number in (0, 1):
         assert strip_timing(jobs[number]["history"]) == strip_timing(uninterrupted[number]["history"])
         assert jobs[number]["best"]["epoch"] == uninterrupted[number]["best"]["epoch"]
@@ -213,16 +205,16 @@ def test_a_cancelled_job_ends_the_sweep_and_is_reported_unfinished(cluster, tmp_
     sweep_dir = tmp_path / "sweep"
     process = start_sweep(sweep_dir, cluster)
     try:
-        job_id = slurm_job_id(cluster, 1)
+        job_id = slurm_job_id(cluster, sweep_dir, 1)
         wait_until(lambda: read_record(sweep_dir / "1") is not None, "job 1 started training", process)
-        stop_job(cluster, job_id, "scancel")
+        slurm(cluster, "scancel", job_id)
         finish(process)  # ends (submitit reports the cancelled job as failed): the point is that it does not hang
     finally:
         if process.poll() is None:
             process.kill()
     jobs = read_jobs(sweep_dir)
     assert jobs[0]["status"] == "finished"
-    assert jobs[1]["status"] != "finished"
+    assert jobs[1]["status"] == "interrupted" and jobs[1]["error"].startswith("stopped by SIGTERM"), jobs[1]
     report = run_module("aomd.report", str(sweep_dir))
     assert report.returncode == 0, report.stderr
     text = (sweep_dir / "report.md").read_text()
@@ -237,7 +229,7 @@ def test_a_preempted_job_saves_its_epoch_is_requeued_and_ends_as_if_never_stoppe
     sweep_dir = tmp_path / "sweep"
     process = start_sweep(sweep_dir, cluster, launcher=[*CPU_ONLY, "hydra.launcher.timeout_min=60"])
     try:
-        job_id = slurm_job_id(cluster, 0)
+        job_id = slurm_job_id(cluster, sweep_dir, 0)
         wait_until(lambda: epochs_saved(sweep_dir / "0") >= 1, "job 0 trained an epoch", process)
         slurm(cluster, "scancel", "--signal=USR2", job_id)
         code, output = finish(process)
@@ -246,7 +238,7 @@ def test_a_preempted_job_saves_its_epoch_is_requeued_and_ends_as_if_never_stoppe
             process.kill()
     assert code == 0, output[-3000:]
     logs = job_log(sweep_dir, 0)
-    assert "Caught SIGUSR2" in logs and "saved checkpoints/last.pt" in logs
+    assert "SIGUSR2" in logs and "saved checkpoints/last.pt" in logs  # after the step (or evaluation) in progress
     assert "this job is preempted" in logs and "Requeued job" in logs  # submitit's words
     assert "Resuming" in logs
     jobs = read_jobs(sweep_dir)

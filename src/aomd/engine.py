@@ -198,8 +198,8 @@ def fit(
     sampler = loader.sampler
 
     def save_last(epoch: int, sampler_state: dict[str, Any], partial: dict[str, Any] | None = None) -> None:
-        """`last.pt` after `epoch`, or in the middle of the next one (`partial`: its steps so far,
-        with `sampler_state` the sampler's state at that epoch's start)."""
+        """`last.pt` after the finished `epoch`; with `partial`, also the steps so far of the epoch
+        after it (and `sampler_state` is the sampler's state at that epoch's start)."""
         training = {"epoch": epoch, "identity": identity, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "best": best, "history": history, "partial": partial,
                     "random": resume_state.random_states(sampler_state, step.augment_rng), **(checkpoint_extra or {})}
@@ -239,6 +239,7 @@ def fit(
             resume_state.restore_random_states(training["random"], sampler, step.augment_rng)
             partial = training.get("partial")
             first_epoch = training["epoch"] + 1
+            assert partial is None or partial["epoch"] == first_epoch, "a partial epoch follows the last finished one"
             if partial is None:
                 log.info("Resuming after epoch %d of %d.", training["epoch"], train.epochs)
             else:
@@ -272,9 +273,9 @@ def fit(
                         sums[f"loss/{name}"] += value
                     if stop.requested:
                         save_last(epoch - 1, epoch_start, {
-                            "steps": index, "sums": {name: total.cpu() for name, total in sums.items()},
+                            "epoch": epoch, "steps": index, "sums": {name: total.cpu() for name, total in sums.items()},
                             "seconds": seconds_before + time.perf_counter() - started})
-                        stop.stop(f"in epoch {epoch} after step {index} of {train.iters_per_epoch}")
+                        stop.stop(f"in epoch {epoch} after step {index} of {train.iters_per_epoch}")  # may return
                     if train.progress and index % 10 == 0:
                         # the loss of ten steps ago is long computed: reading it does not stall the device
                         if shown is not None:

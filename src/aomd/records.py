@@ -121,6 +121,14 @@ def record_failure(job_dir: Path, error: BaseException) -> None:
         write_json_atomic(job_dir / METRICS_FILE, record)
 
 
+def record_interruption(job_dir: Path, reason: str) -> None:
+    """Make a job stopped by a signal before its own training started (e.g. while its teacher
+    trained) say so in its metrics.json; once training started, the tracker does."""
+    if read_record(job_dir) is None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(job_dir / METRICS_FILE, {"status": INTERRUPTED, "error": reason, "best": None, "history": []})
+
+
 class JobRecord:
     """The metrics.json of one job being run (see the module docstring)."""
 

@@ -39,12 +39,12 @@ def sampler_state(sampler: ClassBalancedBatchSampler) -> dict[str, Any]:
     return _plain(sampler.rng.bit_generator.state)
 
 
-def random_states(sampler: dict[str, Any], augment_rng: torch.Generator) -> dict[str, Any]:
-    """Every generator the training loop draws from, as tensors and plain data (`sampler`: a
-    `sampler_state`, taken at the start of the epoch when the state is saved in its middle)."""
+def random_states(sampler_state: dict[str, Any], augment_rng: torch.Generator) -> dict[str, Any]:
+    """Every generator the training loop draws from, as tensors and plain data (`sampler_state`:
+    from `sampler_state()`, taken at the start of the epoch when the state is saved in its middle)."""
     numpy_state = np.random.get_state()
     return {
-        "sampler": sampler,
+        "sampler": sampler_state,
         "augment": augment_rng.get_state(),
         "python": random.getstate(),
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],

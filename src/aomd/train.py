@@ -22,8 +22,8 @@ from aomd.jobs import train_network
 from aomd.losses.terms import distils
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
-from aomd import resume
-from aomd.records import content_digest, finished_record
+from aomd import preemption, resume
+from aomd.records import content_digest, finished_record, record_interruption
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
 from aomd.tracking import RunInfo, sweep_run_name, swept_keys
@@ -86,7 +86,11 @@ def train(cfg: DictConfig) -> float:
 
     teacher_metrics = None
     if teacher is not None:
-        path = load_teacher(cfg, teacher, data, runtime)
+        try:
+            path = load_teacher(cfg, teacher, data, runtime)
+        except (SystemExit, KeyboardInterrupt):  # stopped by a signal while the teacher trained
+            record_interruption(out_dir, f"{preemption.last_stop or 'stopped'} (training its teacher)")
+            raise
         log.info("Teacher: %s", path)
         teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
         for warning in teacher_warnings(path, teacher_metrics, selection_metric(cfg.eval.recall_k)):

@@ -27,9 +27,32 @@ def save_checkpoint(path: str | Path, model: EmbeddingNet, **extra: Any) -> None
         "aomd_version": __version__,
         **extra,
     })
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # readers never see a half-written checkpoint
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # readers never see a half-written checkpoint
+    finally:
+        tmp.unlink(missing_ok=True)  # a save stopped half-way (a second stop signal) leaves nothing
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of `path` left by processes killed while saving (each requeued attempt of
+    a job has another pid, and each file is as large as a checkpoint)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _on_cpu(tree: Any) -> Any:
