@@ -142,6 +142,21 @@ def wait_until(ready, what: str, process: subprocess.Popen, timeout: float = 300
         time.sleep(0.2)
 
 
+def stop_during_sweep(cluster: dict[str, str], sweep_dir: Path, job_num: int, ready, what: str, command: list[str],
+                      **options) -> tuple[int, str]:
+    """Start a sweep (`options` go to `sweep_args`), run the SLURM `command` on sweep job `job_num`
+    (its id appended) once `ready()`, and wait for the sweep to end: its exit status and output."""
+    process = start_sweep(sweep_dir, cluster, **options)
+    try:
+        job_id = slurm_job_id(cluster, sweep_dir, job_num)
+        wait_until(ready, what, process)
+        slurm(cluster, *command, job_id)
+        return finish(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def strip_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TRAINING_SPEED_KEYS} for record in history]
 
@@ -177,19 +192,12 @@ def test_a_two_job_sweep_runs_on_slurm(uninterrupted):
 
 def test_a_requeued_job_resumes_and_ends_as_if_never_stopped(cluster, uninterrupted, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    process = start_sweep(sweep_dir, cluster)
-    try:
-        job_id = slurm_job_id(cluster, sweep_dir, 0)
-        # two evaluated epochs (the one before training and epoch 1) and the last.pt written after
-        # epoch 1: four epochs still to go
-        wait_until(lambda: len((read_record(sweep_dir / "0") or {}).get("history", [])) >= 2
-                   and epochs_saved(sweep_dir / "0") >= 1, "job 0 evaluated two epochs", process)
-        # SLURM sends SIGTERM: the job saves its place after the current step and stops
-        slurm(cluster, "scontrol", "requeue", job_id)
-        code, output = finish(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # two evaluated epochs (the one before training and epoch 1) and the last.pt written after
+    # epoch 1: four epochs still to go. SLURM sends SIGTERM: the job saves its place after the
+    # current step and stops
+    code, output = stop_during_sweep(
+        cluster, sweep_dir, 0, lambda: len((read_record(sweep_dir / "0") or {}).get("history", [])) >= 2
+        and epochs_saved(sweep_dir / "0") >= 1, "job 0 evaluated two epochs", ["scontrol", "requeue"])
     assert code == 0, output[-3000:]
     jobs = read_jobs(sweep_dir)
     assert all(job["status"] == "finished" for job in jobs.values()), {n: job.get("error") for n, job in jobs.items()}
@@ -203,15 +211,9 @@ def test_a_requeued_job_resumes_and_ends_as_if_never_stopped(cluster, uninterrup
 
 def test_a_cancelled_job_ends_the_sweep_and_is_reported_unfinished(cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    process = start_sweep(sweep_dir, cluster)
-    try:
-        job_id = slurm_job_id(cluster, sweep_dir, 1)
-        wait_until(lambda: read_record(sweep_dir / "1") is not None, "job 1 started training", process)
-        slurm(cluster, "scancel", job_id)
-        finish(process)  # ends (submitit reports the cancelled job as failed): the point is that it does not hang
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # the sweep ends (submitit reports the cancelled job as failed): the point is that it does not hang
+    stop_during_sweep(cluster, sweep_dir, 1, lambda: read_record(sweep_dir / "1") is not None,
+                      "job 1 started training", ["scancel"])
     jobs = read_jobs(sweep_dir)
     assert jobs[0]["status"] == "finished"
     assert jobs[1]["status"] == "interrupted" and jobs[1]["error"].startswith("stopped by SIGTERM"), jobs[1]
@@ -227,15 +229,9 @@ def test_a_preempted_job_saves_its_epoch_is_requeued_and_ends_as_if_never_stoppe
     """`scancel --signal=USR2` is how SLURM (and submitit's own tests) preempt a job: the job saves
     last.pt after its current step, submitit requeues it, and it continues from that step."""
     sweep_dir = tmp_path / "sweep"
-    process = start_sweep(sweep_dir, cluster, launcher=[*CPU_ONLY, "hydra.launcher.timeout_min=60"])
-    try:
-        job_id = slurm_job_id(cluster, sweep_dir, 0)
-        wait_until(lambda: epochs_saved(sweep_dir / "0") >= 1, "job 0 trained an epoch", process)
-        slurm(cluster, "scancel", "--signal=USR2", job_id)
-        code, output = finish(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    code, output = stop_during_sweep(cluster, sweep_dir, 0, lambda: epochs_saved(sweep_dir / "0") >= 1,
+                                     "job 0 trained an epoch", ["scancel", "--signal=USR2"],
+                                     launcher=[*CPU_ONLY, "hydra.launcher.timeout_min=60"])
     assert code == 0, output[-3000:]
     logs = job_log(sweep_dir, 0)
     assert "SIGUSR2" in logs and "saved checkpoints/last.pt" in logs  # after the step (or evaluation) in progress
