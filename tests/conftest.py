@@ -52,6 +52,14 @@ def run_module(module: str, *overrides: str, cwd: Path | None = None, env: dict 
     )
 
 
+def signalled_at_step(signal_name: str, step: int | str) -> dict[str, str]:
+    """The environment of a job that sends itself `signal_name` at its `step`-th training step
+    (or with "evalN" at its N-th evaluation; tests/signal_plugin.py)."""
+    # prepended: where aomd is installed by PYTHONPATH (the GPU check's wheel), it stays importable
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    return {"AOMD_PLUGINS": "signal_plugin", "PYTHONPATH": path, "AOMD_TEST_SIGNAL": f"{signal_name}@{step}"}
+
+
 def train(run_dir: Path, *overrides: str, tiny: bool = True, logger: str = "logger=none", **kwargs):
     """Run a training job into `run_dir`; assert it succeeded; return its metrics.json."""
     args = [*(TINY if tiny else []), logger, f"hydra.run.dir={run_dir}", *overrides]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aomd.records import TRAINING_SPEED_KEYS
-from conftest import REPO, TINY, run_module, train
+from conftest import REPO, TINY, run_module, signalled_at_step, train
 from test_config import assert_one_line_error
 from wandb_files import read_offline_run
 
@@ -82,12 +82,6 @@ def assert_resumes_to(uninterrupted: Path, stopped: Path, args: list[str], messa
     assert resumed["best"]["epoch"] == expected["best"]["epoch"]
     for name in ("best.pt", "last.pt"):
         assert_same_checkpoint(uninterrupted / "checkpoints" / name, stopped / "checkpoints" / name)
-
-
-def signalled_at_step(signal_name: str, step: int | str) -> dict[str, str]:
-    """The environment of a job that sends itself `signal_name` at its `step`-th training step
-    (or with "evalN" at its N-th evaluation; tests/signal_plugin.py)."""
-    return {"AOMD_PLUGINS": "signal_plugin", "PYTHONPATH": str(REPO / "tests"), "AOMD_TEST_SIGNAL": f"{signal_name}@{step}"}
 
 
 def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(uninterrupted, tmp_path):

@@ -26,6 +26,26 @@ def test_explicit_settings_are_honoured():
         assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
 
 
+def test_the_frozen_teacher_copy_gives_the_autocast_outputs_without_the_weight_casts():
+    """Weights stored in bf16 are what autocast casts them to: the teacher's outputs are the same
+    bits, and the original network is untouched."""
+    from aomd.models import EmbeddingNet
+
+    runtime = Runtime.resolve("cpu", "bf16")
+    torch.manual_seed(0)
+    teacher = EmbeddingNet("resnet18", 16, True, False).eval()
+    frozen = runtime.frozen_copy(teacher)
+    assert frozen is not teacher and frozen.backbone.conv1.weight.dtype == torch.bfloat16
+    assert teacher.backbone.conv1.weight.dtype == torch.float32 and frozen.backbone.bn1.weight.dtype == torch.float32
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), runtime.autocast():
+        expected_embeddings, expected_stages = teacher.forward_with_stages(images)
+        embeddings, stages = frozen.forward_with_stages(images)
+    assert torch.equal(embeddings, expected_embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(stages, expected_stages))
+    assert Runtime.resolve("cpu").frozen_copy(teacher) is teacher  # fp32: nothing to cast
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("overrides, words", [
     (["train.device=cuda"], ["train.device=cuda", "no CUDA device", "train.device=cpu"]),
@@ -93,3 +113,15 @@ def test_deterministic_kernels_are_a_setting():
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = False
+
+
+def test_how_a_job_computes_is_not_part_of_what_it_learns():
+    """A run (or a managed teacher) started under one device setting resumes (or is reused) under another."""
+    from aomd.records import content_digest
+
+    recipe = {"train": {"lr": 1e-4, "device": "auto", "precision": "auto", "channels_last": None, "compile": False,
+                        "deterministic": True, "cuda_graphs": None}}
+    computed_elsewhere = {"train": {**recipe["train"], "device": "cuda:1", "precision": "bf16", "channels_last": True,
+                                    "deterministic": False, "cuda_graphs": False}}
+    assert content_digest(recipe) == content_digest(computed_elsewhere)
+    assert content_digest(recipe) != content_digest({"train": {**recipe["train"], "lr": 1e-3}})

@@ -22,7 +22,7 @@ from aomd.models import EmbeddingNet, save_checkpoint
 from aomd import preemption
 from aomd.preemption import StopSignals
 from aomd import resume as resume_state
-from aomd.runtime import Runtime
+from aomd.runtime import InferenceGraph, Runtime
 from aomd.schema import EvalSchema, TrainSchema
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,11 @@ def learning_rate(base: float, milestones, gamma: float, epoch: int) -> float:
     return base * gamma ** sum(epoch >= milestone for milestone in milestones)
 
 
+def adam(parameters, lr: float, weight_decay: float, runtime: Runtime) -> torch.optim.Adam:
+    """The training's optimiser: Adam with L2 weight decay (the reference's), fused on CUDA."""
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=runtime.fused_optimizer or None)
+
+
 class TrainStep:
     """One optimisation step of `aomd.train`, from a uint8 batch on the device to updated weights:
     augmentation (random crop + flip), teacher forward under inference mode, student forward
@@ -114,15 +119,20 @@ class TrainStep:
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         self.scaler = runtime.grad_scaler()
         self.augment_rng = torch.Generator().manual_seed(seed)
+        self.teacher_forward = None
+        if teacher is not None and objective.needs_teacher:
+            frozen = runtime.frozen_copy(teacher)
+            self.teacher_forward = (InferenceGraph(frozen.forward_with_stages, runtime) if runtime.cuda_graphs
+                                    else frozen.forward_with_stages)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         runtime = self.runtime
         images = train_transform(images, self.image_size, self.augment_rng).contiguous(memory_format=runtime.memory_format)
         teacher_embeddings = teacher_stages = None
         with runtime.autocast():
-            if self.objective.needs_teacher:
+            if self.teacher_forward is not None:
                 with torch.inference_mode():
-                    teacher_embeddings, teacher_stages = self.teacher.forward_with_stages(images)
+                    teacher_embeddings, teacher_stages = self.teacher_forward(images)
             embeddings, stages = self.student.forward_with_stages(images)
         loss, terms = self.objective(StepOutputs(labels, embeddings, stages, teacher_embeddings, teacher_stages))
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,7 +188,7 @@ def fit(
     if teacher is not None:
         runtime.prepare_network(teacher).eval()
     parameters = [*student.parameters(), *objective.parameters()]  # adapters and regressors learn too
-    optimizer = torch.optim.Adam(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = adam(parameters, train.lr, train.weight_decay, runtime)
     step = TrainStep(student, objective, optimizer, runtime, data.image_size, seed=train.seed, teacher=teacher,
                      decay_unreached=train.decay_unreached)
     loader = train_loader(data.train, train.batch_size, train.images_per_class, train.iters_per_epoch,

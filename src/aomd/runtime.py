@@ -9,6 +9,11 @@ receives it instead of resolving the device again.
     train.channels_last  null | true | false             (null: true on CUDA without compile, else false)
     train.compile        false | true                    (torch.compile of student and teacher)
     train.deterministic  true | false                    (deterministic kernels: a run repeats exactly)
+    train.cuda_graphs    null | true | false             (null: true on CUDA without compile)
+
+With `cuda_graphs` the teacher's forward pass in the training step is captured once as a CUDA graph
+and replayed (`InferenceGraph`): one launch instead of a ResNet50's few hundred kernels, whose
+launching from Python otherwise takes longer than a bf16 card needs to run them.
 
 Mixed precision is autocast over the networks' forward passes; the loss terms compute their
 arithmetic in float32 or float64 whatever the precision (see `aomd.losses.objective`), and
@@ -17,10 +22,11 @@ retrieval metrics always use float32 embeddings.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -43,11 +49,12 @@ class Runtime:
     num_workers: int = 0              # DataLoader worker processes
     pin_memory: bool = False
     deterministic: bool = True
+    cuda_graphs: bool = False         # the training step's teacher forward replays as a CUDA graph
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
                 compile: bool = False, num_workers: Any = "auto", pin_memory: bool | None = None,
-                deterministic: bool = True) -> "Runtime":
+                deterministic: bool = True, cuda_graphs: bool | None = None) -> "Runtime":
         """Resolve the `auto` values for this machine; a setting it cannot honour is a ConfigError."""
         if device == "auto":
             resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +86,12 @@ class Runtime:
             # convolutions itself; channels_last parameters under compile fail in inductor's
             # convolution backward (a stride assertion, seen with PyTorch 2.11 on an H100)
             channels_last = on_cuda and not compile
+        if cuda_graphs is None:
+            # compiled networks leave launching to inductor; graphs over them would be a second capture
+            cuda_graphs = on_cuda and not compile
+        elif cuda_graphs and not on_cuda:
+            raise ConfigError(f"train.cuda_graphs=true needs a CUDA device, but the job runs on {resolved}; "
+                              f"use train.cuda_graphs=null (or false).")
         return cls(
             device=resolved,
             precision=precision,
@@ -87,13 +100,15 @@ class Runtime:
             num_workers=num_workers,
             pin_memory=on_cuda if pin_memory is None else bool(pin_memory) and on_cuda,
             deterministic=bool(deterministic),
+            cuda_graphs=bool(cuda_graphs),
         )
 
     @classmethod
     def from_train(cls, train) -> "Runtime":
         """The runtime of a `train` config section."""
         return cls.resolve(train.device, train.precision, train.channels_last, train.compile,
-                           train.num_workers, train.pin_memory, train.deterministic)
+                           train.num_workers, train.pin_memory, train.deterministic,
+                           train.cuda_graphs)
 
     def seed_everything(self, seed: int) -> None:
         """Seed every generator and choose the kernels, so that a run repeats exactly when
@@ -102,8 +117,8 @@ class Runtime:
         Without deterministic kernels, backward through the samplers' indexing (index_put_ with
         accumulation) adds in a thread-dependent order on the CPU, and cuDNN and cuBLAS pick
         algorithms whose sums differ between runs. Kernels with no deterministic version only
-        warn (warn_only). Not deterministic lets cuDNN autotune its algorithms: about 10-20%
-        faster steps on an H100 (docs/benchmarks.md), and runs that drift in the last digits.
+        warn (warn_only). Not deterministic lets cuDNN autotune its algorithms: runs that drift
+        in the last digits, for steps within a few percent on an H200 (docs/benchmarks.md).
         """
         random.seed(seed)
         np.random.seed(seed)
@@ -112,6 +127,10 @@ class Runtime:
             # cuBLAS reads this when its first handle is made (the first matrix product, after this call)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        # deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised
+        # memory: a memory pass per op output (about 10% of a training step on an H200); no aomd
+        # code reads uninitialised memory, and runs repeat without the fill
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = not self.deterministic
 
     @property
@@ -119,11 +138,18 @@ class Runtime:
         """The autocast dtype, or None in fp32."""
         return _AMP_DTYPES.get(self.precision)
 
-    def autocast(self) -> ContextManager:
-        """The precision context of the networks' forward passes (a no-op in fp32)."""
+    def autocast(self, cache_enabled: bool = True) -> ContextManager:
+        """The precision context of the networks' forward passes (a no-op in fp32). A CUDA graph
+        captures with `cache_enabled=False`: its weight casts must be replayed, not cached."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache_enabled)
+
+    @property
+    def fused_optimizer(self) -> bool:
+        """Whether Adam runs fused (one kernel for all parameters; CUDA only). The CPU keeps the
+        for-loop implementation, so CPU results do not change."""
+        return self.device.type == "cuda"
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling for fp16 (float16 gradients underflow without it); a pass-through otherwise."""
@@ -148,12 +174,71 @@ class Runtime:
             model.forward_with_stages = torch.compile(model.forward_with_stages)
         return model
 
+    def frozen_copy(self, network: nn.Module) -> nn.Module:
+        """The network as the training step runs a frozen teacher. Under autocast: a copy whose
+        convolution and linear weights are stored in the autocast dtype, which is what autocast
+        casts them to at every call (the same rounding, so the same outputs), without those casts
+        each step; batch norm keeps float32. fp32 or compiled: the network itself.
+        The copy does not follow later changes to the network's weights."""
+        if self.amp_dtype is None or self.compile:
+            return network
+        frozen = copy.deepcopy(network)
+        for module in frozen.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.to(self.amp_dtype)
+        return frozen
+
     def describe(self) -> dict[str, Any]:
         """What was resolved, for metrics.json, W&B and the console."""
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"device": str(self.device), "device_name": name, "precision": self.precision,
                 "channels_last": self.channels_last, "compile": self.compile, "num_workers": self.num_workers,
-                "deterministic": self.deterministic}
+                "deterministic": self.deterministic, "cuda_graphs": self.cuda_graphs}
+
+
+class InferenceGraph:
+    """`forward(images)` of a network in inference, captured as one CUDA graph per input shape and
+    replayed: a ResNet50 forward is one launch instead of a few hundred (`train.cuda_graphs`).
+
+    The graph replays the kernels the eager forward runs, so the outputs are the eager outputs. They
+    live in the graph's own memory and the next call overwrites them: a caller uses them before it
+    calls again (the training step does). The network must not change shape or device afterwards;
+    its weights may change in place.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], Any], runtime: "Runtime", warmup: int = 3):
+        assert runtime.device.type == "cuda", "CUDA graphs need a CUDA device"
+        self.forward, self.runtime, self.warmup = forward, runtime, warmup
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
+
+    def __call__(self, images: torch.Tensor) -> Any:
+        key = (tuple(images.shape), images.dtype, images.stride(), images.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(images)
+        graph, static_images, static_outputs = self._graphs[key]
+        static_images.copy_(images)
+        graph.replay()
+        return static_outputs
+
+    def _run(self, images: torch.Tensor) -> Any:
+        with torch.inference_mode(), self.runtime.autocast(cache_enabled=False):
+            return self.forward(images)
+
+    def _capture(self, images: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]:
+        static_images = torch.empty_like(images).copy_(images)
+        # warm-up on a side stream, as PyTorch's graph recipe asks: cuDNN and cuBLAS set up their
+        # handles and workspaces outside the capture
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._run(static_images)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread-local: the DataLoader's pin-memory thread keeps allocating page-locked memory meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_outputs = self._run(static_images)
+        return graph, static_images, static_outputs
 
 
 def in_feature_precision(layer: nn.Module, feats: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,177 @@
+"""Where an AOMD training step's time goes on a CUDA card: the device's own work against the
+host's launching, and what each of its settings buys.
+
+    python benchmarks/step_anatomy.py [--losses aomd_mode1,aomd_mode2] [--precisions fp32,bf16]
+                                      [--steps 15] [--warmup 3] [--json out.json]
+
+For each precision and setting, times the step of `benchmarks/train_step.py` (the floor, the floor
+with AOMD's adapters, and the AOMD options) and profiles a few steps of each to count the kernels
+and sum their device time. Settings:
+
+  before            for-loop Adam, the teacher launched op by op with autocast casting its weights at
+                    every step, deterministic mode filling new tensors with NaN (aomd before these
+                    settings were its defaults)
+  default           the job's CUDA defaults: fused Adam, the frozen teacher's weights stored in the
+                    autocast dtype, its forward replayed from a CUDA graph (`train.cuda_graphs`), no
+                    NaN fill
+  no_graph          default without the CUDA graph (`train.cuda_graphs=false`)
+  nondeterministic  default with `train.deterministic=false` (cuDNN autotuning)
+
+Columns: ms per step, images/s, kernels per step, device busy ms per step (sum of kernel times:
+what the step would take if launching cost nothing), busy / step (near 1: the device is the limit;
+well below 1: the host's launching is). Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_description, loss_config, seconds_per_call, synchronize, write_json  # noqa: E402
+from train_step import FLOOR, FLOOR_ADAPTERS, FloorObjective  # noqa: E402
+
+from aomd.build import build_objective, network_shape  # noqa: E402
+from aomd.engine import TrainStep  # noqa: E402
+from aomd.losses.aomd import StageAdapters  # noqa: E402
+from aomd.models import EmbeddingNet  # noqa: E402
+from aomd.runtime import Runtime  # noqa: E402
+
+SETTINGS = ("before", "default", "no_graph", "nondeterministic")
+
+
+class _NoFrozenCopy(Runtime):
+    """The runtime as before `Runtime.frozen_copy`: the step runs the teacher itself."""
+
+    def frozen_copy(self, network):
+        return network
+
+
+def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
+    """The runtime of a setting, its global switches set (deterministic kernels, NaN fill)."""
+    runtime = Runtime.resolve(str(device), precision, cuda_graphs=setting in ("default", "nondeterministic"),
+                              deterministic=setting != "nondeterministic")
+    runtime.seed_everything(0)
+    if setting == "before":
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        runtime = _NoFrozenCopy(**{field.name: getattr(runtime, field.name) for field in dataclasses.fields(runtime)})
+    return runtime
+
+
+def kernel_profile(call, steps: int) -> tuple[float, float, Counter]:
+    """(kernels per step, device busy seconds per step, busy seconds per step by kernel name)
+    over `steps` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: Counter = Counter()
+    for event in kernels:
+        by_name[event.name] += (event.time_range.end - event.time_range.start) / 1e6 / steps
+    return len(kernels) / steps, sum(by_name.values()), by_name
+
+
+def build(name: str, teacher: EmbeddingNet, size: int, stored: int):
+    torch.manual_seed(0)
+    if name in (FLOOR, FLOOR_ADAPTERS):
+        student = EmbeddingNet("resnet18", 128, True, False)
+        adapters = None
+        if name == FLOOR_ADAPTERS:
+            adapters = StageAdapters(network_shape(student, size).stage_channels, network_shape(teacher, size).stage_channels)
+        return student, FloorObjective(adapters)
+    cfg = loss_config(name, f"dataset.image_size={size}", f"dataset.base_size={stored}")
+    student = EmbeddingNet("resnet18", 128, cfg.l2normalize, False)
+    return student, build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--losses", default="aomd_mode1,aomd_mode2")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profiled-steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=15, help="kernels listed in the breakdown of the last precision's default step")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("step_anatomy: needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    batch, size = args.batch_size, args.image_size
+    stored = size * 8 // 7
+    Runtime.resolve(str(device)).seed_everything(0)
+    images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
+    labels = torch.arange(batch, device=device) // 5
+    teacher = EmbeddingNet("resnet50", 512, True, False)
+    names = [FLOOR, FLOOR_ADAPTERS, *args.losses.split(",")]
+    print(f"{device_description(device)}; batch {batch}, {size} px crops; {args.steps} timed steps after {args.warmup}; "
+          f"kernels and busy time from {args.profiled_steps} profiled steps", flush=True)
+    print("| precision | setting | step | ms | images/s | kernels/step | busy ms | busy / step | step / floor |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    results: dict = {}
+    breakdown = None
+    for precision in args.precisions.split(","):
+        for setting in args.settings.split(","):
+            runtime = runtime_of(setting, device, precision)
+            runtime.prepare_network(teacher).eval().requires_grad_(False)
+            rows = results.setdefault(precision, {}).setdefault(setting, {})
+            for name in names:
+                try:
+                    student, objective = build(name, teacher, size, stored)
+                    runtime.prepare_network(student).train()
+                    runtime.place(objective).train()
+                    optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
+                                                 weight_decay=1e-5, fused=setting != "before" or None)
+                    step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)
+                    call = lambda: step(images, labels)  # noqa: E731
+                    seconds = seconds_per_call(call, device, args.steps, args.warmup)
+                    kernels, busy, by_name = kernel_profile(call, args.profiled_steps)
+                    if (precision, setting, name) == (args.precisions.split(",")[-1], "default", names[-1]):
+                        breakdown = (f"{precision} {setting} {name}", by_name)
+                    synchronize(device)
+                except Exception as error:  # an experiment that fails is a finding, not the end of the run
+                    print(f"| {precision} | {setting} | {name} | failed: {type(error).__name__}: {str(error)[:200]} | | | | | |", flush=True)
+                    continue
+                floor = rows.get(FLOOR, {}).get("seconds", seconds)
+                rows[name] = {"seconds": seconds, "kernels_per_step": kernels, "busy_seconds": busy, "over_floor": seconds / floor}
+                print(f"| {precision} | {setting} | {name} | {1e3 * seconds:.1f} | {batch / seconds:,.0f} | {kernels:.0f} | "
+                      f"{1e3 * busy:.1f} | {busy / seconds:.2f} | {seconds / floor:.2f} |", flush=True)
+                del student, objective, optimizer, step
+                torch.cuda.empty_cache()
+    if breakdown:
+        title, by_name = breakdown
+        total = sum(by_name.values())
+        print(f"\nKernels of one step ({title}) by device time, {1e3 * total:.1f} ms in all:\n"
+              "| kernel | ms | share |\n| --- | --- | --- |")
+        for kernel, seconds in by_name.most_common(args.top):
+            print(f"| {kernel[:110]} | {1e3 * seconds:.2f} | {seconds / total:.0%} |")
+        rest = total - sum(seconds for _, seconds in by_name.most_common(args.top))
+        print(f"| {len(by_name) - args.top} other kernels | {1e3 * rest:.2f} | {rest / total:.0%} |")
+    print()
+    verdicts = []
+    for setting in args.settings.split(","):
+        for mode in args.losses.split(","):
+            try:
+                speedup = results["fp32"][setting][mode]["seconds"] / results["bf16"][setting][mode]["seconds"]
+                verdicts.append(f"{setting} {mode}: bf16 {speedup:.2f}x fp32; step / floor "
+                                f"fp32 {results['fp32'][setting][mode]['over_floor']:.2f}, bf16 {results['bf16'][setting][mode]['over_floor']:.2f}")
+            except KeyError:
+                pass
+    print("\n".join(verdicts))
+    write_json(args.json, {"device": device_description(device), "results": results, "verdicts": verdicts})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
