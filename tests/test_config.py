@@ -85,6 +85,7 @@ def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.slow
 def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
     assert_one_line_error(run_module("aomd.evaluate", f"checkpoint={tmp_path}/none.pt", f"hydra.run.dir={tmp_path}"),
                           "does not exist")

@@ -96,6 +96,7 @@ def plugin(tmp_path_factory) -> tuple[dict, str]:
     return {"AOMD_PLUGINS": "toy_plugin", "PYTHONPATH": str(root)}, f"hydra.searchpath=[file://{root / 'conf'}]"
 
 
+@pytest.mark.slow
 def test_a_plugin_term_is_validated(plugin, tmp_path):
     env, search = plugin
     common = (*TINY, "logger=none", search, f"hydra.run.dir={tmp_path}")

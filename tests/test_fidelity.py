@@ -85,6 +85,7 @@ def test_validation_classes_are_held_out_of_the_train_split(tiny_data):
     assert data.summary()["val_classes"] == 2
 
 
+@pytest.mark.slow
 def test_select_val_reports_the_test_metrics_of_the_best_validation_epoch(tmp_path):
     metrics = train(tmp_path, "train.epochs=3", "eval.select=val", "eval.val_classes=2", "dataset.num_classes=16")
     history = metrics["history"]

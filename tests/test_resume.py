@@ -64,6 +64,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_history_and_best(uninterrupted, tmp_path):
     kill_when(tmp_path, FOUR_EPOCHS, lambda: epochs_saved(tmp_path / "checkpoints" / "last.pt") >= 2)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "running"
@@ -120,6 +121,7 @@ def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, 
     assert_resumes_to(uninterrupted, tmp_path, args, resumed)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_trained_again(tmp_path):
     train(tmp_path)
     stamp = (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns
@@ -128,6 +130,7 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(uninterrupted, tmp_path):
     other = tmp_path / "other"
     (other / "checkpoints").mkdir(parents=True)
@@ -169,6 +172,7 @@ def test_a_distillation_stopped_while_its_teacher_trains_resumes_exactly(stop, t
     assert_same_checkpoint(teacher_a, teacher_b)
 
 
+@pytest.mark.slow
 def test_a_resumed_job_continues_its_wandb_run(tmp_path):
     args = [*FOUR_EPOCHS[:-1], "logger=wandb", "logger.mode=offline", "logger.project=aomd-test"]
     env = {"WANDB_MODE": "offline"}

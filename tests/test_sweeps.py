@@ -31,6 +31,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "train.lr must be positive" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
     # the two losses no preset covers, so that every loss config runs end to end somewhere
     first, _ = sweep(tmp_path, "loss=triplet_l1,contrastive")

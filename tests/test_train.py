@@ -43,6 +43,7 @@ def test_short_run_writes_metrics_checkpoints_and_config(short_run):
     assert "recall@1" in stdout and "best" in stdout  # the console summary table
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_checkpoint_metrics(short_run, tmp_path):
     run_dir, _ = short_run
     out = tmp_path / "eval.json"
@@ -71,6 +72,7 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(short_run, tmp_pa
     assert_one_line_error(result, "resnet18", "resnet50")
 
 
+@pytest.mark.slow
 def test_runs_from_any_directory_and_repeat_exactly(tmp_path):
     # 64 px batches of 64: large enough for multi-threaded kernels, whose summation order would
     # differ between runs without deterministic algorithms
