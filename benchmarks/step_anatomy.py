@@ -16,6 +16,9 @@ and sum their device time. Settings:
                     NaN fill
   no_graph          default without the CUDA graph (`train.cuda_graphs=false`)
   nondeterministic  default with `train.deterministic=false` (cuDNN autotuning)
+  adapters_gemm     default with AOMD's 1x1-convolution adapters computed as one matrix product
+                    on the channels_last maps' [N*H*W, C] view (cuBLAS instead of cuDNN; an
+                    experiment, not a setting of the job)
 
 Columns: ms per step, images/s, kernels per step, device busy ms per step (sum of kernel times:
 what the step would take if launching cost nothing), busy / step (near 1: the device is the limit;
@@ -26,10 +29,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_description, loss_config, seconds_per_call, synchronize, write_json  # noqa: E402
@@ -39,9 +44,9 @@ from aomd.build import build_objective, network_shape  # noqa: E402
 from aomd.engine import TrainStep  # noqa: E402
 from aomd.losses.aomd import StageAdapters  # noqa: E402
 from aomd.models import EmbeddingNet  # noqa: E402
-from aomd.runtime import Runtime  # noqa: E402
+from aomd.runtime import Runtime, in_feature_precision  # noqa: E402
 
-SETTINGS = ("before", "default", "no_graph", "nondeterministic")
+SETTINGS = ("before", "default", "no_graph", "nondeterministic", "adapters_gemm")
 
 
 class _NoFrozenCopy(Runtime):
@@ -51,9 +56,33 @@ class _NoFrozenCopy(Runtime):
         return network
 
 
+def _gemm_adapters_forward(self: StageAdapters, student_feats):
+    """StageAdapters.forward with each 1x1 convolution as a matrix product over the pixels of a
+    channels_last map (whose memory is [N*H*W, C] already); other layouts keep the convolution."""
+    adapted = []
+    for adapter, feats in zip(self.adapters, student_feats):
+        conv = adapter[0]
+        if not feats.is_contiguous(memory_format=torch.channels_last):
+            adapted.append(in_feature_precision(adapter, feats))
+            continue
+        n, c, h, w = feats.shape
+        rows = feats.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: no copy
+        mixed = feats.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(feats.device.type, dtype=feats.dtype, enabled=mixed):
+            out = F.linear(rows, conv.weight.view(conv.out_channels, c), conv.bias)
+        adapted.append(F.relu(out, inplace=True).view(n, h, w, -1).permute(0, 3, 1, 2))
+    return adapted
+
+
+def use_gemm_adapters(objective: torch.nn.Module) -> None:
+    for module in objective.modules():
+        if isinstance(module, StageAdapters):
+            module.forward = types.MethodType(_gemm_adapters_forward, module)
+
+
 def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
     """The runtime of a setting, its global switches set (deterministic kernels, NaN fill)."""
-    runtime = Runtime.resolve(str(device), precision, cuda_graphs=setting in ("default", "nondeterministic"),
+    runtime = Runtime.resolve(str(device), precision, cuda_graphs=setting in ("default", "nondeterministic", "adapters_gemm"),
                               deterministic=setting != "nondeterministic")
     runtime.seed_everything(0)
     if setting == "before":
@@ -131,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                     student, objective = build(name, teacher, size, stored)
                     runtime.prepare_network(student).train()
                     runtime.place(objective).train()
+                    if setting == "adapters_gemm":
+                        use_gemm_adapters(objective)
                     optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
                                                  weight_decay=1e-5, fused=setting != "before" or None)
                     step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)
