@@ -1,0 +1,37 @@
+"""The benchmark scripts run where CI runs (the CPU, small shapes) and say what they measured;
+their figures are checked by people on real hardware (docs/benchmarks.md), never by tests."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_step_measures_every_row_and_states_the_targets(tmp_path):
+    out = tmp_path / "train_step.json"
+    result = run_script("benchmarks/train_step.py", "--losses", "aomd_mode2,triplet", "--steps", "1", "--warmup", "1",
+                        "--batch-size", "8", "--image-size", "32", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]["fp32"]
+    assert set(rows) == {"floor", "floor+adapters", "aomd_mode2", "triplet"}
+    assert all(row["seconds"] > 0 and row["images_per_second"] == pytest.approx(8 / row["seconds"]) for row in rows.values())
+    assert rows["floor"]["over_floor"] == 1.0
+    assert "fp32 aomd_mode2: step / floor" in result.stdout and "target <= 1.10" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["benchmarks/step_anatomy.py"], ["scripts/gpu_check.sh"]])
+def test_the_gpu_only_scripts_say_so_on_a_cpu(command, tmp_path):
+    args = ["bash", *command, str(tmp_path / "check")] if command[0].endswith(".sh") else [sys.executable, *command]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "CUDA" in result.stderr and len(result.stderr.strip().splitlines()) == 1
