@@ -8,13 +8,13 @@ For each precision and setting, times the step of `benchmarks/train_step.py` (th
 with AOMD's adapters, and the AOMD options) and profiles a few steps of each to count the kernels
 and sum their device time. Settings:
 
-  before            for-loop Adam, the teacher launched op by op with autocast casting its weights at
-                    every step, deterministic mode filling new tensors with NaN (aomd before these
-                    settings were its defaults)
+  before            PyTorch's default Adam (foreach on CUDA), autocast casting the teacher's weights
+                    at every step, deterministic mode filling new tensors with NaN: aomd before this
+                    version's defaults
   default           the job's CUDA defaults: fused Adam, the frozen teacher's weights stored in the
-                    autocast dtype, its forward replayed from a CUDA graph (`train.cuda_graphs`), no
-                    NaN fill
-  no_graph          default without the CUDA graph (`train.cuda_graphs=false`)
+                    autocast dtype, no NaN fill
+  nan_fill          default with deterministic mode's NaN fill of new tensors
+  cuda_graphs       default with the teacher's forward replayed from a CUDA graph (`train.cuda_graphs=true`)
   nondeterministic  default with `train.deterministic=false` (cuDNN autotuning)
   adapters_gemm     default with AOMD's 1x1-convolution adapters computed as one matrix product
                     on the channels_last maps' [N*H*W, C] view (cuBLAS instead of cuDNN; an
@@ -46,7 +46,7 @@ from aomd.losses.aomd import StageAdapters  # noqa: E402
 from aomd.models import EmbeddingNet  # noqa: E402
 from aomd.runtime import Runtime, in_feature_precision  # noqa: E402
 
-SETTINGS = ("before", "default", "no_graph", "nondeterministic", "adapters_gemm")
+SETTINGS = ("before", "default", "nan_fill", "cuda_graphs", "nondeterministic", "adapters_gemm")
 
 
 class _NoFrozenCopy(Runtime):
@@ -82,11 +82,12 @@ def use_gemm_adapters(objective: torch.nn.Module) -> None:
 
 def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
     """The runtime of a setting, its global switches set (deterministic kernels, NaN fill)."""
-    runtime = Runtime.resolve(str(device), precision, cuda_graphs=setting in ("default", "nondeterministic", "adapters_gemm"),
+    runtime = Runtime.resolve(str(device), precision, cuda_graphs=setting == "cuda_graphs",
                               deterministic=setting != "nondeterministic")
     runtime.seed_everything(0)
-    if setting == "before":
+    if setting in ("before", "nan_fill"):
         torch.utils.deterministic.fill_uninitialized_memory = True
+    if setting == "before":
         runtime = _NoFrozenCopy(**{field.name: getattr(runtime, field.name) for field in dataclasses.fields(runtime)})
     return runtime
 

@@ -45,3 +45,24 @@ def test_best_can_be_chosen_among_trained_epochs_only(tmp_path):
                best_from_epoch=1)
     assert flags[0] is False and flags[1] is True and best["epoch"] >= 1
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["metrics"]["epoch"] == best["epoch"]
+
+
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_a_resumed_optimiser_keeps_this_jobs_update_implementation(saved_fused):
+    """A last.pt from a job with fused Adam (CUDA) resumes on the CPU with the for-loop update, and
+    the other way round, with the saved moments and step count."""
+    from aomd.engine import adam, load_optimizer_state
+
+    torch.manual_seed(0)
+    weights = torch.nn.Parameter(torch.randn(4, 3))
+    saved = torch.optim.Adam([weights], lr=0.1, weight_decay=1e-5, fused=saved_fused or None)
+    weights.grad = torch.randn(4, 3)
+    saved.step()
+    state = saved.state_dict()
+    resumed = adam([weights], 0.1, 1e-5, CPU) if saved_fused else torch.optim.Adam([weights], lr=0.1, weight_decay=1e-5, fused=True)
+    load_optimizer_state(resumed, state)
+    assert bool(resumed.param_groups[0]["fused"]) is (not saved_fused)
+    assert torch.equal(resumed.state[weights]["exp_avg"], saved.state[weights]["exp_avg"])
+    assert float(resumed.state[weights]["step"]) == 1.0
+    resumed.step()  # the loaded state suits this implementation
+    assert float(resumed.state[weights]["step"]) == 2.0

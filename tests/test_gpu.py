@@ -122,6 +122,20 @@ def test_a_device_run_stopped_mid_epoch_resumes_to_the_same_history(tmp_path):
     assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
 
 
+def test_a_graphed_teacher_distils_like_the_eager_one(tmp_path):
+    """`train.cuda_graphs=true` in a whole distillation: the same losses and metrics as eager."""
+    if not ON_CUDA:
+        pytest.skip("CUDA graphs need a CUDA device")
+    args = ["loss=aomd_mode2", f"train.device={DEVICE}"]
+    eager = train(tmp_path / "eager", *args)
+    graphed = train(tmp_path / "graphed", *args, "train.cuda_graphs=true")
+    assert graphed["runtime"]["cuda_graphs"] is True and eager["runtime"]["cuda_graphs"] is False
+    for ours, theirs in zip(strip_timing(graphed["history"]), strip_timing(eager["history"])):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+
+
 def test_bf16_recall_is_within_tolerance_of_fp32(tmp_path):
     """The default synthetic recipe (6 epochs) in fp32 and in bf16 + channels_last."""
     if not ON_CUDA:

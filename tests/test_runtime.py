@@ -51,6 +51,7 @@ def test_the_frozen_teacher_copy_gives_the_autocast_outputs_without_the_weight_c
     (["train.device=cuda"], ["train.device=cuda", "no CUDA device", "train.device=cpu"]),
     (["train.precision=fp64"], ["train.precision", "fp64", "bf16"]),
     (["train.num_workers=many"], ["train.num_workers", "many"]),
+    (["train.cuda_graphs=true"], ["train.cuda_graphs=true", "CUDA", "train.cuda_graphs=false"]),
 ])
 def test_a_runtime_it_cannot_honour_is_one_line_before_any_work(tmp_path, overrides, words):
     result = run_module("aomd.train", *TINY, "logger=none", f"hydra.run.dir={tmp_path}", *overrides)
@@ -125,3 +126,12 @@ def test_how_a_job_computes_is_not_part_of_what_it_learns():
                                     "deterministic": False, "cuda_graphs": False}}
     assert content_digest(recipe) == content_digest(computed_elsewhere)
     assert content_digest(recipe) != content_digest({"train": {**recipe["train"], "lr": 1e-3}})
+
+
+def test_a_config_saved_before_cuda_graphs_still_resolves():
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.create({"device": "cpu", "precision": "auto", "channels_last": None, "compile": False,
+                              "num_workers": "auto", "pin_memory": None, "deterministic": True})
+    OmegaConf.set_struct(saved, True)
+    assert Runtime.from_train(saved).cuda_graphs is False

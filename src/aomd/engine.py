@@ -98,6 +98,16 @@ def adam(parameters, lr: float, weight_decay: float, runtime: Runtime) -> torch.
     return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=runtime.fused_optimizer or None)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimiser state, keeping this job's implementation of the update (fused on
+    CUDA, for-loop on the CPU): `load_state_dict` would otherwise bring back the choice of the
+    job that saved it, which may have run on another device or aomd version."""
+    implementation = ("fused", "foreach", "capturable")
+    own = [{key: group[key] for key in implementation if key in group} for group in optimizer.param_groups]
+    assert len(own) == len(state["param_groups"]), "the saved optimiser has other parameter groups"
+    optimizer.load_state_dict({**state, "param_groups": [{**saved, **mine} for saved, mine in zip(state["param_groups"], own)]})
+
+
 class TrainStep:
     """One optimisation step of `aomd.train`, from a uint8 batch on the device to updated weights:
     augmentation (random crop + flip), teacher forward under inference mode, student forward
@@ -243,7 +253,7 @@ def fit(
             training = resume["training"]
             student.load_state_dict(resume["model"])
             objective.load_state_dict(resume["objective"])
-            optimizer.load_state_dict(training["optimizer"])
+            load_optimizer_state(optimizer, training["optimizer"])
             scaler.load_state_dict(training["scaler"])
             best, history = training["best"], list(training["history"])
             resume_state.restore_random_states(training["random"], sampler, step.augment_rng)

@@ -9,11 +9,12 @@ receives it instead of resolving the device again.
     train.channels_last  null | true | false             (null: true on CUDA without compile, else false)
     train.compile        false | true                    (torch.compile of student and teacher)
     train.deterministic  true | false                    (deterministic kernels: a run repeats exactly)
-    train.cuda_graphs    null | true | false             (null: true on CUDA without compile)
+    train.cuda_graphs    false | true                    (CUDA, not compiled: the teacher's forward as a CUDA graph)
 
 With `cuda_graphs` the teacher's forward pass in the training step is captured once as a CUDA graph
-and replayed (`InferenceGraph`): one launch instead of a ResNet50's few hundred kernels, whose
-launching from Python otherwise takes longer than a bf16 card needs to run them.
+and replayed (`InferenceGraph`): one launch instead of a ResNet50's few hundred kernels. That pays
+only on hosts whose Python launches kernels more slowly than the card runs them (on an H200 with a
+fast host it gained nothing: docs/benchmarks.md), hence off by default.
 
 Mixed precision is autocast over the networks' forward passes; the loss terms compute their
 arithmetic in float32 or float64 whatever the precision (see `aomd.losses.objective`), and
@@ -54,7 +55,7 @@ class Runtime:
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
                 compile: bool = False, num_workers: Any = "auto", pin_memory: bool | None = None,
-                deterministic: bool = True, cuda_graphs: bool | None = None) -> "Runtime":
+                deterministic: bool = True, cuda_graphs: bool = False) -> "Runtime":
         """Resolve the `auto` values for this machine; a setting it cannot honour is a ConfigError."""
         if device == "auto":
             resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,12 +87,12 @@ class Runtime:
             # convolutions itself; channels_last parameters under compile fail in inductor's
             # convolution backward (a stride assertion, seen with PyTorch 2.11 on an H100)
             channels_last = on_cuda and not compile
-        if cuda_graphs is None:
-            # compiled networks leave launching to inductor; graphs over them would be a second capture
-            cuda_graphs = on_cuda and not compile
-        elif cuda_graphs and not on_cuda:
+        if cuda_graphs and not on_cuda:
             raise ConfigError(f"train.cuda_graphs=true needs a CUDA device, but the job runs on {resolved}; "
-                              f"use train.cuda_graphs=null (or false).")
+                              f"use train.cuda_graphs=false.")
+        if cuda_graphs and compile:
+            raise ConfigError("train.cuda_graphs=true and train.compile=true both take over the teacher's forward; "
+                              "use one of them.")
         return cls(
             device=resolved,
             precision=precision,
@@ -108,7 +109,7 @@ class Runtime:
         """The runtime of a `train` config section."""
         return cls.resolve(train.device, train.precision, train.channels_last, train.compile,
                            train.num_workers, train.pin_memory, train.deterministic,
-                           train.cuda_graphs)
+                           getattr(train, "cuda_graphs", False))  # configs saved before the key: off
 
     def seed_everything(self, seed: int) -> None:
         """Seed every generator and choose the kernels, so that a run repeats exactly when
@@ -128,8 +129,8 @@ class Runtime:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
         # deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised
-        # memory: a memory pass per op output (about 10% of a training step on an H200); no aomd
-        # code reads uninitialised memory, and runs repeat without the fill
+        # memory: a kernel per new tensor (about a third of the kernels of a bf16 AOMD step on an
+        # H200, docs/benchmarks.md); no aomd code reads uninitialised memory, and runs repeat without it
         torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = not self.deterministic
 
@@ -184,7 +185,7 @@ class Runtime:
             return network
         frozen = copy.deepcopy(network)
         for module in frozen.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if type(module) in (nn.Conv2d, nn.Linear):  # not subclasses, whose forward may need float32 weights
                 module.to(self.amp_dtype)
         return frozen
 
@@ -200,10 +201,11 @@ class InferenceGraph:
     """`forward(images)` of a network in inference, captured as one CUDA graph per input shape and
     replayed: a ResNet50 forward is one launch instead of a few hundred (`train.cuda_graphs`).
 
-    The graph replays the kernels the eager forward runs, so the outputs are the eager outputs. They
-    live in the graph's own memory and the next call overwrites them: a caller uses them before it
-    calls again (the training step does). The network must not change shape or device afterwards;
-    its weights may change in place.
+    The graph replays the kernels the eager forward runs, so the outputs are the eager outputs; each
+    capture is checked against an eager forward of another batch before it is used, and a capture
+    that does not reproduce it raises. The outputs live in the graph's own memory and the next call
+    overwrites them: a caller uses them before it calls again (the training step does). The
+    network must not change shape or device afterwards; its weights may change in place.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], Any], runtime: "Runtime", warmup: int = 3):
@@ -211,6 +213,7 @@ class InferenceGraph:
         self.forward, self.runtime, self.warmup = forward, runtime, warmup
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
 
+    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> Any:
         key = (tuple(images.shape), images.dtype, images.stride(), images.device)
         if key not in self._graphs:
@@ -221,24 +224,47 @@ class InferenceGraph:
         return static_outputs
 
     def _run(self, images: torch.Tensor) -> Any:
-        with torch.inference_mode(), self.runtime.autocast(cache_enabled=False):
+        with self.runtime.autocast(cache_enabled=False):
             return self.forward(images)
 
     def _capture(self, images: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]:
-        static_images = torch.empty_like(images).copy_(images)
-        # warm-up on a side stream, as PyTorch's graph recipe asks: cuDNN and cuBLAS set up their
-        # handles and workspaces outside the capture
-        side = torch.cuda.Stream(images.device)
-        side.wait_stream(torch.cuda.current_stream(images.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._run(static_images)
-        torch.cuda.current_stream(images.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread-local: the DataLoader's pin-memory thread keeps allocating page-locked memory meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_outputs = self._run(static_images)
+        # on the images' own card: a graph captured while another card is current records nothing
+        with torch.cuda.device(images.device):
+            static_images = torch.empty_like(images).copy_(images)
+            # warm-up and capture on a side stream, as PyTorch's graph recipe asks: cuDNN and cuBLAS
+            # set up their handles and workspaces outside the capture
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._run(static_images)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread-local: the DataLoader's pin-memory thread keeps allocating page-locked memory meanwhile
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                static_outputs = self._run(static_images)
+            self._check(graph, static_images, static_outputs, images)
         return graph, static_images, static_outputs
+
+    def _check(self, graph, static_images, static_outputs, images) -> None:
+        """Replay on a batch the capture did not see and compare with the eager forward: an empty
+        or stale graph would otherwise hand the same teacher outputs to every step, silently."""
+        probe = images.flip(0) * 0.5
+        static_images.copy_(probe)
+        graph.replay()
+        expected, replayed = _tensors(self._run(probe)), _tensors(static_outputs)
+        assert len(expected) == len(replayed)
+        for ours, eager in zip(replayed, expected):
+            if not torch.allclose(ours.float(), eager.float(), rtol=1e-2, atol=1e-2):
+                raise RuntimeError("The CUDA graph of the teacher's forward does not reproduce its eager forward; "
+                                   "run with train.cuda_graphs=false.")
+
+
+def _tensors(outputs: Any) -> list[torch.Tensor]:
+    """The tensors of a forward's outputs (a tensor, or tuples and lists of them), in order."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [tensor for item in outputs for tensor in _tensors(item)]
 
 
 def in_feature_precision(layer: nn.Module, feats: torch.Tensor) -> torch.Tensor:

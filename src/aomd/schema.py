@@ -77,7 +77,7 @@ class TrainSchema:
     channels_last: Optional[bool] = MISSING
     compile: bool = MISSING
     deterministic: bool = MISSING
-    cuda_graphs: Optional[bool] = MISSING
+    cuda_graphs: bool = MISSING
     num_workers: Any = MISSING
     pin_memory: Optional[bool] = MISSING
     progress: bool = MISSING
