@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_description, loss_config, seconds_per_call, synchronize, write_json  # noqa: E402
-from train_step import FLOOR, FLOOR_ADAPTERS, FloorObjective  # noqa: E402
+from common import device_description, seconds_per_call, synchronize, write_json  # noqa: E402
+from train_step import FLOOR, FLOOR_ADAPTERS, student_and_objective  # noqa: E402
 
-from aomd.build import build_objective, network_shape  # noqa: E402
 from aomd.engine import TrainStep  # noqa: E402
 from aomd.losses.aomd import StageAdapters  # noqa: E402
 from aomd.models import EmbeddingNet  # noqa: E402
@@ -108,19 +107,6 @@ def kernel_profile(call, steps: int) -> tuple[float, float, Counter]:
     return len(kernels) / steps, sum(by_name.values()), by_name
 
 
-def build(name: str, teacher: EmbeddingNet, size: int, stored: int):
-    torch.manual_seed(0)
-    if name in (FLOOR, FLOOR_ADAPTERS):
-        student = EmbeddingNet("resnet18", 128, True, False)
-        adapters = None
-        if name == FLOOR_ADAPTERS:
-            adapters = StageAdapters(network_shape(student, size).stage_channels, network_shape(teacher, size).stage_channels)
-        return student, FloorObjective(adapters)
-    cfg = loss_config(name, f"dataset.image_size={size}", f"dataset.base_size={stored}")
-    student = EmbeddingNet("resnet18", 128, cfg.l2normalize, False)
-    return student, build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--losses", default="aomd_mode1,aomd_mode2")
@@ -158,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = results.setdefault(precision, {}).setdefault(setting, {})
             for name in names:
                 try:
-                    student, objective = build(name, teacher, size, stored)
+                    student, objective = student_and_objective(name, teacher, size, stored)
                     runtime.prepare_network(student).train()
                     runtime.place(objective).train()
                     if setting == "adapters_gemm":

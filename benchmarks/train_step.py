@@ -62,6 +62,21 @@ class FloorObjective(nn.Module):
         return total, {}
 
 
+def student_and_objective(name: str, teacher: EmbeddingNet, size: int, stored: int) -> tuple[EmbeddingNet, nn.Module]:
+    """A fresh ResNet18-128 student (seed 0) and the objective of a row: the floor, the floor with
+    AOMD's adapters, or a loss option exactly as `python -m aomd.train loss=<name>` builds it."""
+    torch.manual_seed(0)
+    if name in (FLOOR, FLOOR_ADAPTERS):
+        student = EmbeddingNet("resnet18", 128, True, False)
+        adapters = None
+        if name == FLOOR_ADAPTERS:
+            adapters = StageAdapters(network_shape(student, size).stage_channels, network_shape(teacher, size).stage_channels)
+        return student, FloorObjective(adapters)
+    cfg = loss_config(name, f"dataset.image_size={size}", f"dataset.base_size={stored}")
+    student = EmbeddingNet("resnet18", 128, cfg.l2normalize, False)
+    return student, build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+
+
 def measure(student, objective, teacher, runtime: Runtime, images, labels, image_size: int, steps: int, warmup: int):
     """(seconds per step, peak bytes allocated) of one configuration."""
     runtime.prepare_network(student).train()
@@ -119,18 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime.prepare_network(teacher).eval().requires_grad_(False)
         rows = results.setdefault(label, {})
         for name in names:
-            torch.manual_seed(0)
-            if name in (FLOOR, FLOOR_ADAPTERS):
-                student = EmbeddingNet("resnet18", 128, True, False)
-                adapters = None
-                if name == FLOOR_ADAPTERS:
-                    adapters = StageAdapters(network_shape(student, size).stage_channels,
-                                             network_shape(teacher, size).stage_channels)
-                objective = FloorObjective(adapters)
-            else:
-                cfg = loss_config(name, f"dataset.image_size={size}", f"dataset.base_size={stored}")
-                student = EmbeddingNet("resnet18", 128, cfg.l2normalize, False)
-                objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+            student, objective = student_and_objective(name, teacher, size, stored)
             try:
                 seconds, peak = measure(student, objective, teacher if objective.needs_teacher else None, runtime,
                                         images, labels, size, steps, warmup)

@@ -121,7 +121,7 @@ class TrainStep:
                  image_size: int, seed: int = 0, teacher: EmbeddingNet | None = None, decay_unreached: bool = True):
         assert teacher is not None or not objective.needs_teacher, "the objective needs a teacher"
         self.student, self.objective, self.optimizer, self.runtime = student, objective, optimizer, runtime
-        self.teacher, self.image_size = teacher, image_size
+        self.image_size = image_size
         # the reference computes switched-off terms times 0, so every parameter gets a gradient
         # (zero where no active term reaches it) and the optimiser's weight decay moves it; a
         # parameter without a gradient (None) would be skipped and keep its initial weights
