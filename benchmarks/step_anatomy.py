@@ -31,6 +31,7 @@ import dataclasses
 import sys
 import types
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
                                                  weight_decay=1e-5, fused=setting != "before" or None)
                     step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)
-                    call = lambda: step(images, labels)  # noqa: E731
+                    call = partial(step, images, labels)
                     seconds = seconds_per_call(call, device, args.steps, args.warmup)
                     kernels, busy, by_name = kernel_profile(call, args.profiled_steps)
                     if (precision, setting, name) == (args.precisions.split(",")[-1], "default", names[-1]):

@@ -28,6 +28,16 @@ def test_train_step_measures_every_row_and_states_the_targets(tmp_path):
     assert "fp32 aomd_mode2: step / floor" in result.stdout and "target <= 1.10" in result.stdout
 
 
+def test_recipe_epoch_splits_each_epoch_into_training_and_evaluation(tmp_path):
+    out = tmp_path / "recipe.json"
+    result = run_script("benchmarks/recipe_epoch.py", "--epochs", "2", "--keep-crops", "true", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    recipe = json.loads(out.read_text())
+    assert len(recipe["epoch_seconds"]) == 3 and len(recipe["training_seconds"]) == 2
+    assert all(0 < training < epoch for training, epoch in zip(recipe["training_seconds"], recipe["epoch_seconds"][1:]))
+    assert "s training," in result.stdout and "evaluation and checkpoints" in result.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", [["benchmarks/step_anatomy.py"], ["scripts/gpu_check.sh"]])
 def test_the_gpu_only_scripts_say_so_on_a_cpu(command, tmp_path):

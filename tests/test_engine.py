@@ -66,3 +66,46 @@ def test_a_resumed_optimiser_keeps_this_jobs_update_implementation(saved_fused):
     assert float(resumed.state[weights]["step"]) == 1.0
     resumed.step()  # the loaded state suits this implementation
     assert float(resumed.state[weights]["step"]) == 2.0
+
+
+def test_kept_crops_evaluate_like_the_loader_and_skip_it_after_the_first_evaluation(tmp_path, monkeypatch):
+    """`eval.keep_crops=true`: the same history as reading the test split every evaluation, and
+    the split is read once, in the evaluation at epoch 0 (the training split as before)."""
+    from aomd.data.splits import ImageSplit
+
+    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
+    reads = []
+    take = ImageSplit.take
+    monkeypatch.setattr(ImageSplit, "take", lambda split, indices: reads.append(split is data.test) or take(split, indices))
+
+    def history(keep_crops):
+        cfg = validate(compose(*TINY, "train.epochs=2", "logger=none", f"eval.keep_crops={keep_crops}"))
+        torch.manual_seed(0)
+        student = EmbeddingNet("resnet18", 16, True, False)
+        objective = build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
+        records = []
+        fit(student, objective, data, cfg.train, cfg.eval, CPU, tmp_path / str(keep_crops),
+            lambda record, is_best: records.append(record), None)
+        return [{k: v for k, v in r.items() if not k.endswith("_seconds") and k != "images_per_second"} for r in records]
+
+    batches_per_evaluation = -(-len(data.test) // 256)  # eval.batch_size
+    read_again = history(False)
+    assert sum(reads) == 3 * batches_per_evaluation  # epochs 0, 1, 2
+    reads.clear()
+    kept = history(True)
+    assert sum(reads) == batches_per_evaluation and len(reads) > sum(reads)  # the training batches are still read
+    assert kept == read_again and len(kept) == 3
+
+
+def test_crops_are_kept_by_default_on_a_card_they_fit_and_never_on_the_cpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from aomd.engine import keeps_crops
+
+    split = [None] * 8_131  # Cars196's test split: 8,131 crops of 224 px are 1.22 GB
+    card = Runtime(device=torch.device("cuda", 0))
+    for total_gb, kept in ((24, True), (9, False)):  # up to an eighth of the card
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total_gb * 2**30))
+        assert keeps_crops(None, split, 224, card) is kept
+    assert keeps_crops(False, split, 224, card) is False
+    assert keeps_crops(None, split, 224, CPU) is False and keeps_crops(True, split, 224, CPU) is True

@@ -6,13 +6,13 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
 from aomd.data import RetrievalData
-from aomd.data.augment import eval_transform, train_transform
+from aomd.data.augment import centre_crop, normalise, train_transform
 from aomd.data.loader import eval_loader, to_device, train_loader
 from aomd.data.splits import ImageSplit
 from aomd.errors import UserError
@@ -36,22 +36,54 @@ class OutOfDeviceMemory(UserError, RuntimeError):
     """A training or evaluation batch did not fit in the device's memory."""
 
 
-def _out_of_memory(error: BaseException, what: str, batch_key: str, batch_size: int, runtime: Runtime) -> OutOfDeviceMemory:
-    hint = "" if runtime.precision != "fp32" else ", or train.precision=bf16 to halve the activations"
+def _out_of_memory(error: BaseException, what: str, batch_key: str, batch_size: int, runtime: Runtime,
+                   hint: str = "") -> OutOfDeviceMemory:
+    if runtime.precision == "fp32":
+        hint += ", or train.precision=bf16 to halve the activations"
     return OutOfDeviceMemory(f"{runtime.device} ran out of memory during {what} with {batch_key}={batch_size} "
                              f"({runtime.precision}); lower {batch_key}{hint}.")
 
 
 class Evaluator:
-    """Test-split evaluation of any network, with one persistent loader for all the epochs of a job.
+    """Test-split evaluation of any network, for all the epochs of a job.
 
     Embeds in batches of `eval_spec.batch_size` centre crops under the job's precision and
     inference mode; the metrics are computed on the device from float32 embeddings.
+
+    With `keep_crops` (`eval.keep_crops`, see `keeps_crops`) the first evaluation keeps the split's
+    uint8 centre crops and labels on the device, and later evaluations embed from them without
+    the loader: the same batches, so the same embeddings, without reading and copying the split
+    again after every epoch. Otherwise one persistent loader serves every evaluation.
     """
 
-    def __init__(self, split: ImageSplit, image_size: int, eval_spec, runtime: Runtime, progress: bool = False):
+    def __init__(self, split: ImageSplit, image_size: int, eval_spec, runtime: Runtime, progress: bool = False,
+                 keep_crops: bool = False):
         self.split, self.image_size, self.eval_spec, self.runtime, self.progress = split, image_size, eval_spec, runtime, progress
+        self.keep_crops = keep_crops
+        self.crops: torch.Tensor | None = None   # uint8 [N, s, s, 3] on the device, once kept
+        self.labels: torch.Tensor | None = None  # int64 [N]
         self.loader = eval_loader(split, eval_spec.batch_size, runtime.num_workers, runtime.pin_memory)
+
+    def _crop_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 centre crops [B, s, s, 3], labels [B]) of the split in order, on the device."""
+        if self.crops is not None:
+            size = self.eval_spec.batch_size
+            for start in range(0, len(self.crops), size):
+                yield self.crops[start : start + size], self.labels[start : start + size]
+            return
+        if self.keep_crops:  # filled in place: no second copy of the split at any time
+            n, size = len(self.split), self.image_size
+            kept_crops = torch.empty((n, size, size, 3), dtype=torch.uint8, device=self.runtime.device)
+        start = 0
+        for images, labels in to_device(self.loader, self.runtime.device):
+            crops = centre_crop(images, self.image_size)
+            if self.keep_crops:
+                kept_crops[start : start + len(crops)] = crops
+            start += len(crops)
+            yield crops, labels
+        if self.keep_crops:  # only a whole pass is kept (an evaluation stopped half-way fills it again)
+            assert start == len(kept_crops), "the loader yields the whole split"
+            self.crops, self.labels = kept_crops, torch.as_tensor(self.split.labels, device=self.runtime.device)
 
     @torch.inference_mode()
     def embed(self, model: EmbeddingNet, desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,16 +91,16 @@ class Evaluator:
         was_training = model.training
         model.eval()
         embeddings, labels = [], []
-        batches = to_device(self.loader, self.runtime.device)
         try:
-            for images, batch_labels in tqdm(batches, desc=desc, total=len(self.loader), leave=False, unit="img",
-                                             unit_scale=self.eval_spec.batch_size, disable=None if self.progress else True):
-                images = eval_transform(images, self.image_size).contiguous(memory_format=self.runtime.memory_format)
+            for crops, batch_labels in tqdm(self._crop_batches(), desc=desc, total=len(self.loader), leave=False, unit="img",
+                                            unit_scale=self.eval_spec.batch_size, disable=None if self.progress else True):
+                images = normalise(crops).contiguous(memory_format=self.runtime.memory_format)
                 with self.runtime.autocast():
                     embeddings.append(model(images).float())
                 labels.append(batch_labels)
         except torch.OutOfMemoryError as error:
-            raise _out_of_memory(error, "evaluation", "eval.batch_size", self.eval_spec.batch_size, self.runtime) from None
+            hint = " (or eval.keep_crops=false)" if self.keep_crops else ""
+            raise _out_of_memory(error, "evaluation", "eval.batch_size", self.eval_spec.batch_size, self.runtime, hint) from None
         finally:
             model.train(was_training)
         return torch.cat(embeddings), torch.cat(labels)
@@ -77,6 +109,22 @@ class Evaluator:
         """{"recall@K": ..., "map@r": ..., "r_precision": ...} of `model` (docs/methods.md, metrics)."""
         embeddings, labels = self.embed(model, desc)
         return retrieval_metrics(embeddings, labels, self.eval_spec.recall_k, self.eval_spec.chunk_size)
+
+
+# kept crops may take up to this share of the card's memory (Cars196's test split at 224 px: 1.2 GB)
+KEPT_CROPS_MEMORY_SHARE = 1 / 8
+
+
+def keeps_crops(setting: bool | None, split: ImageSplit, image_size: int, runtime: Runtime) -> bool:
+    """Whether a job's evaluations keep `split`'s centre crops on the device (`eval.keep_crops`):
+    as set, or with null (auto) on CUDA when the uint8 crops take at most KEPT_CROPS_MEMORY_SHARE
+    of the card's memory; on the CPU the loader reads them again (CPU runs unchanged)."""
+    if setting is not None:
+        return bool(setting)
+    if runtime.device.type != "cuda":
+        return False
+    crop_bytes = len(split) * image_size * image_size * 3
+    return crop_bytes <= KEPT_CROPS_MEMORY_SHARE * torch.cuda.get_device_properties(runtime.device).total_memory
 
 
 def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_spec, runtime: Runtime,
@@ -203,11 +251,15 @@ def fit(
                      decay_unreached=train.decay_unreached)
     loader = train_loader(data.train, train.batch_size, train.images_per_class, train.iters_per_epoch,
                           seed=train.seed, num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
-    evaluator = Evaluator(data.test, data.image_size, eval_spec, runtime, train.progress)
+    def evaluator_of(split: ImageSplit) -> Evaluator:
+        keep = keeps_crops(eval_spec.keep_crops, split, data.image_size, runtime)
+        return Evaluator(split, data.image_size, eval_spec, runtime, train.progress, keep_crops=keep)
+
+    evaluator = evaluator_of(data.test)
     validator = None
     if eval_spec.select == "val":
         assert data.val is not None, "eval.select=val needs the validation split (aomd.data.splits.hold_out_validation)"
-        validator = Evaluator(data.val, data.image_size, eval_spec, runtime, train.progress)
+        validator = evaluator_of(data.val)
     checkpoints = Path(out_dir) / "checkpoints"
     selected_by = selection_metric(eval_spec.recall_k, eval_spec.select)
 

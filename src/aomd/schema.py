@@ -93,6 +93,7 @@ class EvalSchema:
     chunk_size: int = MISSING
     select: str = MISSING
     val_classes: Optional[int] = MISSING
+    keep_crops: Optional[bool] = MISSING
 
 
 @dataclass

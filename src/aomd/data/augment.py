@@ -24,7 +24,7 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _MEAN_STD[device]
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
+def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W], ImageNet-normalised (in channels_last memory
     layout: the permuted view keeps the bytes where they are)."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
@@ -59,7 +59,7 @@ def _crop_flip_normalise_gather(images, size: int, top, left, flip) -> torch.Ten
     cols = left[:, None] + offsets
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]
     crops = images[torch.arange(len(images), device=images.device)[:, None, None], rows, cols]
-    return _normalise(crops)
+    return normalise(crops)
 
 
 def _crop_flip_normalise_cpu(images: torch.Tensor, size: int, top, left, flip) -> torch.Tensor:
@@ -78,8 +78,14 @@ def _crop_flip_normalise_cpu(images: torch.Tensor, size: int, top, left, flip) -
     return torch.from_numpy(out)
 
 
+def centre_crop(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The centre `image_size` crop of uint8 [B, S, S, 3], still uint8 [B, s, s, 3] (a view)."""
+    h, w = images.shape[1:3]
+    assert h >= image_size and w >= image_size, "crop larger than the stored images"
+    top, left = (h - image_size) // 2, (w - image_size) // 2
+    return images[:, top : top + image_size, left : left + image_size]
+
+
 def eval_transform(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """Centre crop of uint8 [B, S, S, 3] -> float [B, 3, image_size, image_size]."""
-    h, w = images.shape[1:3]
-    top, left = (h - image_size) // 2, (w - image_size) // 2
-    return _normalise(images[:, top : top + image_size, left : left + image_size])
+    return normalise(centre_crop(images, image_size))
