@@ -28,14 +28,15 @@ def test_train_step_measures_every_row_and_states_the_targets(tmp_path):
     assert "fp32 aomd_mode2: step / floor" in result.stdout and "target <= 1.10" in result.stdout
 
 
-def test_recipe_epoch_splits_each_epoch_into_training_and_evaluation(tmp_path):
+def test_recipe_epoch_splits_each_epoch_into_training_evaluation_and_checkpoints(tmp_path):
     out = tmp_path / "recipe.json"
     result = run_script("benchmarks/recipe_epoch.py", "--epochs", "2", "--keep-crops", "true", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     recipe = json.loads(out.read_text())
-    assert len(recipe["epoch_seconds"]) == 3 and len(recipe["training_seconds"]) == 2
-    assert all(0 < training < epoch for training, epoch in zip(recipe["training_seconds"], recipe["epoch_seconds"][1:]))
-    assert "s training," in result.stdout and "evaluation and checkpoints" in result.stdout
+    assert len(recipe["epoch_seconds"]) == 3 and len(recipe["training_seconds"]) == len(recipe["checkpoint_seconds"]) == 2
+    for training, saving, epoch in zip(recipe["training_seconds"], recipe["checkpoint_seconds"], recipe["epoch_seconds"][1:]):
+        assert 0 < training and 0 < saving and training + saving < epoch  # the rest is the evaluation
+    assert "s training," in result.stdout and "s evaluation," in result.stdout and "s checkpoints)" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
