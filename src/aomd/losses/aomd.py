@@ -30,7 +30,7 @@ class _StageDescriptors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats: torch.Tensor):
         n, c, h, w = feats.shape
-        ctx.shape, ctx.dtype, ctx.memory_format = feats.shape, feats.dtype, _memory_format(feats)
+        ctx.shape, ctx.dtype, ctx.device, ctx.memory_format = feats.shape, feats.dtype, feats.device, _memory_format(feats)
         # float32 descriptors from bf16/fp16 maps: the means accumulate in float32, no copy of the map
         dtype = torch.promote_types(feats.dtype, torch.float32)
         return feats.mean((2, 3), dtype=dtype), feats.mean(1, dtype=dtype).reshape(n, h * w)
@@ -38,14 +38,16 @@ class _StageDescriptors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_global, grad_local):
         n, c, h, w = ctx.shape
-        grad = None
+        parts = []
         if grad_global is not None:
-            grad = (grad_global / (h * w)).to(ctx.dtype)[:, :, None, None].expand(n, c, h, w)
+            parts.append((grad_global / (h * w)).to(ctx.dtype)[:, :, None, None].expand(n, c, h, w))
         if grad_local is not None:
-            local = (grad_local / c).to(ctx.dtype).reshape(n, 1, h, w)
-            grad = local.expand(n, c, h, w) if grad is None else grad + local
-        # the map's own layout: a channels_last network gets a channels_last gradient
-        return grad.contiguous(memory_format=ctx.memory_format)
+            parts.append((grad_local / c).to(ctx.dtype).reshape(n, 1, h, w).expand(n, c, h, w))
+        # written once, straight into the map's own layout (a channels_last network gets a
+        # channels_last gradient; the sum of the two broadcasts would come out in the standard
+        # layout and need a second, map-sized copy)
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=ctx.memory_format)
+        return torch.add(*parts, out=grad) if len(parts) == 2 else grad.copy_(parts[0])
 
 
 def _memory_format(feats: torch.Tensor) -> torch.memory_format:
