@@ -40,7 +40,7 @@ def test_recipe_epoch_splits_each_epoch_into_training_evaluation_and_checkpoints
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", [["benchmarks/step_anatomy.py"], ["scripts/gpu_check.sh"]])
+@pytest.mark.parametrize("command", [["benchmarks/step_anatomy.py"], ["scripts/gpu_check.sh"], ["scripts/gpu_experiments.sh"]])
 def test_the_gpu_only_scripts_say_so_on_a_cpu(command, tmp_path):
     args = ["bash", *command, str(tmp_path / "check")] if command[0].endswith(".sh") else [sys.executable, *command]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
