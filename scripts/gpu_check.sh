@@ -9,8 +9,8 @@
 # train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test
 # failed, 2 when there is no CUDA device.
 set -uo pipefail
-out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)"
-cd "$(dirname "$0")/.."
+out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)" || exit 2
+cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 export AOMD_CACHE_DIR="${AOMD_CACHE_DIR:-$(mktemp -d)}"   # a fresh teacher and dataset cache
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \

@@ -79,7 +79,7 @@ def test_kept_crops_evaluate_like_the_loader_and_skip_it_after_the_first_evaluat
     monkeypatch.setattr(ImageSplit, "take", lambda split, indices: reads.append(split is data.test) or take(split, indices))
 
     def history(keep_crops):
-        cfg = validate(compose(*TINY, "train.epochs=2", "logger=none", f"eval.keep_crops={keep_crops}"))
+        cfg = validate(compose(*TINY, "train.epochs=2", "logger=none", f"eval.keep_crops={keep_crops}", "eval.batch_size=10"))
         torch.manual_seed(0)
         student = EmbeddingNet("resnet18", 16, True, False)
         objective = build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
@@ -88,7 +88,8 @@ def test_kept_crops_evaluate_like_the_loader_and_skip_it_after_the_first_evaluat
             lambda record, is_best: records.append(record), None)
         return [{k: v for k, v in r.items() if not k.endswith("_seconds") and k != "images_per_second"} for r in records]
 
-    batches_per_evaluation = -(-len(data.test) // 256)  # eval.batch_size
+    batches_per_evaluation = -(-len(data.test) // 10)  # eval.batch_size: a short last batch too
+    assert batches_per_evaluation > 1 and len(data.test) % 10
     read_again = history(False)
     assert sum(reads) == 3 * batches_per_evaluation  # epochs 0, 1, 2
     reads.clear()
@@ -102,10 +103,11 @@ def test_crops_are_kept_by_default_on_a_card_they_fit_and_never_on_the_cpu(monke
 
     from aomd.engine import keeps_crops
 
-    split = [None] * 8_131  # Cars196's test split: 8,131 crops of 224 px are 1.22 GB
+    test = [None] * 8_131  # Cars196's test split: 8,131 crops of 224 px are 1.22 GB
     card = Runtime(device=torch.device("cuda", 0))
     for total_gb, kept in ((24, True), (9, False)):  # up to an eighth of the card
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total_gb * 2**30))
-        assert keeps_crops(None, split, 224, card) is kept
-    assert keeps_crops(False, split, 224, card) is False
-    assert keeps_crops(None, split, 224, CPU) is False and keeps_crops(True, split, 224, CPU) is True
+        assert keeps_crops(None, [test], 224, card) is kept
+    assert keeps_crops(None, [test, test[:2_000]], 224, card) is False  # with a validation split: both count
+    assert keeps_crops(False, [test], 224, card) is False
+    assert keeps_crops(None, [test], 224, CPU) is False and keeps_crops(True, [test], 224, CPU) is True

@@ -125,7 +125,7 @@ def test_a_device_run_stopped_mid_epoch_resumes_to_the_same_history(tmp_path):
 def test_crops_kept_on_the_device_evaluate_like_the_loader(tmp_path):
     """`eval.keep_crops` (on by default on CUDA): evaluations after the first embed the test
     split's crops kept on the card; the history equals that of reading the split every time."""
-    args = ["loss=triplet", f"train.device={DEVICE}", "train.epochs=2"]
+    args = ["loss=triplet", f"train.device={DEVICE}", "train.epochs=2", "eval.batch_size=10"]  # several batches, a short last one
     kept = train(tmp_path / "kept", *args, "eval.keep_crops=true")
     read = train(tmp_path / "read", *args, "eval.keep_crops=false")
     assert len(kept["history"]) == 3

@@ -115,16 +115,21 @@ class Evaluator:
 KEPT_CROPS_MEMORY_SHARE = 1 / 8
 
 
-def keeps_crops(setting: bool | None, split: ImageSplit, image_size: int, runtime: Runtime) -> bool:
-    """Whether a job's evaluations keep `split`'s centre crops on the device (`eval.keep_crops`):
-    as set, or with null (auto) on CUDA when the uint8 crops take at most KEPT_CROPS_MEMORY_SHARE
-    of the card's memory; on the CPU the loader reads them again (CPU runs unchanged)."""
+def keeps_crops(setting: bool | None, splits: list[ImageSplit], image_size: int, runtime: Runtime) -> bool:
+    """Whether a job's evaluations keep the centre crops of `splits` (the test split, and the
+    validation split with eval.select=val) on the device (`eval.keep_crops`): as set, or with
+    null (auto) on CUDA when their uint8 crops together take at most KEPT_CROPS_MEMORY_SHARE of
+    the card's memory; on the CPU the loader reads them again (CPU runs unchanged)."""
     if setting is not None:
         return bool(setting)
     if runtime.device.type != "cuda":
         return False
-    crop_bytes = len(split) * image_size * image_size * 3
-    return crop_bytes <= KEPT_CROPS_MEMORY_SHARE * torch.cuda.get_device_properties(runtime.device).total_memory
+    return kept_crops_bytes(splits, image_size) <= KEPT_CROPS_MEMORY_SHARE * torch.cuda.get_device_properties(runtime.device).total_memory
+
+
+def kept_crops_bytes(splits: list[ImageSplit], image_size: int) -> int:
+    """The memory the uint8 centre crops [N, s, s, 3] of `splits` take."""
+    return sum(len(split) for split in splits) * image_size * image_size * 3
 
 
 def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_spec, runtime: Runtime,
@@ -251,15 +256,20 @@ def fit(
                      decay_unreached=train.decay_unreached)
     loader = train_loader(data.train, train.batch_size, train.images_per_class, train.iters_per_epoch,
                           seed=train.seed, num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
-    def evaluator_of(split: ImageSplit) -> Evaluator:
-        keep = keeps_crops(eval_spec.keep_crops, split, data.image_size, runtime)
-        return Evaluator(split, data.image_size, eval_spec, runtime, train.progress, keep_crops=keep)
-
-    evaluator = evaluator_of(data.test)
-    validator = None
+    evaluated = [data.test]
     if eval_spec.select == "val":
         assert data.val is not None, "eval.select=val needs the validation split (aomd.data.splits.hold_out_validation)"
-        validator = evaluator_of(data.val)
+        evaluated.append(data.val)
+    keep_crops = keeps_crops(eval_spec.keep_crops, evaluated, data.image_size, runtime)
+    if keep_crops:
+        log.info("Evaluations after the first embed %d centre crops kept on %s (%.2f GB; eval.keep_crops=false reads them "
+                 "again every time).", sum(map(len, evaluated)), device, kept_crops_bytes(evaluated, data.image_size) / 1e9)
+
+    def evaluator_of(split: ImageSplit) -> Evaluator:
+        return Evaluator(split, data.image_size, eval_spec, runtime, train.progress, keep_crops=keep_crops)
+
+    evaluator = evaluator_of(data.test)
+    validator = evaluator_of(data.val) if eval_spec.select == "val" else None
     checkpoints = Path(out_dir) / "checkpoints"
     selected_by = selection_metric(eval_spec.recall_k, eval_spec.select)
 
@@ -354,7 +364,8 @@ def fit(
                             bar.set_postfix(loss=f"{shown.item():.4f}")
                         shown = loss
             except torch.OutOfMemoryError as error:
-                raise _out_of_memory(error, "training", "train.batch_size", train.batch_size, runtime) from None
+                hint = " (or eval.keep_crops=false to free the kept evaluation crops)" if keep_crops else ""
+                raise _out_of_memory(error, "training", "train.batch_size", train.batch_size, runtime, hint) from None
             means = {name: total.item() / train.iters_per_epoch for name, total in sums.items()}
             if not math.isfinite(means["loss"]):
                 raise TrainingDiverged(f"The training loss became {means['loss']} in epoch {epoch}; lower train.lr or the loss ratios.")

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from aomd.runtime import in_feature_precision
 
@@ -36,18 +37,17 @@ class _StageDescriptors(torch.autograd.Function):
         return feats.mean((2, 3), dtype=dtype), feats.mean(1, dtype=dtype).reshape(n, h * w)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_global, grad_local):
         n, c, h, w = ctx.shape
-        parts = []
-        if grad_global is not None:
-            parts.append((grad_global / (h * w)).to(ctx.dtype)[:, :, None, None].expand(n, c, h, w))
-        if grad_local is not None:
-            parts.append((grad_local / c).to(ctx.dtype).reshape(n, 1, h, w).expand(n, c, h, w))
-        # written once, straight into the map's own layout (a channels_last network gets a
-        # channels_last gradient; the sum of the two broadcasts would come out in the standard
-        # layout and need a second, map-sized copy)
+        # autograd hands both gradients (zeros for an unused descriptor); their sum is written
+        # once, straight into the map's own layout: a channels_last network gets a channels_last
+        # gradient (the sum of the two broadcasts would come out in the standard layout and need
+        # a second, map-sized copy)
+        global_part = (grad_global / (h * w)).to(ctx.dtype)[:, :, None, None].expand(n, c, h, w)
+        local_part = (grad_local / c).to(ctx.dtype).reshape(n, 1, h, w).expand(n, c, h, w)
         grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=ctx.memory_format)
-        return torch.add(*parts, out=grad) if len(parts) == 2 else grad.copy_(parts[0])
+        return torch.add(global_part, local_part, out=grad)
 
 
 def _memory_format(feats: torch.Tensor) -> torch.memory_format:
