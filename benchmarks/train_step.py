@@ -4,8 +4,8 @@
                                     [--losses triplet,aomd_mode1,...] [--precisions fp32,bf16,fp16] [--json out.json]
 
 Times the step `python -m aomd.train` runs (`aomd.engine.TrainStep`: on-device augmentation of a
-uint8 batch, teacher forward under inference mode (a CUDA graph replay by default on CUDA), student
-forward, objective, backward, Adam step (fused on CUDA)),
+uint8 batch, teacher forward under inference mode (from its frozen copy; a CUDA graph replay with
+`train.cuda_graphs=true`), student forward, objective, backward, Adam step (fused on CUDA)),
 with the job's defaults for the device (channels_last on CUDA), for each option of the `loss`
 config group (the objective exactly as that option builds it) and each precision. Reference
 shapes: ResNet18-128 student, ResNet50-512 teacher, batches of 128 crops of 224 px cut from 256 px

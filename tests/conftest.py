@@ -68,6 +68,32 @@ def train(run_dir: Path, *overrides: str, tiny: bool = True, logger: str = "logg
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def strip_timing(history: list[dict]) -> list[dict]:
+    """Epoch records without their wall-clock figures (which never repeat between runs)."""
+    from aomd.records import TRAINING_SPEED_KEYS
+
+    return [{k: v for k, v in record.items() if k not in TRAINING_SPEED_KEYS} for record in history]
+
+
+def fit_records(data, run_dir: Path, *overrides: str) -> list[dict]:
+    """The epoch records of `aomd.engine.fit` run in this process on `data` with the TINY recipe
+    and `overrides` (a student-only loss: no teacher), on the runtime the config resolves to."""
+    from aomd.build import build_objective
+    from aomd.config import validate
+    from aomd.engine import fit
+    from aomd.models import EmbeddingNet
+    from aomd.runtime import Runtime
+
+    cfg = validate(compose(*TINY, "logger=none", *overrides))
+    runtime = Runtime.from_train(cfg.train)
+    runtime.seed_everything(0)
+    student = EmbeddingNet("resnet18", cfg.embedding_size, cfg.l2normalize, False)
+    objective = build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
+    records = []
+    fit(student, objective, data, cfg.train, cfg.eval, runtime, run_dir, lambda record, is_best: records.append(record))
+    return records
+
+
 def compose(*overrides: str, config_name: str = "train"):
     """The composed (not yet validated) config, as Hydra would build it for the entrypoint."""
     from aomd.config import compose as compose_config

@@ -10,7 +10,7 @@ from aomd.engine import fit
 from aomd.models import EmbeddingNet
 from aomd.build import build_objective
 from aomd.runtime import Runtime
-from conftest import TINY, compose
+from conftest import TINY, compose, fit_records, strip_timing
 
 CPU = Runtime.resolve("cpu")
 
@@ -79,14 +79,8 @@ def test_kept_crops_evaluate_like_the_loader_and_skip_it_after_the_first_evaluat
     monkeypatch.setattr(ImageSplit, "take", lambda split, indices: reads.append(split is data.test) or take(split, indices))
 
     def history(keep_crops):
-        cfg = validate(compose(*TINY, "train.epochs=2", "logger=none", f"eval.keep_crops={keep_crops}", "eval.batch_size=10"))
-        torch.manual_seed(0)
-        student = EmbeddingNet("resnet18", 16, True, False)
-        objective = build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
-        records = []
-        fit(student, objective, data, cfg.train, cfg.eval, CPU, tmp_path / str(keep_crops),
-            lambda record, is_best: records.append(record), None)
-        return [{k: v for k, v in r.items() if not k.endswith("_seconds") and k != "images_per_second"} for r in records]
+        return strip_timing(fit_records(data, tmp_path / str(keep_crops), "train.device=cpu", "train.epochs=2",
+                                        f"eval.keep_crops={keep_crops}", "eval.batch_size=10"))
 
     batches_per_evaluation = -(-len(data.test) // 10)  # eval.batch_size: a short last batch too
     assert batches_per_evaluation > 1 and len(data.test) % 10

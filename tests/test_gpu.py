@@ -23,8 +23,7 @@ from aomd.losses.objective import Objective
 from aomd.models import EmbeddingNet
 from aomd.build import build_objective
 from aomd.runtime import Runtime
-from aomd.records import TRAINING_SPEED_KEYS
-from conftest import REPO, TINY, compose, run_module, signalled_at_step, train
+from conftest import REPO, TINY, compose, fit_records, run_module, signalled_at_step, strip_timing, train
 
 DEVICE = os.environ.get("AOMD_GPU_TIER_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE is not None and DEVICE.startswith("cuda")
@@ -44,10 +43,6 @@ BF16_RECALL_TOLERANCE = 0.08
 def tiny_data(tmp_path_factory):
     return load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32,
                           cache_dir=tmp_path_factory.mktemp("gpu-tier-cache"))
-
-
-def strip_timing(history):
-    return [{k: v for k, v in record.items() if k not in TRAINING_SPEED_KEYS} for record in history]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -127,20 +122,11 @@ def test_crops_kept_on_the_device_evaluate_like_the_loader(tiny_data, tmp_path):
     split's crops kept on the device; the history equals that of reading the split every time."""
     from aomd.engine import keeps_crops
 
-    histories = []
-    for keep in (True, False):
-        cfg = validate(compose(*TINY, "logger=none", f"train.device={DEVICE}", "train.epochs=2",
-                               "eval.batch_size=10", f"eval.keep_crops={keep}"))  # several batches, a short last one
-        runtime = Runtime.from_train(cfg.train)
-        runtime.seed_everything(0)
-        student = EmbeddingNet("resnet18", cfg.embedding_size, cfg.l2normalize, False)
-        objective = build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
-        records = []
-        fit(student, objective, tiny_data, cfg.train, cfg.eval, runtime, tmp_path / str(keep),
-            lambda record, is_best: records.append(record))
-        histories.append(strip_timing(records))
+    histories = [strip_timing(fit_records(tiny_data, tmp_path / str(keep), f"train.device={DEVICE}", "train.epochs=2",
+                                          "eval.batch_size=10", f"eval.keep_crops={keep}"))  # several batches, a short last one
+                 for keep in (True, False)]
     assert len(histories[0]) == 3 and histories[0] == histories[1]
-    assert keeps_crops(None, [tiny_data.test], tiny_data.image_size, runtime) is ON_CUDA
+    assert keeps_crops(None, [tiny_data.test], tiny_data.image_size, Runtime.resolve(DEVICE)) is ON_CUDA
 
 
 def test_a_graphed_teacher_distils_like_the_eager_one(tmp_path):

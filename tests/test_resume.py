@@ -11,16 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from aomd.records import TRAINING_SPEED_KEYS
-from conftest import REPO, TINY, run_module, signalled_at_step, train
+from conftest import REPO, TINY, run_module, signalled_at_step, strip_timing, train
 from test_config import assert_one_line_error
 from wandb_files import read_offline_run
 
 FOUR_EPOCHS = [*TINY, "train.epochs=4", "train.iters_per_epoch=4", "train.lr_decay_epochs=[3]", "logger=none"]
-
-
-def strip_timing(history):
-    return [{k: v for k, v in record.items() if k not in TRAINING_SPEED_KEYS} for record in history]
 
 
 def kill_when(run_dir: Path, args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:

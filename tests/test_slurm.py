@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aomd.records import TRAINING_SPEED_KEYS
-from conftest import REPO, TINY, run_module
+from conftest import REPO, TINY, run_module, strip_timing
 
 pytestmark = pytest.mark.slow
 
@@ -155,10 +154,6 @@ def stop_during_sweep(cluster: dict[str, str], sweep_dir: Path, job_num: int, re
     finally:
         if process.poll() is None:
             process.kill()
-
-
-def strip_timing(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TRAINING_SPEED_KEYS} for record in history]
 
 
 def log_text(sweep_dir: Path) -> str:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import aomd
-from aomd.records import TRAINING_SPEED_KEYS
-from conftest import TINY, run_module, train
+from conftest import TINY, run_module, strip_timing, train
 from test_config import assert_one_line_error
 from wandb_files import read_offline_run
 
@@ -79,8 +78,7 @@ def test_runs_from_any_directory_and_repeat_exactly(tmp_path):
     bigger = ("dataset.base_size=72", "dataset.image_size=64", "train.batch_size=64", "dataset.num_classes=40")
     first = train(tmp_path / "a", *bigger, cwd=tmp_path)
     second = train(tmp_path / "b", *bigger, cwd=Path("/"))
-    strip = lambda history: [{k: v for k, v in h.items() if k not in TRAINING_SPEED_KEYS} for h in history]
-    assert strip(first["history"]) == strip(second["history"])
+    assert strip_timing(first["history"]) == strip_timing(second["history"])
     assert first["history"][1]["loss"] > 0
 
 
