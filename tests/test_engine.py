@@ -105,3 +105,53 @@ def test_crops_are_kept_by_default_on_a_card_they_fit_and_never_on_the_cpu(monke
     assert keeps_crops(None, [test, test[:2_000]], 224, card) is False  # with a validation split: both count
     assert keeps_crops(False, [test], 224, card) is False
     assert keeps_crops(None, [test], 224, CPU) is False and keeps_crops(True, [test], 224, CPU) is True
+
+
+def test_a_compiled_distillation_compiles_each_network_once_per_batch_shape(tmp_path, monkeypatch):
+    """`train.compile=true`: one graph for the student's training batches, one for its evaluation
+    batches (the short last one padded, not compiled again), one for the teacher's forward in the
+    training step; a one-off evaluation (`engine.evaluate`, the teacher's) compiles nothing. The
+    history equals the uncompiled run's."""
+    from aomd.engine import evaluate
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # runs dynamo's graph as traced: eager numerics
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **options: compile_(function, backend=counting_backend, **options))
+    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
+    assert len(data.test) % 10, "a short last evaluation batch"
+
+    def history(compiled: bool) -> list[dict]:
+        cfg = validate(compose(*TINY, "loss=aomd_mode2", "logger=none", "train.device=cpu", "train.epochs=2",
+                               "eval.batch_size=10", f"train.compile={compiled}"))
+        runtime = Runtime.from_train(cfg.train)
+        runtime.seed_everything(0)
+        student = EmbeddingNet("resnet18", 16, True, False)
+        teacher = EmbeddingNet("resnet50", 32, True, False).eval()
+        objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+        teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime)
+        assert not graphs and 0 <= teacher_metrics["recall@1"] <= 1
+        records = []
+        fit(student, objective, data, cfg.train, cfg.eval, runtime, tmp_path / str(compiled),
+            lambda record, is_best: records.append(record), teacher)
+        return strip_timing(records)
+
+    torch._dynamo.reset()  # no graphs of earlier tests in the cache of forward_with_stages
+    try:
+        eager = history(False)
+        assert not graphs
+        compiled = history(True)
+    finally:
+        torch._dynamo.reset()
+    shapes = sorted(tuple(node.meta["example_value"].shape) for graph in graphs for node in graph.graph.nodes
+                    if node.op == "placeholder" and node.name.startswith("l_images"))
+    assert shapes == [(10, 3, 32, 32), (16, 3, 32, 32), (16, 3, 32, 32)], shapes  # evaluation; training: teacher, student
+    assert len(compiled) == len(eager) == 3
+    for ours, theirs in zip(compiled, eager):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key

@@ -94,9 +94,14 @@ class Evaluator:
         try:
             for crops, batch_labels in tqdm(self._crop_batches(), desc=desc, total=len(self.loader), leave=False, unit="img",
                                             unit_scale=self.eval_spec.batch_size, disable=None if self.progress else True):
+                count = len(crops)
+                if self.runtime.compile and count < self.eval_spec.batch_size:
+                    # a compiled network runs one static shape: the short last batch is padded (in
+                    # eval mode each image is embedded on its own) rather than compiled again
+                    crops = torch.cat([crops, crops.new_zeros((self.eval_spec.batch_size - count, *crops.shape[1:]))])
                 images = normalise(crops).contiguous(memory_format=self.runtime.memory_format)
                 with self.runtime.autocast():
-                    embeddings.append(model(images).float())
+                    embeddings.append(model(images)[:count].float())
                 labels.append(batch_labels)
         except torch.OutOfMemoryError as error:
             hint = " (or eval.keep_crops=false)" if self.keep_crops else ""
@@ -134,8 +139,10 @@ def kept_crops_bytes(splits: list[ImageSplit], image_size: int) -> int:
 
 def evaluate(model: EmbeddingNet, split: ImageSplit, image_size: int, eval_spec, runtime: Runtime,
              progress: bool = False) -> dict[str, float]:
-    """The retrieval metrics of `model` on `split`, once (the network is moved to the device)."""
-    runtime.prepare_network(model)
+    """The retrieval metrics of `model` on `split`, once (the network is moved to the device).
+
+    Not compiled under `train.compile`: one pass over the split does not pay back a compilation."""
+    runtime.place(model)
     return Evaluator(split, image_size, eval_spec, runtime, progress)(model)
 
 

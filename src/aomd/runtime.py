@@ -169,10 +169,13 @@ class Runtime:
 
         The compiled function replaces the bound method on this instance only; the module's
         parameters and state_dict are untouched, so checkpoints do not depend on compilation.
+        Shapes are static: each batch shape the network meets (the training batch, the evaluation
+        batch, which `Evaluator` pads to one size) compiles once, into kernels specialised for it,
+        and no batch size makes every later graph dynamic.
         """
         self.place(model)
         if self.compile and not hasattr(model.forward_with_stages, "_torchdynamo_orig_callable"):
-            model.forward_with_stages = torch.compile(model.forward_with_stages)
+            model.forward_with_stages = torch.compile(model.forward_with_stages, dynamic=False)
         return model
 
     def frozen_copy(self, network: nn.Module) -> nn.Module:

@@ -111,7 +111,7 @@ def load_teacher(cfg: DictConfig, teacher: EmbeddingNet, data: RetrievalData, ru
     payload = read_checkpoint(path)
     check_architecture(payload, teacher_architecture(cfg), "teacher", path)
     teacher.load_state_dict(payload["model"])
-    runtime.prepare_network(teacher).eval().requires_grad_(False)
+    runtime.place(teacher).eval().requires_grad_(False)  # compiled (train.compile) by the training loop, for its steps
     return path
 
 
