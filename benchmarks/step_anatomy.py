@@ -19,6 +19,9 @@ and sum their device time. Settings:
   adapters_gemm     default with AOMD's 1x1-convolution adapters computed as one matrix product
                     on the channels_last maps' [N*H*W, C] view (cuBLAS instead of cuDNN; an
                     experiment, not a setting of the job)
+  adapters_fused    adapters_gemm with the bias and the ReLU in the matrix product's epilogue
+                    (`torch._addmm_activation`: one kernel writes the adapted map, where the
+                    convolution writes it, adds the bias and applies the ReLU in three passes)
 
 Columns: ms per step, images/s, kernels per step, device busy ms per step (sum of kernel times:
 what the step would take if launching cost nothing), busy / step (near 1: the device is the limit;
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_description, seconds_per_call, synchronize, write_json  # noqa: E402
@@ -46,7 +50,7 @@ from aomd.losses.aomd import StageAdapters  # noqa: E402
 from aomd.models import EmbeddingNet  # noqa: E402
 from aomd.runtime import Runtime, in_feature_precision  # noqa: E402
 
-SETTINGS = ("before", "default", "nan_fill", "cuda_graphs", "nondeterministic", "adapters_gemm")
+SETTINGS = ("before", "default", "nan_fill", "cuda_graphs", "nondeterministic", "adapters_gemm", "adapters_fused")
 
 
 class _NoFrozenCopy(Runtime):
@@ -56,9 +60,29 @@ class _NoFrozenCopy(Runtime):
         return network
 
 
-def _gemm_adapters_forward(self: StageAdapters, student_feats):
+class _LinearReLU(torch.autograd.Function):
+    """relu(rows @ weight^T + bias) as one matrix product with the bias and ReLU in its epilogue;
+    rows [M, C_in], weight [C_out, C_in], bias [C_out], all of one dtype. (`_addmm_activation`
+    has no autograd formula of its own.)"""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias):
+        out = torch._addmm_activation(bias, rows, weight.t())
+        ctx.save_for_backward(rows, weight, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        rows, weight, out = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)  # the ReLU's mask, from its output
+        return grad @ weight, grad.t() @ rows, grad.sum(0)
+
+
+def _gemm_adapters_forward(self: StageAdapters, student_feats, fused: bool = False):
     """StageAdapters.forward with each 1x1 convolution as a matrix product over the pixels of a
-    channels_last map (whose memory is [N*H*W, C] already); other layouts keep the convolution."""
+    channels_last map (whose memory is [N*H*W, C] already); other layouts keep the convolution.
+    `fused`: the bias and the ReLU in the product's epilogue (`_LinearReLU`)."""
     adapted = []
     for adapter, feats in zip(self.adapters, student_feats):
         conv = adapter[0]
@@ -67,17 +91,21 @@ def _gemm_adapters_forward(self: StageAdapters, student_feats):
             continue
         n, c, h, w = feats.shape
         rows = feats.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: no copy
-        mixed = feats.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(feats.device.type, dtype=feats.dtype, enabled=mixed):
-            out = F.linear(rows, conv.weight.view(conv.out_channels, c), conv.bias)
-        adapted.append(F.relu(out, inplace=True).view(n, h, w, -1).permute(0, 3, 1, 2))
+        weight = conv.weight.view(conv.out_channels, c)
+        if fused:
+            out = _LinearReLU.apply(rows, weight.to(feats.dtype), conv.bias.to(feats.dtype))
+        else:
+            mixed = feats.dtype in (torch.bfloat16, torch.float16)
+            with torch.autocast(feats.device.type, dtype=feats.dtype, enabled=mixed):
+                out = F.relu(F.linear(rows, weight, conv.bias), inplace=True)
+        adapted.append(out.view(n, h, w, -1).permute(0, 3, 1, 2))
     return adapted
 
 
-def use_gemm_adapters(objective: torch.nn.Module) -> None:
+def use_gemm_adapters(objective: torch.nn.Module, fused: bool = False) -> None:
     for module in objective.modules():
         if isinstance(module, StageAdapters):
-            module.forward = types.MethodType(_gemm_adapters_forward, module)
+            module.forward = types.MethodType(partial(_gemm_adapters_forward, fused=fused), module)
 
 
 def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
@@ -148,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                     student, objective = student_and_objective(name, teacher, size, stored)
                     runtime.prepare_network(student).train()
                     runtime.place(objective).train()
-                    if setting == "adapters_gemm":
-                        use_gemm_adapters(objective)
+                    if setting in ("adapters_gemm", "adapters_fused"):
+                        use_gemm_adapters(objective, fused=setting == "adapters_fused")
                     optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
                                                  weight_decay=1e-5, fused=setting != "before" or None)
                     step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)

@@ -3,9 +3,11 @@
 # minutes on one H100 or H200). Each compares a change that the CPU cannot time with the job's
 # defaults, in one run on one card:
 #   - the training step (`benchmarks/step_anatomy.py`, AOMD mode 2, fp32 and bf16): the defaults,
-#     deterministic mode's NaN fill put back, and AOMD's adapters as cuBLAS matrix products;
+#     deterministic mode's NaN fill put back, and AOMD's adapters as cuBLAS matrix products (with
+#     the bias and ReLU added separately, and in the product's epilogue);
 #   - the reference recipe (`benchmarks/recipe_epoch.py`): evaluation reading the test split after
-#     every epoch (`eval.keep_crops=false`), the defaults (crops kept on the card), and compiled.
+#     every epoch (`eval.keep_crops=false`), the defaults (crops kept on the card), and compiled
+#     (static shapes: three graphs).
 #
 #     bash scripts/gpu_experiments.sh [OUT_DIR]        # default: gpu-experiments/
 #
@@ -20,7 +22,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_experiments: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
-python benchmarks/step_anatomy.py --losses aomd_mode2 --settings default,nan_fill,adapters_gemm \
+python benchmarks/step_anatomy.py --losses aomd_mode2 --settings default,nan_fill,adapters_gemm,adapters_fused \
   --json "$out/anatomy.json" 2>&1 | tee "$out/anatomy.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 for variant in read kept compiled; do
