@@ -26,6 +26,21 @@ def test_explicit_settings_are_honoured():
         assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("allocated, workers", [(range(64), 8), (range(4), 3), (range(1), 1)])
+def test_loader_workers_on_a_card_follow_the_cores_this_job_may_use(monkeypatch, allocated, workers):
+    """A SLURM job on a 64-core node with 4 cores allocated (its CPU affinity) gets 3 loader
+    processes, not 8: one core stays with the training loop."""
+    import os
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allocated), raising=False)
+    runtime = Runtime.resolve("cuda")
+    assert runtime.num_workers == workers and runtime.pin_memory
+
+
 def test_the_frozen_teacher_copy_gives_the_autocast_outputs_without_the_weight_casts():
     """Weights stored in bf16 are what autocast casts them to: the teacher's outputs are the same
     bits, and the original network is untouched."""

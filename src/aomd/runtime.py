@@ -39,6 +39,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: a SLURM job's allocation (its CPU affinity), not
+    the node's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The resolved device, precision, memory format, compilation and loader settings of a job."""
@@ -79,7 +88,7 @@ class Runtime:
                               f"bfloat16; use train.precision=fp16 or fp32.")
         if num_workers == "auto":
             # the CPU trains in the main process (tests and results unchanged); a GPU needs loaders
-            num_workers = min(8, max((os.cpu_count() or 1) - 1, 1)) if on_cuda else 0
+            num_workers = min(8, max(usable_cpus() - 1, 1)) if on_cuda else 0
         elif not (isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0):
             raise ConfigError(f"train.num_workers must be auto or an integer of 0 or more, got {num_workers!r}.")
         if channels_last is None:

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from aomd.runtime import usable_cpus
+
 # what counts as an image file in class folders (compared lower-case: SOP's files end in .JPG)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -62,14 +64,6 @@ class DecodedChunk:
     failed: list[tuple[int, str]]
 
 
-def default_workers() -> int:
-    """Decode processes when not configured: the CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _pool_context() -> multiprocessing.context.BaseContext:
     # fork starts workers in milliseconds and they only run PIL; spawn would re-import the
     # entrypoint (torch, Hydra) in every worker. Platforms without fork use their default.
@@ -94,7 +88,7 @@ def decode_all(
     Bad files do not stop the decoding; the caller decides what a failure means.
     """
     paths = [str(p) for p in paths]
-    workers = default_workers() if workers is None else workers
+    workers = usable_cpus() if workers is None else workers  # decode processes
     starts = iter(range(0, len(paths), chunk_size))
     with tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True) as bar:
         if workers <= 1 or len(paths) <= chunk_size:
