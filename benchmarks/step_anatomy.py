@@ -19,9 +19,10 @@ and sum their device time. Settings:
   adapters_gemm     default with AOMD's 1x1-convolution adapters computed as one matrix product
                     on the channels_last maps' [N*H*W, C] view (cuBLAS instead of cuDNN; an
                     experiment, not a setting of the job)
-  adapters_fused    adapters_gemm with the bias and the ReLU in the matrix product's epilogue
-                    (`torch._addmm_activation`: one kernel writes the adapted map, where the
-                    convolution writes it, adds the bias and applies the ReLU in three passes)
+  adapters_fused    adapters_gemm with the bias and the ReLU asked of the matrix product's epilogue
+                    (`torch._addmm_activation`), where the convolution writes the map, adds the bias
+                    and applies the ReLU in three passes. Whether cuBLASLt fuses the ReLU for bf16
+                    is for the card to show (reports say it may pick a slower kernel instead)
 
 Columns: ms per step, images/s, kernels per step, device busy ms per step (sum of kernel times:
 what the step would take if launching cost nothing), busy / step (near 1: the device is the limit;

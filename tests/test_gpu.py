@@ -184,3 +184,12 @@ def test_the_graphed_teacher_replays_the_eager_teacher(precision):
             embeddings, stages = graphed(images)
             for ours, eager in zip([embeddings, *stages], [eager_embeddings, *eager_stages]):
                 torch.testing.assert_close(ours.float(), eager.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_step_anatomys_fused_adapters_match_the_convolutions_on_the_card(dtype):
+    """`step_anatomy.py`'s adapters_fused experiment (cuBLASLt's bias and ReLU epilogue) computes
+    the adapters' values and gradients on the card."""
+    from test_benchmarks import check_matrix_product_adapters
+
+    check_matrix_product_adapters("adapters_fused", dtype, DEVICE)

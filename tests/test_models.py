@@ -136,6 +136,19 @@ def test_compiled_forward_taps_the_same_stages():
     assert model._taps.outputs == [None] * 4  # collected, also under compile
 
 
+def test_the_stage_channel_probe_of_a_compiled_network_compiles_nothing():
+    graphs = []
+    model = EmbeddingNet("resnet18", 16).eval()
+    model.forward_with_stages = torch.compile(model.forward_with_stages, dynamic=False,
+                                              backend=lambda graph, inputs: graphs.append(graph) or graph.forward)
+    try:
+        assert model.stage_channels(32) == [64, 128, 256, 512] and not graphs
+        model.forward_with_stages(torch.randn(2, 3, 32, 32))
+        assert len(graphs) == 1  # the compiled forward itself still compiles
+    finally:
+        torch.compiler.reset()
+
+
 def test_googlenet_transform_input_survives_a_checkpoint(tmp_path):
     # ImageNet weights cannot be downloaded here: transform_input=True stands for them
     model = EmbeddingNet("googlenet", 16, transform_input=True).eval()

@@ -22,7 +22,7 @@ from aomd.models import EmbeddingNet, save_checkpoint
 from aomd import preemption
 from aomd.preemption import StopSignals
 from aomd import resume as resume_state
-from aomd.runtime import InferenceGraph, Runtime
+from aomd.runtime import InferenceGraph, Runtime, is_compiled
 from aomd.schema import EvalSchema, TrainSchema
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,13 @@ class Evaluator:
         """Embeddings float32 [N, E] and labels [N] of the whole split, on the device."""
         was_training = model.training
         model.eval()
+        compiled = is_compiled(model)
         embeddings, labels = [], []
         try:
             for crops, batch_labels in tqdm(self._crop_batches(), desc=desc, total=len(self.loader), leave=False, unit="img",
                                             unit_scale=self.eval_spec.batch_size, disable=None if self.progress else True):
                 count = len(crops)
-                if self.runtime.compile and count < self.eval_spec.batch_size:
+                if compiled and count < self.eval_spec.batch_size:
                     # a compiled network runs one static shape: the short last batch is padded (in
                     # eval mode each image is embedded on its own) rather than compiled again
                     crops = torch.cat([crops, crops.new_zeros((self.eval_spec.batch_size - count, *crops.shape[1:]))])
@@ -252,6 +253,7 @@ def fit(
     (`partial`) and the signal takes effect; resuming from it skips the batches already trained on.
     """
     train, device = recipe, runtime.device
+    runtime.forget_compiled_graphs()
     torch.manual_seed(train.seed)  # the samplers' draws repeat whether or not a teacher was trained first
     runtime.prepare_network(student).train()
     runtime.place(objective).train()

@@ -39,6 +39,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `Runtime.prepare_network` compiled `model`'s forward pass."""
+    return hasattr(model.forward_with_stages, "_torchdynamo_orig_callable")
+
+
 def usable_cpus() -> int:
     """The CPU cores this process may run on: a SLURM job's allocation (its CPU affinity), not
     the node's count."""
@@ -183,9 +188,19 @@ class Runtime:
         and no batch size makes every later graph dynamic.
         """
         self.place(model)
-        if self.compile and not hasattr(model.forward_with_stages, "_torchdynamo_orig_callable"):
+        if self.compile and not is_compiled(model):
             model.forward_with_stages = torch.compile(model.forward_with_stages, dynamic=False)
         return model
+
+    def forget_compiled_graphs(self) -> None:
+        """With `compile`: drop the graphs compiled earlier in this process, so that a training
+        loop compiles its own. Hydra's default launcher runs a sweep's jobs one after another in
+        one process, every EmbeddingNet shares one cache of at most 8 graphs (dynamo's
+        recompile limit), and with static shapes a sweep over batch or image sizes would fill it:
+        later jobs would run uncompiled, with only a warning. Inductor's cache on disk keeps
+        compiling the same graphs again cheap."""
+        if self.compile:
+            torch.compiler.reset()
 
     def frozen_copy(self, network: nn.Module) -> nn.Module:
         """The network as the training step runs a frozen teacher. Under autocast: a copy whose

@@ -83,10 +83,12 @@ class EmbeddingNet(nn.Module):
 
     @torch.no_grad()
     def stage_channels(self, image_size: int = 64) -> list[int]:
-        """Channel count of each stage (found with one small forward pass)."""
+        """Channel count of each stage (found with one small forward pass, uncompiled: a probe
+        is not worth a graph of its own)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        _, stages = self.forward_with_stages(torch.zeros(1, 3, image_size, image_size, device=device))
+        with torch.compiler.set_stance("force_eager"):
+            _, stages = self.forward_with_stages(torch.zeros(1, 3, image_size, image_size, device=device))
         self.train(was_training)
         return [s.shape[1] for s in stages]
