@@ -37,6 +37,7 @@ def test_recipe_epoch_splits_each_epoch_into_training_evaluation_and_checkpoints
     for training, saving, epoch in zip(recipe["training_seconds"], recipe["checkpoint_seconds"], recipe["epoch_seconds"][1:]):
         assert 0 < training and 0 <= saving and training + saving < epoch  # the rest is the evaluation
     assert recipe["checkpoint_seconds"][1] > 0  # epoch 2's wall time holds epoch 1's last.pt (best.pt only when better)
+    assert recipe["compiled_graphs"] == 0  # not compiled
     assert "s training," in result.stdout and "s evaluation," in result.stdout and "s checkpoints)" in result.stdout
 
 
