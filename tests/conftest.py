@@ -75,6 +75,15 @@ def strip_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TRAINING_SPEED_KEYS} for record in history]
 
 
+def assert_histories_close(ours: list[dict], theirs: list[dict], rel: float, abs: float) -> None:
+    """Two runs' epoch records (timing stripped) have the same keys and values within tolerance."""
+    assert len(ours) == len(theirs)
+    for mine, other in zip(ours, theirs):
+        assert mine.keys() == other.keys()
+        for key, value in other.items():
+            assert mine[key] == pytest.approx(value, rel=rel, abs=abs), key
+
+
 def fit_records(data, run_dir: Path, *overrides: str) -> list[dict]:
     """The epoch records of `aomd.engine.fit` run in this process on `data` with the TINY recipe
     and `overrides` (a student-only loss: no teacher), on the runtime the config resolves to."""

@@ -10,7 +10,7 @@ from aomd.engine import fit
 from aomd.models import EmbeddingNet
 from aomd.build import build_objective
 from aomd.runtime import Runtime
-from conftest import TINY, compose, fit_records, strip_timing
+from conftest import TINY, assert_histories_close, compose, fit_records, strip_timing
 
 CPU = Runtime.resolve("cpu")
 
@@ -156,7 +156,4 @@ def test_a_compiled_distillation_compiles_each_network_once_per_batch_shape(tmp_
     finally:
         torch.compiler.reset()
     assert len(compiled) == len(eager) == 3
-    for ours, theirs in zip(compiled, eager):
-        assert ours.keys() == theirs.keys()
-        for key, value in theirs.items():
-            assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert_histories_close(compiled, eager, rel=1e-4, abs=1e-5)

@@ -23,7 +23,7 @@ from aomd.losses.objective import Objective
 from aomd.models import EmbeddingNet
 from aomd.build import build_objective
 from aomd.runtime import Runtime
-from conftest import REPO, TINY, compose, fit_records, run_module, signalled_at_step, strip_timing, train
+from conftest import REPO, TINY, assert_histories_close, compose, fit_records, run_module, signalled_at_step, strip_timing, train
 
 DEVICE = os.environ.get("AOMD_GPU_TIER_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE is not None and DEVICE.startswith("cuda")
@@ -137,10 +137,7 @@ def test_a_graphed_teacher_distils_like_the_eager_one(tmp_path):
     eager = train(tmp_path / "eager", *args)
     graphed = train(tmp_path / "graphed", *args, "train.cuda_graphs=true")
     assert graphed["runtime"]["cuda_graphs"] is True and eager["runtime"]["cuda_graphs"] is False
-    for ours, theirs in zip(strip_timing(graphed["history"]), strip_timing(eager["history"])):
-        assert ours.keys() == theirs.keys()
-        for key, value in theirs.items():
-            assert ours[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    assert_histories_close(strip_timing(graphed["history"]), strip_timing(eager["history"]), rel=1e-3, abs=1e-4)
 
 
 def test_bf16_recall_is_within_tolerance_of_fp32(tmp_path):
