@@ -19,10 +19,10 @@ and sum their device time. Settings:
   adapters_gemm     default with AOMD's 1x1-convolution adapters computed as one matrix product
                     on the channels_last maps' [N*H*W, C] view (cuBLAS instead of cuDNN; an
                     experiment, not a setting of the job)
+                    (in fp32: full fp32 products, PyTorch's default, against TF32 convolutions)
   adapters_fused    adapters_gemm with the bias and the ReLU asked of the matrix product's epilogue
                     (`torch._addmm_activation`), where the convolution writes the map, adds the bias
-                    and applies the ReLU in three passes. Whether cuBLASLt fuses the ReLU for bf16
-                    is for the card to show (reports say it may pick a slower kernel instead)
+                    and applies the ReLU in three passes; fp32 products in TF32, as the convolutions
 
 Columns: ms per step, images/s, kernels per step, device busy ms per step (sum of kernel times:
 what the step would take if launching cost nothing), busy / step (near 1: the device is the limit;
@@ -31,6 +31,7 @@ well below 1: the host's launching is). Needs CUDA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import types
@@ -61,14 +62,30 @@ class _NoFrozenCopy(Runtime):
         return network
 
 
+@contextlib.contextmanager
+def _fp32_products_as_convolutions():
+    """fp32 matrix products in the precision cuDNN's fp32 convolutions use. PyTorch's defaults
+    run fp32 convolutions in TF32 and fp32 matrix products in full fp32; an H200 run that left
+    them so timed the products 2.5 ms slower than the convolutions they replace."""
+    products = torch.backends.cuda.matmul
+    before = products.fp32_precision
+    products.fp32_precision = torch.backends.cudnn.conv.fp32_precision
+    try:
+        yield
+    finally:
+        products.fp32_precision = before
+
+
 class _LinearReLU(torch.autograd.Function):
     """relu(rows @ weight^T + bias) as one matrix product with the bias and ReLU in its epilogue;
-    rows [M, C_in], weight [C_out, C_in], bias [C_out], all of one dtype. (`_addmm_activation`
-    has no autograd formula of its own.)"""
+    rows [M, C_in], weight [C_out, C_in], bias [C_out], all of one dtype; fp32 products in the
+    convolutions' precision (TF32 by default). (`_addmm_activation` has no autograd formula of
+    its own.)"""
 
     @staticmethod
     def forward(ctx, rows, weight, bias):
-        out = torch._addmm_activation(bias, rows, weight.t())
+        with _fp32_products_as_convolutions():
+            out = torch._addmm_activation(bias, rows, weight.t())
         ctx.save_for_backward(rows, weight, out)
         return out
 
@@ -77,7 +94,8 @@ class _LinearReLU(torch.autograd.Function):
     def backward(ctx, grad):
         rows, weight, out = ctx.saved_tensors
         grad = torch.ops.aten.threshold_backward(grad, out, 0)  # the ReLU's mask, from its output
-        return grad @ weight, grad.t() @ rows, grad.sum(0)
+        with _fp32_products_as_convolutions():
+            return grad @ weight, grad.t() @ rows, grad.sum(0)
 
 
 def _gemm_adapters_forward(self: StageAdapters, student_feats, fused: bool = False):
