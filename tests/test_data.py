@@ -133,6 +133,16 @@ def test_iterating_a_loader_leaves_the_global_random_state_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_loader_starts_no_more_workers_than_a_pass_has_batches():
+    from aomd.data.loader import eval_loader, train_loader
+
+    assert eval_loader(_split(), 10, num_workers=8).num_workers == 3  # 24 images: batches of 10, 10, 4
+    assert eval_loader(_split(), 32, num_workers=8).num_workers == 1
+    assert train_loader(_split(), 8, 2, 2, seed=0, num_workers=8).num_workers == 2
+    assert train_loader(_split(), 8, 2, 50, seed=0, num_workers=8).num_workers == 8
+    assert eval_loader(_split(), 10).num_workers == 0
+
+
 def test_loader_workers_ignore_the_stop_signals(tmp_path):
     """SLURM signals every process of a job; a worker must neither die nor run the training
     process's handlers (submitit's would requeue the job a second time)."""
