@@ -45,6 +45,80 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert torch.allclose(loaded(images), model(images), atol=1e-6)
 
 
+def test_the_background_writer_saves_what_was_asked_when_it_was_asked(tmp_path, monkeypatch):
+    """`CheckpointWriter.save` copies before it returns: the file holds the state at that moment,
+    not the state the training changed it to while the write was queued. Writes land in order."""
+    import threading
+
+    from aomd.models import checkpoint
+    from aomd.models.checkpoint import CheckpointWriter
+
+    released, write = threading.Event(), checkpoint._write
+    monkeypatch.setattr(checkpoint, "_write", lambda *args: released.wait(10) and write(*args))
+    model = EmbeddingNet("resnet18", 16)
+    history = [{"epoch": 0}]
+    with CheckpointWriter() as writer:
+        weights = {name: t.clone() for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+        writer.save(tmp_path / "last.pt", model, history=history, metrics={"epoch": 0})
+        assert not (tmp_path / "last.pt").exists()  # queued: written later
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)  # what the next steps do, in place, while the write waits
+        history.append({"epoch": 1})
+        released.set()
+        for epoch in (1, 2, 3):
+            writer.save(tmp_path / "best.pt", model, metrics={"epoch": epoch})
+    first, best = torch.load(tmp_path / "last.pt", weights_only=True), torch.load(tmp_path / "best.pt", weights_only=True)
+    assert first["history"] == [{"epoch": 0}] and best["metrics"] == {"epoch": 3}
+    assert all(torch.equal(first["model"][name], weights[name]) for name in weights)
+    assert torch.equal(best["model"]["backbone.conv1.weight"], weights["backbone.conv1.weight"] + 1.0)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_the_background_writer_queues_two_writes_and_reports_a_failed_one(tmp_path, monkeypatch, caplog):
+    """A third save waits for the first write; a failed write raises at the next save or wait,
+    after the writes queued behind it; an exception already leaving the writer's block keeps its
+    meaning (a stop stays a stop), the failed write logged."""
+    import threading
+
+    from aomd.models import checkpoint
+    from aomd.models.checkpoint import CheckpointWriter
+
+    model = EmbeddingNet("resnet18", 16)
+    released, write = threading.Event(), checkpoint._write
+    monkeypatch.setattr(checkpoint, "_write", lambda *args: released.wait(10) and write(*args))
+    with CheckpointWriter() as writer:
+        writer.save(tmp_path / "1.pt", model)
+        writer.save(tmp_path / "2.pt", model)
+        third = threading.Thread(target=writer.save, args=(tmp_path / "3.pt", model))
+        third.start()
+        third.join(0.5)
+        assert third.is_alive() and not (tmp_path / "1.pt").exists()  # two queued: the third save waits
+        released.set()
+        third.join(10)
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == ["1.pt", "2.pt", "3.pt"]
+
+    (tmp_path / "a-file").write_text("")
+    released.clear()
+    with pytest.raises(OSError):
+        with CheckpointWriter() as writer:
+            writer.save(tmp_path / "a-file" / "last.pt", model)  # its folder is a file
+            writer.save(tmp_path / "after.pt", model)
+            released.set()
+    assert (tmp_path / "after.pt").is_file()
+    with pytest.raises(OSError):
+        with CheckpointWriter() as writer:
+            writer.save(tmp_path / "a-file" / "last.pt", model)
+            assert isinstance(writer._pending[0].exception(timeout=10), OSError)
+            writer.save(tmp_path / "never.pt", model)  # raises: the failure is found here
+    assert not (tmp_path / "never.pt").exists()
+    with pytest.raises(SystemExit):
+        with CheckpointWriter() as writer:
+            writer.save(tmp_path / "a-file" / "last.pt", model)
+            raise SystemExit(128 + 12)  # a stop signal acting
+    assert "A checkpoint could not be written" in caplog.text
+
+
 def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pt")

@@ -18,7 +18,8 @@ from aomd.data.splits import ImageSplit
 from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
 from aomd.metrics import retrieval_metrics, selection_metric
-from aomd.models import EmbeddingNet, save_checkpoint
+from aomd.models import EmbeddingNet
+from aomd.models.checkpoint import CheckpointWriter
 from aomd import preemption
 from aomd.preemption import StopSignals
 from aomd import resume as resume_state
@@ -246,7 +247,8 @@ def fit(
     MAP@R, R-Precision) goes to `on_epoch(record, is_best)`. The selected epoch (`is_best`) is,
     among epochs >= `best_from_epoch`: the best test Recall@1 (select "test", the reference's
     practice), the best validation Recall@1 ("val") or the last ("last"). Writes
-    `checkpoints/best.pt` (the selected epoch) and `checkpoints/last.pt` under `out_dir`.
+    `checkpoints/best.pt` (the selected epoch) and `checkpoints/last.pt` under `out_dir`, from a
+    background thread while training goes on (`CheckpointWriter`); both are on disk when fit returns.
 
     A stop signal (SIGTERM, SIGINT, SLURM's SIGUSR2: `aomd.preemption`) waits for the step in
     progress (or the evaluation), then `last.pt` is written with the place in the epoch
@@ -294,8 +296,12 @@ def fit(
         training = {"epoch": epoch, "identity": identity, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "best": best, "history": history, "partial": partial,
                     "random": resume_state.random_states(sampler_state, step.augment_rng), **(checkpoint_extra or {})}
-        save_checkpoint(checkpoints / "last.pt", student, metrics=history[-1] if history else None,
-                        objective=objective.state_dict(), training=training)
+        writer.save(checkpoints / "last.pt", student, metrics=history[-1] if history else None,
+                    objective=objective.state_dict(), training=training)
+
+    def stop_after_saving(where: str) -> None:
+        writer.wait()  # last.pt on disk before the signal acts (submitit requeues the job from it)
+        stop.stop(where)
 
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
         nonlocal best
@@ -306,20 +312,21 @@ def fit(
             best is None or eval_spec.select == "last" or record[selected_by] > best[selected_by])
         if is_best:
             best = record
-            save_checkpoint(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict())
+            writer.save(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict())
         history.append(record)
         on_epoch(record, is_best)
         return record
 
     partial = None
     preemption.last_stop = None
-    with StopSignals() as stop:
+    # the writer waits for its writes before the signals' handlers go (its exit runs first)
+    with StopSignals() as stop, CheckpointWriter() as writer:
         if resume is None:
             evaluate_epoch(0, {})
             first_epoch = 1
             if stop.requested:
                 save_last(0, resume_state.sampler_state(sampler))
-                stop.stop("after the evaluation before training")
+                stop_after_saving("after the evaluation before training")
         else:
             training = resume["training"]
             student.load_state_dict(resume["model"])
@@ -339,6 +346,8 @@ def fit(
             if on_restore is not None:
                 on_restore(history, best)
         for epoch in range(first_epoch, train.epochs + 1):
+            if epoch == first_epoch:
+                writer.wait()  # the loader's workers fork at its first batch: not while the writer's thread works
             epoch_start = resume_state.sampler_state(sampler)
             # running sums stay on the device: no host synchronisation per step
             sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
@@ -366,7 +375,7 @@ def fit(
                         save_last(epoch - 1, epoch_start, {
                             "epoch": epoch, "steps": index, "sums": {name: total.cpu() for name, total in sums.items()},
                             "seconds": seconds_before + time.perf_counter() - started})
-                        stop.stop(f"in epoch {epoch} after step {index} of {train.iters_per_epoch}")  # may return
+                        stop_after_saving(f"in epoch {epoch} after step {index} of {train.iters_per_epoch}")  # may return
                     if train.progress and index % 10 == 0:
                         # the loss of ten steps ago is long computed: reading it does not stall the device
                         if shown is not None:
@@ -384,7 +393,7 @@ def fit(
             evaluate_epoch(epoch, means)
             save_last(epoch, resume_state.sampler_state(sampler))
             if stop.requested:  # during the evaluation: the state after the epoch is saved
-                stop.stop(f"after epoch {epoch}")
+                stop_after_saving(f"after epoch {epoch}")
         if train.epochs == 0:
             save_last(0, resume_state.sampler_state(sampler))
     return best

@@ -1,7 +1,11 @@
 """Checkpoints that hold only tensors and plain data (loadable with `weights_only=True`)."""
 from __future__ import annotations
 
+import logging
 import os
+import signal
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,8 @@ import torch
 from aomd.errors import UserError
 from aomd.models.embedding import Architecture, EmbeddingNet
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable or does not fit what it is used for."""
@@ -17,23 +23,93 @@ class CheckpointError(UserError, ValueError):
 
 def save_checkpoint(path: str | Path, model: EmbeddingNet, **extra: Any) -> None:
     """Write `model` (state + architecture) and plain `extra` data atomically to `path`."""
+    _write(Path(path), _payload(model, extra, copy=False))
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, in the order they are asked for, so that
+    serialising and writing them overlaps the training that follows (a distillation's last.pt
+    and best.pt took 0.18 s of each 2.9 s epoch on an H200's local disk; a cluster's network file
+    system is slower).
+
+    `save` takes what `save_checkpoint` takes and returns once the payload is copied (training
+    goes on changing the tensors), with at most `max_pending` writes queued; a write that failed
+    raises at the next `save` or `wait`. `wait` returns once every checkpoint asked for is on
+    disk. Used as a context manager, the writer waits on exit; when an exception is already on
+    its way out, a failed write is logged instead, so that the exception keeps its meaning (a
+    stop signal stays a stop). The stop signals are blocked in the writer's thread, so that they
+    reach the training thread."""
+
+    def __init__(self, max_pending: int = 2):
+        assert max_pending >= 1
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aomd-checkpoint",
+                                        initializer=_block_stop_signals)
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def save(self, path: str | Path, model: EmbeddingNet, **extra: Any) -> None:
+        payload = _payload(model, extra, copy=True)
+        while self._pending and (len(self._pending) >= self._max_pending or self._pending[0].done()):
+            self._pending[0].result()  # a stop signal raising while this waits leaves the write queued
+            self._pending.popleft()
+        self._pending.append(self._pool.submit(_write, Path(path), payload))
+
+    def wait(self) -> None:
+        failed = None
+        while self._pending:
+            try:
+                self._pending[0].result()
+            except Exception as error:  # the later writes still go to disk
+                failed = failed or error
+            self._pending.popleft()
+        if failed is not None:
+            raise failed
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: Any) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:
+                try:
+                    self.wait()
+                except Exception as error:
+                    log.error("A checkpoint could not be written: %s", error)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _block_stop_signals() -> None:
+    from aomd.preemption import stop_signals
+
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
+
+
+def _payload(model: EmbeddingNet, extra: dict[str, Any], copy: bool) -> dict[str, Any]:
+    """The checkpoint's contents on the CPU; `copy`: no tensor or container shared with the
+    caller's (CPU tensors are copied too)."""
     from aomd import __version__
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = _on_cpu({
+    return _on_cpu({
         "model": model.state_dict(),
         "architecture": model.architecture.as_dict(),
         "aomd_version": __version__,
         **extra,
-    })
+    }, copy)
+
+
+def _write(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)  # readers never see a half-written checkpoint
     finally:
-        tmp.unlink(missing_ok=True)  # a save stopped half-way (a second stop signal) leaves nothing
+        tmp.unlink(missing_ok=True)  # a write that failed, or a `save_checkpoint` stopped half-way, leaves nothing
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -55,18 +131,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _on_cpu(tree: Any) -> Any:
+def _on_cpu(tree: Any, copy: bool = False) -> Any:
     """Every tensor in `tree` on the CPU: a checkpoint written on a GPU loads on any machine,
-    also with a plain `torch.load`."""
+    also with a plain `torch.load`. Dicts, lists and tuples are rebuilt; `copy`: tensors already
+    on the CPU are copied too."""
     if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
+        return tree.detach().to("cpu", copy=copy)
     if isinstance(tree, dict):  # a state_dict keeps its type and its version metadata
-        moved = type(tree)((key, _on_cpu(value)) for key, value in tree.items())
+        moved = type(tree)((key, _on_cpu(value, copy)) for key, value in tree.items())
         if hasattr(tree, "_metadata"):
             moved._metadata = tree._metadata
         return moved
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_on_cpu(value) for value in tree)
+        return type(tree)(_on_cpu(value, copy) for value in tree)
     return tree
 
 
