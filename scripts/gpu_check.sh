@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: the `gpu` test tier and the GPU benchmarks in one command, about 5 minutes on one
-# H100 or H200 (it fits a short GPU lease). Needs a CUDA device and aomd importable with its test
-# extra (`pip install -e ".[test]"`, or the wheel plus pytest).
+# The GPU check: the `gpu` test tier and the GPU benchmarks in one command, 6.0 minutes on one H200
+# in its last run (the tier 4 min 26 s of it), to fit a short GPU lease. Needs a CUDA device and
+# aomd importable with its test extra (`pip install -e ".[test]"`, or the wheel plus pytest).
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]        # default: gpu-check/
 #
