@@ -81,8 +81,16 @@ def test_teacher_is_trained_on_the_device_then_distilled(tmp_path):
     assert teacher_run["best"]["epoch"] >= 1
 
 
-def test_a_device_checkpoint_loads_on_a_cpu_only_machine(tmp_path):
-    train(tmp_path, f"train.device={DEVICE}")
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory):
+    """A short triplet run on the device in the default precision (bf16 on a card that has it):
+    (its folder, its metrics.json)."""
+    run_dir = tmp_path_factory.mktemp("device-run")
+    return run_dir, train(run_dir, "loss=triplet", f"train.device={DEVICE}")
+
+
+def test_a_device_checkpoint_loads_on_a_cpu_only_machine(device_run):
+    run_dir, _ = device_run
     script = (
         "import sys, torch, aomd\n"
         "assert not torch.cuda.is_available()\n"
@@ -90,16 +98,17 @@ def test_a_device_checkpoint_loads_on_a_cpu_only_machine(tmp_path):
         "model = aomd.load_model(sys.argv[1])\n"
         "print(tuple(model(torch.randn(2, 3, 32, 32)).shape))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "checkpoints" / "best.pt")],
+    result = subprocess.run([sys.executable, "-c", script, str(run_dir / "checkpoints" / "best.pt")],
                             capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(2, 128)"
 
 
-def test_a_device_run_repeats_its_metrics(tmp_path):
+def test_a_device_run_repeats_its_metrics(device_run, tmp_path):
     """Same seed, same device, default precision (bf16 on a card that has it): the same history."""
-    first = train(tmp_path / "a", "loss=triplet", f"train.device={DEVICE}")
-    second = train(tmp_path / "b", "loss=triplet", f"train.device={DEVICE}")
+    _, first = device_run
+    second = train(tmp_path, "loss=triplet", f"train.device={DEVICE}")
+    assert first["runtime"] == second["runtime"] and len(first["history"]) == 2
     assert strip_timing(first["history"]) == strip_timing(second["history"])
 
 
