@@ -27,6 +27,8 @@ from torch._dynamo.utils import counters  # dynamo's count of the graphs it comp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CARS196_SPLIT, device_description, loss_config, noise_dataset, write_json  # noqa: E402
 
+from aomd import engine  # noqa: E402
+from aomd.data.sampler import ClassBalancedBatchSampler  # noqa: E402
 from aomd.models.checkpoint import CheckpointWriter  # noqa: E402
 from aomd.engine import fit  # noqa: E402
 from aomd.losses.objective import Objective  # noqa: E402
@@ -73,8 +75,23 @@ def main(argv: list[str] | None = None) -> int:
         teacher = EmbeddingNet("resnet50", 512, True, False).eval() if Objective.distils(cfg.loss) else None
         objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
         stamps = [time.perf_counter()]
-        training_seconds, checkpoint_seconds = [], [0.0]
+        training_seconds, checkpoint_seconds, batch_wait_seconds = [], [0.0], [0.0]
         untimed = {name: getattr(CheckpointWriter, name) for name in ("save", "wait")}
+        untimed_to_device = engine.to_device
+
+        def timed_to_device(batches, device):
+            """The loop's batches, with the time the training loop waits for each counted (an upper
+            bound on the time the device waits for data: it may still be busy with queued steps)."""
+            batches_iterator = untimed_to_device(batches, device)
+            training = isinstance(batches.sampler, ClassBalancedBatchSampler)
+            while True:
+                started = time.perf_counter()
+                batch = next(batches_iterator, None)
+                if training:
+                    batch_wait_seconds[-1] += time.perf_counter() - started
+                if batch is None:
+                    return
+                yield batch
 
         def timed(method):
             def timed_method(*args, **kwargs):
@@ -90,20 +107,24 @@ def main(argv: list[str] | None = None) -> int:
             if record["epoch"]:
                 training_seconds.append(record["epoch_seconds"])
                 print(f"  epoch {record['epoch']}: {wall:.2f} s ({record['epoch_seconds']:.2f} s training at "
-                      f"{record['images_per_second']:,.0f} images/s, {wall - record['epoch_seconds'] - saving:.2f} s "
-                      f"evaluation, {saving:.2f} s checkpoints)", flush=True)
+                      f"{record['images_per_second']:,.0f} images/s, of which {batch_wait_seconds[-1]:.2f} s waiting for "
+                      f"batches; {wall - record['epoch_seconds'] - saving:.2f} s evaluation, {saving:.2f} s checkpoints)",
+                      flush=True)
             else:
                 print(f"  epoch 0: {wall:.2f} s (evaluation only)", flush=True)
             checkpoint_seconds.append(0.0)
+            batch_wait_seconds.append(0.0)
 
         for name, method in untimed.items():  # the time the loop waits for its checkpoints (copies, full queue)
             setattr(CheckpointWriter, name, timed(method))
+        engine.to_device = timed_to_device
         graphs_before = counters["stats"]["unique_graphs"]
         try:
             fit(student, objective, data, cfg.train, cfg.eval, runtime, Path(tmp) / "run", on_epoch, teacher)
         finally:
             for name, method in untimed.items():
                 setattr(CheckpointWriter, name, method)
+            engine.to_device = untimed_to_device
         compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
     evaluation, later = durations[0], durations[2:] or durations[1:]
@@ -114,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     reference_seconds = recipe_images / REFERENCE_IMAGES_PER_SECOND
     mean_later = lambda values: sum(values[-len(later):]) / len(later)  # noqa: E731
     training, saving = mean_later(training_seconds), mean_later(checkpoint_seconds[1:len(durations)])
-    lines = [f"mean epoch: {per_epoch:.2f} s ({training:.2f} s training, {per_epoch - training - saving:.2f} s evaluation, "
-             f"{saving:.2f} s checkpoints); first evaluation {evaluation:.2f} s"]
+    batch_wait = mean_later(batch_wait_seconds[1:len(durations)])
+    lines = [f"mean epoch: {per_epoch:.2f} s ({training:.2f} s training, of which {batch_wait:.2f} s waiting for batches; "
+             f"{per_epoch - training - saving:.2f} s evaluation, {saving:.2f} s checkpoints); first evaluation {evaluation:.2f} s"]
     if args.compile:
         lines.append(f"{compiled_graphs} graphs compiled, in the first evaluation and epoch")
     if cuda:
@@ -126,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     write_json(args.json, {"device": device_description(runtime.device), "precision": runtime.precision,
                            "loss": args.loss, "epoch_seconds": durations, "training_seconds": training_seconds,
-                           "checkpoint_seconds": checkpoint_seconds[1:len(durations)], "recipe_minutes": recipe_seconds / 60,
+                           "checkpoint_seconds": checkpoint_seconds[1:len(durations)],
+                           "batch_wait_seconds": batch_wait_seconds[1:len(durations)], "recipe_minutes": recipe_seconds / 60,
                            "speedup_over_reference": reference_seconds / recipe_seconds, "compiled_graphs": compiled_graphs,
                            "lines": lines})
     return 0

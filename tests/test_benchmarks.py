@@ -37,6 +37,9 @@ def test_recipe_epoch_splits_each_epoch_into_training_evaluation_and_checkpoints
     for training, saving, epoch in zip(recipe["training_seconds"], recipe["checkpoint_seconds"], recipe["epoch_seconds"][1:]):
         assert 0 < training and 0 <= saving and training + saving < epoch  # the rest is the evaluation
     assert recipe["checkpoint_seconds"][1] > 0  # epoch 2's wall time holds epoch 1's last.pt (best.pt only when better)
+    # no loader workers on the CPU: the loop reads its batches itself, a part of its training time
+    assert all(0 < wait < training for wait, training in zip(recipe["batch_wait_seconds"], recipe["training_seconds"]))
+    assert len(recipe["batch_wait_seconds"]) == 2 and "s waiting for batches;" in result.stdout
     assert recipe["compiled_graphs"] == 0  # not compiled
     assert "s training," in result.stdout and "s evaluation," in result.stdout and "s checkpoints)" in result.stdout
 
