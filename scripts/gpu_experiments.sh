@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's open measurements, for the next card after `scripts/gpu_check.sh` (about 3
-# minutes on one H200). Each compares a change that the CPU cannot time with the job's defaults,
+# minutes on one H200, estimated). Each compares a change that the CPU cannot time with the job's defaults,
 # in one run on one card:
 #   - the training step (`benchmarks/step_anatomy.py`, AOMD mode 2, fp32 and bf16): the defaults,
 #     deterministic mode's NaN fill put back, and AOMD's adapters as cuBLAS matrix products (with
@@ -33,11 +33,21 @@ for variant in eager compiled; do
 done
 
 python - "$out" <<'PY' | tee "$out/summary.md"
-import sys
+import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-table = lambda name: [line for line in (out / name).read_text().splitlines() if line.startswith("|")] if (out / name).is_file() else []
+
+def table(name):
+    """The rows of the first table in a benchmark's log, up to the blank line after it (step_anatomy.md
+    has a table of kernels next; warnings may come between the rows)."""
+    lines = (out / name).read_text().splitlines() if (out / name).is_file() else []
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return [line for line in lines[start:end] if line.startswith("|")]
+
+anatomy = out / "anatomy.json"
 print("# GPU experiments\n")
+print(f"device: {json.loads(anatomy.read_text())['device'] if anatomy.is_file() else 'unknown'}\n")
 for name, title in (("anatomy.md", "training step by setting"), ("step_eager.md", "bf16 step, eager"),
                     ("step_compiled.md", "bf16 step, compiled")):
     print(f"## {title}\n")

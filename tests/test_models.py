@@ -112,6 +112,7 @@ def test_the_background_writer_queues_two_writes_and_reports_a_failed_one(tmp_pa
             assert isinstance(writer._pending[0].exception(timeout=10), OSError)
             writer.save(tmp_path / "never.pt", model)  # raises: the failure is found here
     assert not (tmp_path / "never.pt").exists()
+    caplog.clear()
     with pytest.raises(SystemExit):
         with CheckpointWriter() as writer:
             writer.save(tmp_path / "a-file" / "last.pt", model)

@@ -38,8 +38,8 @@ def _loader(split: ImageSplit, batches, num_workers: int, pin_memory: bool) -> D
     evaluation). The loader draws its workers' seeds from a generator of its own: iterating it
     leaves the global random state, which the training steps draw from, untouched (a run resumed
     in the middle of an epoch continues exactly). It starts no more workers than a pass has
-    batches: a small test split read in one batch needs one, not the seven of a CUDA job's
-    default (each a fork of a process that holds the card)."""
+    batches: a small test split read in one batch needs one, not the eight of a CUDA job's
+    default on a 16-core host (each a fork of a process that holds the card)."""
     num_workers = min(num_workers, len(batches))
     workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
     return DataLoader(_BatchReader(split), sampler=batches, batch_size=None, num_workers=num_workers,

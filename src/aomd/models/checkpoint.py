@@ -45,6 +45,7 @@ class CheckpointWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aomd-checkpoint",
                                         initializer=_block_stop_signals)
         self._pending: deque[Future] = deque()
+        self._failures: list[Exception] = []  # kept here: a stop signal may interrupt `wait` between two writes
         self._max_pending = max_pending
 
     def save(self, path: str | Path, model: EmbeddingNet, **extra: Any) -> None:
@@ -55,15 +56,15 @@ class CheckpointWriter:
         self._pending.append(self._pool.submit(_write, Path(path), payload))
 
     def wait(self) -> None:
-        failed = None
         while self._pending:
             try:
                 self._pending[0].result()
             except Exception as error:  # the later writes still go to disk
-                failed = failed or error
+                self._failures.append(error)
             self._pending.popleft()
-        if failed is not None:
-            raise failed
+        if self._failures:
+            first, self._failures = self._failures[0], []
+            raise first
 
     def __enter__(self) -> "CheckpointWriter":
         return self
