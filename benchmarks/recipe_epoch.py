@@ -11,8 +11,9 @@ job's defaults for the device (bf16 + channels_last + workers on CUDA). The firs
 is a warm-up (with --compile it holds the compilation); the 80-epoch recipe is extrapolated as
     evaluation at epoch 0 + epoch 1 + 79 x (mean wall time of the later epochs, evaluation included)
 and compared with the reference implementation's measured 618 images/s on an H200.
-Its checkpoint seconds are those the loop waits for its checkpoints (their copies to the CPU; the writes
-run in a background thread). On a CPU the defaults shrink (batches of 16 crops of 64 px, 5 batches per epoch) so it ends in minutes.
+Its checkpoint seconds are those the loop waits for its checkpoints (their copies to the CPU; the
+writes run in a background thread). On a CPU the defaults shrink (batches of 16 crops of 64 px,
+5 batches per epoch) so it ends in minutes.
 """
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU issue's open measurements, for the next card after `scripts/gpu_check.sh` (about 3
-# minutes on one H200, estimated). Each compares a change that the CPU cannot time with the job's defaults,
-# in one run on one card:
+# minutes on one H200, estimated). Each compares a change that the CPU cannot time with the job's
+# defaults, in one run on one card:
 #   - the training step (`benchmarks/step_anatomy.py`, AOMD mode 2, fp32 and bf16): the defaults,
 #     deterministic mode's NaN fill put back, and AOMD's adapters as cuBLAS matrix products (with
 #     the bias and ReLU added separately, and in the product's epilogue with fp32 products in TF32);
 #   - the compiled step against the eager one (`benchmarks/train_step.py`, AOMD mode 2, bf16): the
-#     compiled reference recipe trained at 4,574 images/s against eager's 5,262 on an H200, which
-#     the step alone should explain or not.
+#     compiled reference recipe trained at 4,276-4,574 images/s against eager's 5,198-5,262 on an
+#     H200, which the step alone should explain or not.
 #
 #     bash scripts/gpu_experiments.sh [OUT_DIR]        # default: gpu-experiments/
 #

@@ -45,16 +45,23 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert torch.allclose(loaded(images), model(images), atol=1e-6)
 
 
-def test_the_background_writer_saves_what_was_asked_when_it_was_asked(tmp_path, monkeypatch):
-    """`CheckpointWriter.save` copies before it returns: the file holds the state at that moment,
-    not the state the training changed it to while the write was queued. Writes land in order."""
+@pytest.fixture
+def released(monkeypatch):
+    """An event that `CheckpointWriter`'s writes wait for (at most 10 s) before they start."""
     import threading
 
     from aomd.models import checkpoint
+
+    event, write = threading.Event(), checkpoint._write
+    monkeypatch.setattr(checkpoint, "_write", lambda *args: event.wait(10) and write(*args))
+    return event
+
+
+def test_the_background_writer_saves_what_was_asked_when_it_was_asked(tmp_path, released):
+    """`CheckpointWriter.save` copies before it returns: the file holds the state at that moment,
+    not the state the training changed it to while the write was queued. Writes land in order."""
     from aomd.models.checkpoint import CheckpointWriter
 
-    released, write = threading.Event(), checkpoint._write
-    monkeypatch.setattr(checkpoint, "_write", lambda *args: released.wait(10) and write(*args))
     model = EmbeddingNet("resnet18", 16)
     history = [{"epoch": 0}]
     with CheckpointWriter() as writer:
@@ -75,18 +82,15 @@ def test_the_background_writer_saves_what_was_asked_when_it_was_asked(tmp_path, 
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_the_background_writer_queues_two_writes_and_reports_a_failed_one(tmp_path, monkeypatch, caplog):
+def test_the_background_writer_queues_two_writes_and_reports_a_failed_one(tmp_path, released, caplog):
     """A third save waits for the first write; a failed write raises at the next save or wait,
     after the writes queued behind it; an exception already leaving the writer's block keeps its
     meaning (a stop stays a stop), the failed write logged."""
     import threading
 
-    from aomd.models import checkpoint
     from aomd.models.checkpoint import CheckpointWriter
 
     model = EmbeddingNet("resnet18", 16)
-    released, write = threading.Event(), checkpoint._write
-    monkeypatch.setattr(checkpoint, "_write", lambda *args: released.wait(10) and write(*args))
     with CheckpointWriter() as writer:
         writer.save(tmp_path / "1.pt", model)
         writer.save(tmp_path / "2.pt", model)

@@ -71,13 +71,11 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: Any) -> None:
         try:
+            self.wait()
+        except Exception as error:
             if exc_type is None:
-                self.wait()
-            else:
-                try:
-                    self.wait()
-                except Exception as error:
-                    log.error("A checkpoint could not be written: %s", error)
+                raise
+            log.error("A checkpoint could not be written: %s", error)
         finally:
             self._pool.shutdown(wait=True)
 
