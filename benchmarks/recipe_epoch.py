@@ -8,7 +8,9 @@ every epoch, checkpoints) with the recipe's shapes on a Cars196-sized dataset of
 images in a packed cache: 8,054 train images of 98 classes, 8,131 test images of 98 classes;
 an epoch is 100 batches of 128 crops of 224 px; ResNet18-128 student, ResNet50-512 teacher; the
 job's defaults for the device (bf16 + channels_last + workers on CUDA). The first trained epoch
-is a warm-up (with --compile it holds the compilation); the 80-epoch recipe is extrapolated as
+is a warm-up (it holds the compilations: the networks' with --compile, AOMD's fused adapters' on
+CUDA, from inductor's cache on disk where an earlier job compiled the same); the 80-epoch recipe is
+extrapolated as
     evaluation at epoch 0 + epoch 1 + 79 x (mean wall time of the later epochs, evaluation included)
 and compared with the reference implementation's measured 618 images/s on an H200.
 Its checkpoint seconds are those the loop waits for its checkpoints (their copies to the CPU; the
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_wait = mean_later(batch_wait_seconds[1:len(durations)])
     lines = [f"mean epoch: {per_epoch:.2f} s ({training:.2f} s training, of which {batch_wait:.2f} s waiting for batches; "
              f"{per_epoch - training - saving:.2f} s evaluation, {saving:.2f} s checkpoints); first evaluation {evaluation:.2f} s"]
-    if args.compile:
+    if compiled_graphs:  # the networks (--compile), AOMD's fused adapters (train.fused_adapters, CUDA's default)
         lines.append(f"{compiled_graphs} graphs compiled, in the first evaluation and epoch")
     if cuda:
         lines.append(f"reference recipe ({RECIPE_EPOCHS} x {RECIPE_ITERS} x {RECIPE_BATCH} at 224 px, evaluation after every epoch): "

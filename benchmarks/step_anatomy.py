@@ -16,15 +16,14 @@ and sum their device time. Settings:
   nan_fill          default with deterministic mode's NaN fill of new tensors
   cuda_graphs       default with the teacher's forward replayed from a CUDA graph (`train.cuda_graphs=true`)
   nondeterministic  default with `train.deterministic=false` (cuDNN autotuning)
-  adapters_gemm     default with AOMD's 1x1-convolution adapters computed as one matrix product
-                    on the channels_last maps' [N*H*W, C] view (cuBLAS instead of cuDNN; an
-                    experiment, not a setting of the job)
-                    (in fp32: full fp32 products, PyTorch's default, against TF32 convolutions)
-  adapters_fused    adapters_gemm with the bias and the ReLU asked of the matrix product's epilogue
-                    (`torch._addmm_activation`), where the convolution writes the map, adds the bias
-                    and applies the ReLU in three passes; fp32 products in TF32, as the convolutions.
-                    On an H200 cuBLASLt fused them in fp32 but not in bf16 (as many kernels as the
-                    convolutions)
+  unfused_adapters  default with `train.fused_adapters=false`: AOMD's adapters as eager 1x1
+                    convolutions + ReLU, then the descriptors (the default before this version)
+  compiled          `train.compile=true`: student and teacher compiled, in the standard memory
+                    layout (inductor picks its own inside the graphs)
+  compiled_cl_inputs  compiled with channels_last inputs and the parameters in the standard layout (an
+                    experiment, not a setting of the job: channels_last parameters fail in inductor's
+                    convolution backward); with the inputs in channels_last, the stage maps the
+                    compiled networks return, and so the adapters', should be channels_last too
 
 Columns: ms per step, images/s, kernels per step, device busy ms per step (sum of kernel times:
 what the step would take if launching cost nothing), busy / step (near 1: the device is the limit;
@@ -33,28 +32,25 @@ well below 1: the host's launching is). Needs CUDA.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import dataclasses
 import sys
-import types
 from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_description, seconds_per_call, synchronize, write_json  # noqa: E402
 from train_step import FLOOR, FLOOR_ADAPTERS, student_and_objective  # noqa: E402
 
 from aomd.engine import TrainStep  # noqa: E402
-from aomd.losses.aomd import StageAdapters  # noqa: E402
 from aomd.models import EmbeddingNet  # noqa: E402
-from aomd.runtime import Runtime, in_feature_precision  # noqa: E402
+from aomd.runtime import Runtime  # noqa: E402
 
-SETTINGS = ("before", "default", "nan_fill", "cuda_graphs", "nondeterministic", "adapters_gemm", "adapters_fused")
+SETTINGS = ("before", "default", "nan_fill", "cuda_graphs", "nondeterministic", "unfused_adapters", "compiled",
+            "compiled_cl_inputs")
 
 
 class _NoFrozenCopy(Runtime):
@@ -64,80 +60,28 @@ class _NoFrozenCopy(Runtime):
         return network
 
 
-@contextlib.contextmanager
-def _fp32_products_as_convolutions():
-    """fp32 matrix products in the precision cuDNN's fp32 convolutions use. PyTorch's defaults
-    run fp32 convolutions in TF32 and fp32 matrix products in full fp32; an H200 run that left
-    them so timed the products 1.8-2.5 ms slower than the convolutions they replace."""
-    products = torch.backends.cuda.matmul
-    before = products.fp32_precision
-    products.fp32_precision = torch.backends.cudnn.conv.fp32_precision
-    try:
-        yield
-    finally:
-        products.fp32_precision = before
+class _StandardLayoutParameters(Runtime):
+    """`channels_last` for the batches only: networks and objective keep the standard layout."""
 
-
-class _LinearReLU(torch.autograd.Function):
-    """relu(rows @ weight^T + bias) as one matrix product with the bias and ReLU in its epilogue;
-    rows [M, C_in], weight [C_out, C_in], bias [C_out], all of one dtype; fp32 products in the
-    convolutions' precision (TF32 by default). (`_addmm_activation` has no autograd formula of
-    its own.)"""
-
-    @staticmethod
-    def forward(ctx, rows, weight, bias):
-        with _fp32_products_as_convolutions():
-            out = torch._addmm_activation(bias, rows, weight.t())
-        ctx.save_for_backward(rows, weight, out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        rows, weight, out = ctx.saved_tensors
-        grad = torch.ops.aten.threshold_backward(grad, out, 0)  # the ReLU's mask, from its output
-        with _fp32_products_as_convolutions():
-            return grad @ weight, grad.t() @ rows, grad.sum(0)
-
-
-def _gemm_adapters_forward(self: StageAdapters, student_feats, fused: bool = False):
-    """StageAdapters.forward with each 1x1 convolution as a matrix product over the pixels of a
-    channels_last map (whose memory is [N*H*W, C] already); other layouts keep the convolution.
-    `fused`: the bias and the ReLU in the product's epilogue (`_LinearReLU`)."""
-    adapted = []
-    for adapter, feats in zip(self.adapters, student_feats):
-        conv = adapter[0]
-        if not feats.is_contiguous(memory_format=torch.channels_last):
-            adapted.append(in_feature_precision(adapter, feats))
-            continue
-        n, c, h, w = feats.shape
-        rows = feats.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: no copy
-        weight = conv.weight.view(conv.out_channels, c)
-        if fused:
-            out = _LinearReLU.apply(rows, weight.to(feats.dtype), conv.bias.to(feats.dtype))
-        else:
-            mixed = feats.dtype in (torch.bfloat16, torch.float16)
-            with torch.autocast(feats.device.type, dtype=feats.dtype, enabled=mixed):
-                out = F.relu(F.linear(rows, weight, conv.bias), inplace=True)
-        adapted.append(out.view(n, h, w, -1).permute(0, 3, 1, 2))
-    return adapted
-
-
-def use_gemm_adapters(objective: torch.nn.Module, fused: bool = False) -> None:
-    for module in objective.modules():
-        if isinstance(module, StageAdapters):
-            module.forward = types.MethodType(partial(_gemm_adapters_forward, fused=fused), module)
+    def place(self, module):
+        return module.to(self.device, memory_format=torch.contiguous_format)
 
 
 def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
     """The runtime of a setting, its global switches set (deterministic kernels, NaN fill)."""
-    runtime = Runtime.resolve(str(device), precision, cuda_graphs=setting == "cuda_graphs",
-                              deterministic=setting != "nondeterministic")
+    compiled = setting.startswith("compiled")
+    runtime = Runtime.resolve(str(device), precision, channels_last=True if setting == "compiled_cl_inputs" else None,
+                              compile=compiled, cuda_graphs=setting == "cuda_graphs",
+                              deterministic=setting != "nondeterministic",
+                              fused_adapters=setting not in ("before", "unfused_adapters"))
     runtime.seed_everything(0)
     if setting in ("before", "nan_fill"):
         torch.utils.deterministic.fill_uninitialized_memory = True
+    fields = {field.name: getattr(runtime, field.name) for field in dataclasses.fields(runtime)}
     if setting == "before":
-        runtime = _NoFrozenCopy(**{field.name: getattr(runtime, field.name) for field in dataclasses.fields(runtime)})
+        runtime = _NoFrozenCopy(**fields)
+    if setting == "compiled_cl_inputs":
+        runtime = _StandardLayoutParameters(**fields)
     return runtime
 
 
@@ -179,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     Runtime.resolve(str(device)).seed_everything(0)
     images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
     labels = torch.arange(batch, device=device) // 5
-    teacher = EmbeddingNet("resnet50", 512, True, False)
+    eager_teacher = EmbeddingNet("resnet50", 512, True, False)
     names = [FLOOR, FLOOR_ADAPTERS, *args.losses.split(",")]
     print(f"{device_description(device)}; batch {batch}, {size} px crops; {args.steps} timed steps after {args.warmup}; "
           f"kernels and busy time from {args.profiled_steps} profiled steps", flush=True)
@@ -190,15 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precisions.split(","):
         for setting in args.settings.split(","):
             runtime = runtime_of(setting, device, precision)
+            runtime.forget_compiled_graphs()  # each setting compiles its own graphs, as a job does
+            # a compiled setting compiles a copy: the shared teacher keeps its eager forward
+            teacher = copy.deepcopy(eager_teacher) if runtime.compile else eager_teacher
             runtime.prepare_network(teacher).eval().requires_grad_(False)
             rows = results.setdefault(precision, {}).setdefault(setting, {})
             for name in names:
                 try:
                     student, objective = student_and_objective(name, teacher, size, stored)
                     runtime.prepare_network(student).train()
-                    runtime.place(objective).train()
-                    if setting in ("adapters_gemm", "adapters_fused"):
-                        use_gemm_adapters(objective, fused=setting == "adapters_fused")
+                    runtime.prepare_objective(objective).train()
                     optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
                                                  weight_decay=1e-5, fused=setting != "before" or None)
                     step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)

@@ -14,7 +14,8 @@ images (the default on CUDA; on a CPU, 16 crops of 64 px from 72 px so that it e
 Rows per precision:
   floor            teacher forward + student forward-backward + optimiser step, no loss term
                    (the backward starts from a sum that touches every stage and the embedding);
-  floor+adapters   the floor plus AOMD's adapters (1x1 conv + ReLU per stage) forward-backward:
+  floor+adapters   the floor plus AOMD's adapters (1x1 conv + ReLU per stage) forward-backward, as
+                   the job runs them (fused on CUDA: `train.fused_adapters`, up to the descriptors):
                    what AOMD adds beyond its own arithmetic is the difference to this row;
   <loss option>    the real step.
 Columns: ms per step, images per second, peak device memory allocated (CUDA), step / floor.
@@ -48,16 +49,21 @@ CONTIGUOUS = "fp32 contiguous"  # fp32 without channels_last: the baseline of th
 
 class FloorObjective(nn.Module):
     """No loss term: a backward that reaches every stage and the embedding at no cost of its own;
-    with `adapters`, AOMD's adapters run on the student's stages too."""
+    with `adapters`, AOMD's adapters run on the student's stages too, fused as AOMD runs them
+    when `fused` (`Runtime.prepare_objective`) and the descriptors are all they give."""
 
     needs_teacher = True
 
     def __init__(self, adapters: StageAdapters | None = None):
         super().__init__()
-        self.adapters = adapters
+        self.adapters, self.fused = adapters, False
 
     def forward(self, outputs: StepOutputs):
-        stages = outputs.student_stages if self.adapters is None else self.adapters(outputs.student_stages)
+        stages = outputs.student_stages
+        if self.adapters is not None and self.fused:
+            stages = [(g.mean() + q.mean()) / 2 for g, q in self.adapters.descriptors(stages)]  # each, the map's mean
+        elif self.adapters is not None:
+            stages = self.adapters(stages)
         total = outputs.student_embeddings.float().mean() + sum(s.float().mean() for s in stages)
         return total, {}
 
@@ -80,7 +86,7 @@ def student_and_objective(name: str, teacher: EmbeddingNet, size: int, stored: i
 def measure(student, objective, teacher, runtime: Runtime, images, labels, image_size: int, steps: int, warmup: int):
     """(seconds per step, peak bytes allocated) of one configuration."""
     runtime.prepare_network(student).train()
-    runtime.place(objective).train()
+    runtime.prepare_objective(objective).train()
     optimizer = adam([*student.parameters(), *objective.parameters()], 1e-5, 1e-5, runtime)
     step = TrainStep(student, objective, optimizer, runtime, image_size, teacher=teacher)
     if runtime.device.type == "cuda":
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, precision, channels_last, names in passes:
         runtime = Runtime.resolve(str(device), precision, channels_last, compile=args.compile,
                                   deterministic=not args.nondeterministic)
+        runtime.forget_compiled_graphs()  # each pass compiles its own graphs, as a job does
         runtime.prepare_network(teacher).eval().requires_grad_(False)
         rows = results.setdefault(label, {})
         for name in names:

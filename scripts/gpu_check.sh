@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: the `gpu` test tier and the GPU benchmarks in one command, 6.0 minutes on one H200
-# in its last run (the tier 4 min 26 s of it), to fit a short GPU lease. Needs a CUDA device and
-# aomd importable with its test extra (`pip install -e ".[test]"`, or the wheel plus pytest).
+# The GPU check: the `gpu` test tier and the GPU benchmarks in one command, to fit a short GPU lease
+# (the issue asks for under 6 minutes on one H100; its last run took 7.9, with the tier run one test
+# at a time and stopped at 330 s; the tier now runs in four processes). Needs a CUDA device and
+# aomd importable with its test extra (`pip install -e ".[test]"`, or the wheel plus pytest and
+# pytest-xdist; without pytest-xdist the tier runs one test at a time).
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]        # default: gpu-check/
 #
@@ -17,12 +19,18 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_check: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
-timeout "${AOMD_GPU_TESTS_TIMEOUT:-330}" python -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --durations=8 2>&1 | tee "$out/tests.log"
+# the tier's tests are small for a card and spend most of their time on the host (imports, entrypoint
+# processes, compiling): with pytest-xdist (the test extra) they run in parallel processes
+parallel=()
+python -c "import xdist" 2>/dev/null && parallel=(-n "${AOMD_GPU_TEST_WORKERS:-4}" --dist loadgroup)
+timeout "${AOMD_GPU_TESTS_TIMEOUT:-330}" python -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --durations=8 \
+  "${parallel[@]}" 2>&1 | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/train_step.py --steps 15 --warmup 3 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
 python benchmarks/data_loading.py --to-device --seconds 5 --train-step-json "$out/train_step.json" \
   --json "$out/data_path.json" 2>&1 | tee "$out/data_path.md"
-python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
+# a fresh inductor cache: the recipe's warm-up epoch compiles AOMD's fused adapters as a first job would
+TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
 
 python - "$out" <<'PY' | tee "$out/summary.md"
 import json, sys

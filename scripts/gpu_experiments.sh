@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU issue's open measurements, for the next card after `scripts/gpu_check.sh` (about 3
-# minutes on one H200, estimated). Each compares a change that the CPU cannot time with the job's
-# defaults, in one run on one card:
-#   - the training step (`benchmarks/step_anatomy.py`, AOMD mode 2, fp32 and bf16): the defaults,
-#     deterministic mode's NaN fill put back, and AOMD's adapters as cuBLAS matrix products (with
-#     the bias and ReLU added separately, and in the product's epilogue with fp32 products in TF32);
-#   - the compiled step against the eager one (`benchmarks/train_step.py`, AOMD mode 2, bf16): the
-#     compiled reference recipe trained at 4,276-4,574 images/s against eager's 5,198-5,262 on an
-#     H200, which the step alone should explain or not.
+# The GPU issue's open measurements, for a card after `scripts/gpu_check.sh` (about 5 minutes on one
+# H100, estimated; its last version took 3.3). Each compares, in one run on one card:
+#   - AOMD's fused adapters on the card: the gpu tier's tests of their values and gradients;
+#   - the training step (`benchmarks/step_anatomy.py`, AOMD modes 1 and 2, fp32 and bf16): the
+#     defaults (fused adapters, now one graph for all stages) against `train.fused_adapters=false`;
+#     the H100 ran the fused adapters as a graph per stage, whose calls cost host time in bf16;
+#   - the compiled step (bf16, AOMD mode 2): `train.compile=true` as it is (standard layout; its
+#     floor took 18.4 ms on an H100 against eager's 23.8, but the adapters added 5.0 ms) against
+#     compiled networks fed channels_last batches, the way to 8x the reference if the adapters then
+#     keep up.
 #
 #     bash scripts/gpu_experiments.sh [OUT_DIR]        # default: gpu-experiments/
 #
@@ -16,21 +17,20 @@
 set -uo pipefail
 out="$(mkdir -p "${1:-gpu-experiments}" && cd "${1:-gpu-experiments}" && pwd)" || exit 2
 cd "$(dirname "$0")/.." || exit 2
-rm -f "$out"/anatomy.* "$out"/step_*.* "$out/summary.md"   # no figure of an earlier run in this summary
+rm -f "$out"/anatomy*.* "$out/tests.log" "$out/summary.md"   # no figure of an earlier run in this summary
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_experiments: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
-python benchmarks/step_anatomy.py --losses aomd_mode2 --settings default,nan_fill,adapters_gemm,adapters_fused \
+python -m pytest tests/test_gpu.py -m gpu -k fused_adapters -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 --settings default,unfused_adapters \
   --json "$out/anatomy.json" 2>&1 | tee "$out/anatomy.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-for variant in eager compiled; do
-  args=(--losses aomd_mode2 --precisions bf16 --steps 15 --warmup 3 --json "$out/step_$variant.json")
-  [ "$variant" = compiled ] && args+=(--compile)
-  python benchmarks/train_step.py "${args[@]}" 2>&1 | tee "$out/step_$variant.md"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
+python benchmarks/step_anatomy.py --losses aomd_mode2 --precisions bf16 --settings default,compiled,compiled_cl_inputs \
+  --json "$out/anatomy_compiled.json" 2>&1 | tee "$out/anatomy_compiled.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 python - "$out" <<'PY' | tee "$out/summary.md"
 import json, sys
@@ -48,8 +48,10 @@ def table(name):
 anatomy = out / "anatomy.json"
 print("# GPU experiments\n")
 print(f"device: {json.loads(anatomy.read_text())['device'] if anatomy.is_file() else 'unknown'}\n")
-for name, title in (("anatomy.md", "training step by setting"), ("step_eager.md", "bf16 step, eager"),
-                    ("step_compiled.md", "bf16 step, compiled")):
+tests = [l for l in (out / "tests.log").read_text().splitlines() if " passed" in l or " failed" in l or " error" in l]
+print(f"fused adapters' gpu tests: {tests[-1].strip('= ') if tests else 'no result (see tests.log)'}\n")
+for name, title in (("anatomy.md", "training step: fused against eager adapters"),
+                    ("anatomy_compiled.md", "bf16 step: eager, compiled, compiled with channels_last batches")):
     print(f"## {title}\n")
     print("\n".join(table(name)) or "no result", end="\n\n")
 PY

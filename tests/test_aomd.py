@@ -92,3 +92,76 @@ def test_adapters_map_student_channels_and_learn():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in term.adapters.parameters())
     adapted = term.adapters(student)
     assert [a.shape[1] for a in adapted] == [16, 32] and all((a >= 0).all() for a in adapted)  # ReLU
+
+
+def check_fused_adapters(dtype: torch.dtype, channels_last: bool, device: str = "cpu") -> None:
+    """`train.fused_adapters`: the compiled `StageAdapters.descriptors` gives the descriptors and
+    gradients of the eager adapters followed by `stage_descriptors`, and AOMD its value.
+
+    Maps, weights, biases and the descriptors' upstream gradients are small integers, and every
+    channel count and map size is a power of two, so each convolution, mean and map gradient is
+    exact in bf16 and fp16 too: the two computations must agree to float32's last bits whatever
+    order their kernels sum in. Only the bias gradient differs in a low precision: the eager
+    adapter's is a bf16/fp16 sum, the fused one's a float32 sum."""
+    from aomd.losses.aomd import StageAdapters, stage_descriptors
+
+    torch.manual_seed(0)
+    small_integers = lambda *shape: torch.randint(-1, 2, shape, device=device).float()  # noqa: E731
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    student_shapes, teacher_channels = [(4, 8, 8, 8), (4, 16, 4, 4), (4, 32, 2, 2)], [16, 32, 64]
+    term = AdaptedAOMD([s[1] for s in student_shapes], teacher_channels, mode=2).to(device, memory_format=layout)
+    with torch.no_grad():
+        for parameter in term.parameters():
+            parameter.copy_(small_integers(*parameter.shape))
+    adapters: StageAdapters = term.adapters
+    student = [small_integers(*shape).to(dtype).contiguous(memory_format=layout) for shape in student_shapes]
+    inputs = [[s.clone().requires_grad_() for s in student] for _ in range(2)]
+    adapted = adapters(inputs[0])
+    assert all((a == 0).any() and (a > 0).any() for a in adapted)  # the ReLU clips some outputs, not all
+    eager = [stage_descriptors(a) for a in adapted]
+    fused = adapters.descriptors(inputs[1])
+    upstream = [(small_integers(*g.shape), small_integers(*q.shape)) for g, q in eager]
+    grads = []
+    for descriptors in (eager, fused):
+        adapters.zero_grad()
+        sum((g * ug).sum() + (q * uq).sum() for (g, q), (ug, uq) in zip(descriptors, upstream)).backward()
+        grads.append([p.grad.clone() for p in adapters.parameters()])
+    for (g, q), (g_fused, q_fused) in zip(eager, fused):
+        assert g_fused.dtype == q_fused.dtype == torch.float32
+        torch.testing.assert_close(g_fused, g, rtol=1e-6, atol=0)
+        torch.testing.assert_close(q_fused, q, rtol=1e-6, atol=0)
+    for ours, theirs in zip(inputs[1], inputs[0]):
+        assert ours.grad.dtype == dtype and theirs.grad.abs().max() > 0
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=0)
+    bias_rtol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    for (name, _), ours, theirs in zip(adapters.named_parameters(), grads[1], grads[0]):
+        assert theirs.abs().max() > 0
+        torch.testing.assert_close(ours, theirs, rtol=bias_rtol if name.endswith("bias") else 1e-6, atol=0)
+
+    teacher = [small_integers(n, c, h, w).relu().to(dtype).contiguous(memory_format=layout)
+               for (n, _, h, w), c in zip(student_shapes, teacher_channels)]
+    expected = term(teacher, student)
+    term.fused = True
+    torch.testing.assert_close(term(teacher, student), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow  # each case compiles (about 10 s on a 2-core CPU)
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)])
+def test_fused_adapters_give_the_eager_adapters_values_and_gradients(dtype, channels_last):
+    check_fused_adapters(dtype, channels_last)
+
+
+def test_fused_adapters_fall_back_to_the_eager_path_where_spatial_sizes_differ(monkeypatch):
+    """A student stage of another size than the teacher's is pooled first, which the fused path
+    does not do: such a pair runs the eager adapters (nothing is compiled)."""
+    from aomd.losses import aomd
+
+    monkeypatch.setattr(aomd, "fused_adapted_descriptors", lambda *args: pytest.fail("the fused path ran"))
+    term = AdaptedAOMD([4, 8], [8, 16])
+    term.fused = True
+    student = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    teacher = [torch.randn(2, 8, 4, 4).relu(), torch.randn(2, 16, 2, 2).relu()]
+    term.fused = False
+    expected = term(teacher, student)
+    term.fused = True
+    assert torch.equal(term(teacher, student), expected)

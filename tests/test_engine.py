@@ -157,3 +157,33 @@ def test_a_compiled_distillation_compiles_each_network_once_per_batch_shape(tmp_
         torch.compiler.reset()
     assert len(compiled) == len(eager) == 3
     assert_histories_close(compiled, eager, rel=1e-4, abs=1e-5)
+
+
+def test_a_distillation_with_fused_adapters_learns_what_the_eager_adapters_learn(tmp_path):
+    """`train.fused_adapters=true` (the default on CUDA; the CPU's is false): AOMD's student
+    descriptors come from the compiled adapters, and the history matches the eager one: the
+    losses to float32 rounding, the metrics of the networks they trained to a ranking's flip or
+    two (the compiled sums round differently, and a step of aomd_mode1 moves them on)."""
+    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
+
+    def history(fused: bool) -> tuple[list[dict], bool]:
+        cfg = validate(compose(*TINY, "loss=aomd_mode1", "logger=none", "train.device=cpu", f"train.fused_adapters={fused}"))
+        runtime = Runtime.from_train(cfg.train)
+        assert runtime.fused_adapters is fused and runtime.describe()["fused_adapters"] is fused
+        runtime.seed_everything(0)
+        student = EmbeddingNet("resnet18", 16, True, False)
+        teacher = EmbeddingNet("resnet50", 32, True, False).eval()
+        objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+        records = []
+        fit(student, objective, data, cfg.train, cfg.eval, runtime, tmp_path / str(fused),
+            lambda record, is_best: records.append(record), teacher)
+        return strip_timing(records), objective.terms["aomd"].fused
+
+    (eager, eager_fused), (fused, fused_fused) = history(False), history(True)
+    assert (eager_fused, fused_fused) == (False, True)
+    assert Runtime.resolve("cpu").fused_adapters is False  # CPU results unchanged by default
+    assert [r.keys() for r in fused] == [r.keys() for r in eager]
+    for ours, theirs in zip(fused, eager):
+        for key, value in theirs.items():
+            loss = key == "loss" or key.startswith("loss/")
+            assert ours[key] == pytest.approx(value, rel=1e-4 if loss else 0, abs=0 if loss else 0.02), key

@@ -89,6 +89,7 @@ def device_run(tmp_path_factory):
     return run_dir, train(run_dir, "loss=triplet", f"train.device={DEVICE}")
 
 
+@pytest.mark.xdist_group("device_run")  # one training run for both, in parallel runs too
 def test_a_device_checkpoint_loads_on_a_cpu_only_machine(device_run):
     run_dir, _ = device_run
     script = (
@@ -104,6 +105,7 @@ def test_a_device_checkpoint_loads_on_a_cpu_only_machine(device_run):
     assert result.stdout.strip() == "(2, 128)"
 
 
+@pytest.mark.xdist_group("device_run")  # one training run for both, in parallel runs too
 def test_a_device_run_repeats_its_metrics(device_run, tmp_path):
     """Same seed, same device, default precision (bf16 on a card that has it): the same history."""
     _, first = device_run
@@ -192,10 +194,11 @@ def test_the_graphed_teacher_replays_the_eager_teacher(precision):
                 torch.testing.assert_close(ours.float(), eager.float(), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_step_anatomys_fused_adapters_match_the_convolutions_on_the_card(dtype):
-    """`step_anatomy.py`'s adapters_fused experiment (cuBLASLt's bias and ReLU epilogue) computes
-    the adapters' values and gradients on the card."""
-    from test_benchmarks import check_matrix_product_adapters
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, True), (torch.bfloat16, True), (torch.float16, True),
+                                                 (torch.float32, False)])
+def test_fused_adapters_give_the_eager_adapters_values_and_gradients_on_the_device(dtype, channels_last):
+    """`train.fused_adapters` (the CUDA default): inductor's kernels on the card compute AOMD's
+    student descriptors and their gradients as the eager adapters do (exactly, on small integers)."""
+    from test_aomd import check_fused_adapters
 
-    check_matrix_product_adapters("adapters_fused", dtype, DEVICE)
+    check_fused_adapters(dtype, channels_last, DEVICE)

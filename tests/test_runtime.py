@@ -144,18 +144,19 @@ def test_how_a_job_computes_is_not_part_of_what_it_learns():
     from aomd.records import content_digest
 
     recipe = {"train": {"lr": 1e-4, "device": "auto", "precision": "auto", "channels_last": None, "compile": False,
-                        "deterministic": True, "cuda_graphs": None}}
+                        "deterministic": True, "cuda_graphs": None, "fused_adapters": None}}
     computed_elsewhere = {"train": {**recipe["train"], "device": "cuda:1", "precision": "bf16", "channels_last": True,
-                                    "deterministic": False, "cuda_graphs": False}}
+                                    "deterministic": False, "cuda_graphs": False, "fused_adapters": False}}
     assert content_digest(recipe) == content_digest(computed_elsewhere)
     assert content_digest({**recipe, "eval": {"keep_crops": None}}) == content_digest({**recipe, "eval": {"keep_crops": True}})
     assert content_digest(recipe) != content_digest({"train": {**recipe["train"], "lr": 1e-3}})
 
 
-def test_a_config_saved_before_cuda_graphs_still_resolves():
+def test_a_config_saved_before_cuda_graphs_and_fused_adapters_still_resolves():
     from omegaconf import OmegaConf
 
     saved = OmegaConf.create({"device": "cpu", "precision": "auto", "channels_last": None, "compile": False,
                               "num_workers": "auto", "pin_memory": None, "deterministic": True})
     OmegaConf.set_struct(saved, True)
-    assert Runtime.from_train(saved).cuda_graphs is False
+    runtime = Runtime.from_train(saved)
+    assert runtime.cuda_graphs is False and runtime.fused_adapters is False  # as on the CPU today

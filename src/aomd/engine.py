@@ -258,7 +258,7 @@ def fit(
     runtime.forget_compiled_graphs()
     torch.manual_seed(train.seed)  # the samplers' draws repeat whether or not a teacher was trained first
     runtime.prepare_network(student).train()
-    runtime.place(objective).train()
+    runtime.prepare_objective(objective).train()
     if teacher is not None:
         runtime.prepare_network(teacher).eval()
     parameters = [*student.parameters(), *objective.parameters()]  # adapters and regressors learn too

@@ -78,7 +78,7 @@ if not OmegaConf.has_resolver("aomd.not_identity_keys"):
 # keys that say where and how a job computes or logs, not what it learns (content_digest skips them)
 NOT_CONTENT_KEYS = frozenset({"cache_dir", "in_memory", "num_workers", "decode_workers", "pin_memory", "skip_bad_images",
                               "progress", "device", "precision", "channels_last", "compile", "deterministic", "cuda_graphs",
-                              "resume", "keep_crops"})
+                              "fused_adapters", "resume", "keep_crops"})
 
 
 def content_digest(tree: Any) -> str:

@@ -10,11 +10,16 @@ receives it instead of resolving the device again.
     train.compile        false | true                    (torch.compile of student and teacher)
     train.deterministic  true | false                    (deterministic kernels: a run repeats exactly)
     train.cuda_graphs    false | true                    (CUDA, not compiled: the teacher's forward as a CUDA graph)
+    train.fused_adapters null | true | false             (null: true on CUDA; AOMD's adapters fused by torch.compile)
 
 With `cuda_graphs` the teacher's forward pass in the training step is captured once as a CUDA graph
 and replayed (`InferenceGraph`): one launch instead of a ResNet50's few hundred kernels. That pays
 only on hosts whose Python launches kernels more slowly than the card runs them (on an H200 with a
 fast host it gained nothing: docs/benchmarks.md), hence off by default.
+
+With `fused_adapters` AOMD computes its student descriptors with the adapters' bias, ReLU and means
+compiled into a few kernels (`aomd.losses.aomd.StageAdapters.descriptors`), which cuts the adapters'
+memory traffic; the CPU keeps the eager adapters unless asked, so CPU results do not change.
 
 Mixed precision is autocast over the networks' forward passes; the loss terms compute their
 arithmetic in float32 or float64 whatever the precision (see `aomd.losses.objective`), and
@@ -65,11 +70,13 @@ class Runtime:
     pin_memory: bool = False
     deterministic: bool = True
     cuda_graphs: bool = False         # the training step's teacher forward replays as a CUDA graph
+    fused_adapters: bool = False      # AOMD's adapters, bias to descriptors, compiled (`prepare_objective`)
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
                 compile: bool = False, num_workers: Any = "auto", pin_memory: bool | None = None,
-                deterministic: bool = True, cuda_graphs: bool = False) -> "Runtime":
+                deterministic: bool = True, cuda_graphs: bool = False,
+                fused_adapters: bool | None = None) -> "Runtime":
         """Resolve the `auto` values for this machine; a setting it cannot honour is a ConfigError."""
         if device == "auto":
             resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +123,7 @@ class Runtime:
             pin_memory=on_cuda if pin_memory is None else bool(pin_memory) and on_cuda,
             deterministic=bool(deterministic),
             cuda_graphs=bool(cuda_graphs),
+            fused_adapters=on_cuda if fused_adapters is None else bool(fused_adapters),
         )
 
     @classmethod
@@ -123,7 +131,8 @@ class Runtime:
         """The runtime of a `train` config section."""
         return cls.resolve(train.device, train.precision, train.channels_last, train.compile,
                            train.num_workers, train.pin_memory, train.deterministic,
-                           getattr(train, "cuda_graphs", False))  # configs saved before the key: off
+                           # configs saved before these keys: no graphs, adapters fused on CUDA
+                           getattr(train, "cuda_graphs", False), getattr(train, "fused_adapters", None))
 
     def seed_everything(self, seed: int) -> None:
         """Seed every generator and choose the kernels, so that a run repeats exactly when
@@ -178,6 +187,15 @@ class Runtime:
         """Move `module` (a network or the objective) to the device in the job's memory format."""
         return module.to(self.device, memory_format=self.memory_format)
 
+    def prepare_objective(self, objective: nn.Module) -> nn.Module:
+        """`place` the objective and switch its fusable terms (those with a `fused` attribute:
+        `aomd.losses.aomd.AdaptedAOMD`) to `fused_adapters`."""
+        self.place(objective)
+        for module in objective.modules():
+            if hasattr(module, "fused"):
+                module.fused = self.fused_adapters
+        return objective
+
     def prepare_network(self, model: nn.Module) -> nn.Module:
         """`place` a network and, with `compile`, compile its stage-tapping forward pass.
 
@@ -193,13 +211,15 @@ class Runtime:
         return model
 
     def forget_compiled_graphs(self) -> None:
-        """With `compile`: drop the graphs compiled earlier in this process, so that a training
-        loop compiles its own. Hydra's default launcher runs a sweep's jobs one after another in
-        one process, every EmbeddingNet shares one cache of at most 8 graphs (dynamo's
-        recompile limit), and with static shapes a sweep over batch or image sizes would fill it:
-        later jobs would run uncompiled, with only a warning. Inductor's cache on disk keeps
-        compiling the same graphs again cheap."""
-        if self.compile:
+        """With `compile` or `fused_adapters`: drop the graphs compiled earlier in this process,
+        so that a training loop compiles its own. Hydra's default launcher runs a sweep's jobs one
+        after another in one process, every EmbeddingNet shares one cache of at most 8 graphs
+        (dynamo's recompile limit), and with static shapes a sweep over batch or image sizes would
+        fill it: later jobs would run uncompiled, with only a warning. The fused adapters' graphs
+        of earlier jobs in other precisions or layouts are dropped too: on an H100, a bf16 step
+        that found its graph behind an fp32 one ran 6 ms slower on the host (docs/benchmarks.md).
+        Inductor's cache on disk keeps compiling the same graphs again cheap."""
+        if self.compile or self.fused_adapters:
             torch.compiler.reset()
 
     def frozen_copy(self, network: nn.Module) -> nn.Module:
@@ -221,7 +241,8 @@ class Runtime:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"device": str(self.device), "device_name": name, "precision": self.precision,
                 "channels_last": self.channels_last, "compile": self.compile, "num_workers": self.num_workers,
-                "deterministic": self.deterministic, "cuda_graphs": self.cuda_graphs}
+                "deterministic": self.deterministic, "cuda_graphs": self.cuda_graphs,
+                "fused_adapters": self.fused_adapters}
 
 
 class InferenceGraph:

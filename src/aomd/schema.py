@@ -78,6 +78,7 @@ class TrainSchema:
     compile: bool = MISSING
     deterministic: bool = MISSING
     cuda_graphs: bool = MISSING
+    fused_adapters: Optional[bool] = MISSING
     num_workers: Any = MISSING
     pin_memory: Optional[bool] = MISSING
     progress: bool = MISSING
