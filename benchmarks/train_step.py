@@ -64,7 +64,9 @@ class FloorObjective(nn.Module):
             stages = [(g.mean() + q.mean()) / 2 for g, q in self.adapters.descriptors(stages)]  # each, the map's mean
         elif self.adapters is not None:
             stages = self.adapters(stages)
-        total = outputs.student_embeddings.float().mean() + sum(s.float().mean() for s in stages)
+        # means accumulated in float32 without a float32 copy of the maps (which would cost a
+        # map-sized pass each way that no loss term pays)
+        total = outputs.student_embeddings.float().mean() + sum(s.mean(dtype=torch.float32) for s in stages)
         return total, {}
 
 

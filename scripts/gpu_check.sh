@@ -24,7 +24,7 @@ status=0
 parallel=()
 python -c "import xdist" 2>/dev/null && parallel=(-n "${AOMD_GPU_TEST_WORKERS:-4}" --dist loadgroup)
 timeout "${AOMD_GPU_TESTS_TIMEOUT:-330}" python -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --durations=8 \
-  "${parallel[@]}" 2>&1 | tee "$out/tests.log"
+  ${parallel[@]+"${parallel[@]}"} 2>&1 | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/train_step.py --steps 15 --warmup 3 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
 python benchmarks/data_loading.py --to-device --seconds 5 --train-step-json "$out/train_step.json" \

@@ -216,9 +216,8 @@ class Runtime:
         after another in one process, every EmbeddingNet shares one cache of at most 8 graphs
         (dynamo's recompile limit), and with static shapes a sweep over batch or image sizes would
         fill it: later jobs would run uncompiled, with only a warning. The fused adapters' graphs
-        of earlier jobs in other precisions or layouts are dropped too: on an H100, a bf16 step
-        that found its graph behind an fp32 one ran 6 ms slower on the host (docs/benchmarks.md).
-        Inductor's cache on disk keeps compiling the same graphs again cheap."""
+        of earlier jobs (other precisions, batch or image sizes) go too, so each job's calls find
+        its own graph first. Inductor's cache on disk keeps compiling the same graphs again cheap."""
         if self.compile or self.fused_adapters:
             torch.compiler.reset()
 

@@ -1,6 +1,7 @@
 """AOMD: architecture oriented mapping distillation (docs/methods.md, section 3)."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -125,6 +126,9 @@ class AOMDLoss(nn.Module):
                          student_descriptors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """AOMD from each stage's (global [N, C_l], local [N, H_l W_l]) descriptors, teacher first
         (the local descriptors of a stage of both networks have one spatial size)."""
+        assert len(teacher_descriptors) == len(student_descriptors) >= 2, "need two or more stages of each network"
+        assert all(t.shape == s.shape for pair in zip(teacher_descriptors, student_descriptors) for t, s in zip(*pair)), \
+            "teacher and student descriptors of a stage differ in shape"
         total = student_descriptors[0][0].new_zeros(())
         for kind, weight in enumerate((self.global_weight, self.local_weight)):
             if weight:
@@ -152,14 +156,23 @@ def adapted_descriptors(maps: Sequence[torch.Tensor], biases: Sequence[torch.Ten
     return descriptors
 
 
-# Compiled, each stage's bias, ReLU and means read the convolution's output once or twice and write
-# nothing map-sized, and their backward writes the map's gradient in one pass: the eager adapters
-# and `stage_descriptors` write each map three times and read it seven (bias, ReLU, means, their
-# gradients), which made the adapters cost 12-17% of a training step on an H200. All stages in one
-# graph with static shapes: one compiled call forward and one backward per step, compiled once per
-# job (its batch size, image size and precision). With a dynamically shaped graph per stage (eight
-# compiled calls a step) an H100 left the card idle for up to a fifth of a bf16 step.
-fused_adapted_descriptors = torch.compile(adapted_descriptors, dynamic=False)
+def fused_adapted_descriptors(maps: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`adapted_descriptors`, compiled by `torch.compile` (inductor) on first use.
+
+    Compiled, each stage's bias, ReLU and means read the convolution's output once or twice and
+    write nothing map-sized, and their backward writes the map's gradient in one pass; the eager
+    adapters and `stage_descriptors` write each map three times and read it seven (bias, ReLU,
+    means, their gradients), which made the adapters cost 12-17% of the floor of a training step on
+    an H200. All stages in one graph with static shapes: one compiled call forward and one backward
+    per step, compiled once per job (its batch size, image size and precision).
+    """
+    return _compiled_adapted_descriptors()(maps, biases)
+
+
+@functools.cache
+def _compiled_adapted_descriptors():
+    # built on first use: importing aomd does not load dynamo, and CPU jobs (not fused) never do
+    return torch.compile(adapted_descriptors, dynamic=False)
 
 
 class StageAdapters(nn.Module):
@@ -201,6 +214,7 @@ class AdaptedAOMD(nn.Module):
         self.fused = False
 
     def forward(self, teacher_feats, student_feats) -> torch.Tensor:
+        assert len(teacher_feats) == len(student_feats) == len(self.adapters.adapters) >= 2, "one adapter per stage, two or more stages"
         if not (self.fused and all(t.shape[-2:] == s.shape[-2:] for t, s in zip(teacher_feats, student_feats))):
             return self.aomd(teacher_feats, self.adapters(student_feats))
         return self.aomd.from_descriptors([stage_descriptors(t) for t in teacher_feats],
