@@ -31,11 +31,8 @@ class _StageDescriptors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats: torch.Tensor):
-        n, c, h, w = feats.shape
         ctx.shape, ctx.dtype, ctx.device, ctx.memory_format = feats.shape, feats.dtype, feats.device, _memory_format(feats)
-        # float32 descriptors from bf16/fp16 maps: the means accumulate in float32, no copy of the map
-        dtype = torch.promote_types(feats.dtype, torch.float32)
-        return feats.mean((2, 3), dtype=dtype), feats.mean(1, dtype=dtype).reshape(n, h * w)
+        return _descriptor_means(feats)
 
     @staticmethod
     @once_differentiable
@@ -49,6 +46,13 @@ class _StageDescriptors(torch.autograd.Function):
         local_part = (grad_local / c).to(ctx.dtype).reshape(n, 1, h, w).expand(n, c, h, w)
         grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=ctx.memory_format)
         return torch.add(global_part, local_part, out=grad)
+
+
+def _descriptor_means(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over H, W [N, C], mean over C [N, H*W]) of [N, C, H, W] maps, in float32 at least:
+    bf16/fp16 maps accumulate in float32 without a copy of the map."""
+    dtype = torch.promote_types(feats.dtype, torch.float32)
+    return feats.mean((2, 3), dtype=dtype), feats.mean(1, dtype=dtype).flatten(1)
 
 
 def _memory_format(feats: torch.Tensor) -> torch.memory_format:
@@ -150,9 +154,8 @@ def adapted_descriptors(maps: Sequence[torch.Tensor], biases: Sequence[torch.Ten
     """
     descriptors = []
     for stage_maps, bias in zip(maps, biases):
-        dtype = torch.promote_types(stage_maps.dtype, torch.float32)  # as `stage_descriptors`: float32 at least
-        adapted = torch.relu(stage_maps.to(dtype) + bias.to(dtype)[:, None, None])
-        descriptors.append((adapted.mean((2, 3)), adapted.mean(1).flatten(1)))
+        dtype = torch.promote_types(stage_maps.dtype, torch.float32)  # bias and ReLU in float32 at least
+        descriptors.append(_descriptor_means(torch.relu(stage_maps.to(dtype) + bias.to(dtype)[:, None, None])))
     return descriptors
 
 
