@@ -14,7 +14,11 @@ set -uo pipefail
 out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)" || exit 2
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-export AOMD_CACHE_DIR="${AOMD_CACHE_DIR:-$(mktemp -d)}"   # a fresh teacher and dataset cache
+# a fresh teacher and dataset cache (unless AOMD_CACHE_DIR names one) and a fresh inductor cache for the
+# recipe, in one scratch folder removed on exit
+scratch="$(mktemp -d)" || exit 2
+trap 'rm -rf "$scratch"' EXIT
+export AOMD_CACHE_DIR="${AOMD_CACHE_DIR:-$scratch/cache}"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_check: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
@@ -30,7 +34,7 @@ python benchmarks/train_step.py --steps 15 --warmup 3 --json "$out/train_step.js
 python benchmarks/data_loading.py --to-device --seconds 5 --train-step-json "$out/train_step.json" \
   --json "$out/data_path.json" 2>&1 | tee "$out/data_path.md"
 # a fresh inductor cache: the recipe's warm-up epoch compiles AOMD's fused adapters as a first job would
-TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
+TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
 
 python - "$out" <<'PY' | tee "$out/summary.md"
 import json, sys
