@@ -1,7 +1,8 @@
 """The reference recipe's wall time, from measured epochs of the real training loop.
 
     python benchmarks/recipe_epoch.py [--device auto] [--loss aomd_mode2] [--epochs 3] [--in-memory]
-                                      [--compile] [--keep-crops null|true|false] [--json out.json]
+                                      [--compile] [--keep-crops null|true|false] [--num-workers auto|N]
+                                      [--json out.json]
 
 Runs `aomd.engine.fit` (the loop `python -m aomd.train` runs: data path, steps, evaluation after
 every epoch, checkpoints) with the recipe's shapes on a Cars196-sized dataset of random 256 px
@@ -26,12 +27,12 @@ import time
 from pathlib import Path
 
 from torch._dynamo.utils import counters  # dynamo's count of the graphs it compiled
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CARS196_SPLIT, device_description, loss_config, noise_dataset, write_json  # noqa: E402
 
 from aomd import engine  # noqa: E402
-from aomd.data.sampler import ClassBalancedBatchSampler  # noqa: E402
 from aomd.models.checkpoint import CheckpointWriter  # noqa: E402
 from aomd.engine import fit  # noqa: E402
 from aomd.losses.objective import Objective  # noqa: E402
@@ -52,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-memory", action="store_true", help="load the cache into memory (default: read on demand)")
     parser.add_argument("--nondeterministic", action="store_true", help="train.deterministic=false")
     parser.add_argument("--compile", action="store_true", help="train.compile=true")
+    parser.add_argument("--num-workers", default="auto", help="train.num_workers (auto: the job's default, 0 on the CPU)")
     parser.add_argument("--keep-crops", default="null", choices=("null", "true", "false"),
                         help="eval.keep_crops (null: the job's default, kept on CUDA)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    runtime = Runtime.resolve(args.device, args.precision, compile=args.compile, deterministic=not args.nondeterministic)
+    num_workers = args.num_workers if args.num_workers == "auto" else int(args.num_workers)
+    runtime = Runtime.resolve(args.device, args.precision, compile=args.compile, num_workers=num_workers,
+                              deterministic=not args.nondeterministic)
     cuda = runtime.device.type == "cuda"
     batch, iters, size = (RECIPE_BATCH, RECIPE_ITERS, 224) if cuda else (16, 5, 64)
     split = CARS196_SPLIT if cuda else {"train_images": 400, "test_images": 400, "train_classes": 20, "test_classes": 20}
@@ -86,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             """The loop's batches, with the time the training loop waits for each counted (an upper
             bound on the time the device waits for data: it may still be busy with queued steps)."""
             batches_iterator = untimed_to_device(batches, device)
-            training = isinstance(batches.sampler, ClassBalancedBatchSampler)
+            # the evaluation hands over its loader; the training loop an epoch of its loader, started
+            # (engine.epoch_batches) before the evaluation that precedes it
+            training = not isinstance(batches, DataLoader)
             while True:
                 started = time.perf_counter()
                 batch = next(batches_iterator, None)

@@ -190,3 +190,35 @@ def test_a_distillation_with_fused_adapters_learns_what_the_eager_adapters_learn
         for key, value in theirs.items():
             loss = key == "loss" or key.startswith("loss/")
             assert ours[key] == pytest.approx(value, rel=1e-4 if loss else 0, abs=0 if loss else 2 / 48 + 1e-9), key
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_epoch_started_early_keeps_its_batches_and_its_saved_sampler_state(num_workers):
+    """`epoch_batches` starts an epoch before the evaluation that precedes it: a worker begins
+    reading at once (its prefetch draws from the sampler), yet the epoch's batches and the sampler
+    state saved for its start are those of an epoch started when its turn comes."""
+    import numpy as np
+
+    from aomd.data.splits import ImageSplit
+    from aomd.data.loader import train_loader
+    from aomd.engine import epoch_batches
+    from aomd.resume import sampler_state
+
+    # image i's pixels hold i: a batch's first pixels are its indices
+    split = ImageSplit(np.broadcast_to(np.arange(24, dtype=np.uint8)[:, None, None, None], (24, 4, 4, 3)).copy(),
+                       np.repeat(np.arange(6), 4))
+    indices_of = lambda batches: [images[:, 0, 0, 0].tolist() for images, _ in batches]  # noqa: E731
+    loader = train_loader(split, 8, 2, 3, seed=0, num_workers=num_workers)
+    reference = train_loader(split, 8, 2, 3, seed=0)
+    first_state, first = epoch_batches(loader)
+    assert first_state == sampler_state(reference.sampler)
+    assert indices_of(first) == indices_of(reference)
+    second_state, second = epoch_batches(loader)
+    assert second_state == sampler_state(reference.sampler)
+    # with a worker, the second epoch's first batches are drawn before anything asks for them
+    assert (sampler_state(loader.sampler) != second_state) == (num_workers > 0)
+    assert indices_of(second) == indices_of(reference)
+    # resumed after its first batch: the same epoch without it
+    loader.sampler.rng.bit_generator.state = reference.sampler.rng.bit_generator.state = np.random.default_rng(5).bit_generator.state
+    _, rest = epoch_batches(loader, skip=1)
+    assert indices_of(rest) == indices_of(reference)[1:]

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from aomd.data import RetrievalData
 from aomd.data.augment import centre_crop, normalise, train_transform
 from aomd.data.loader import eval_loader, to_device, train_loader
+from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.data.splits import ImageSplit
 from aomd.errors import UserError
 from aomd.losses.objective import Objective, StepOutputs
@@ -218,6 +220,19 @@ class TrainStep:
         return loss.detach(), {name: value.detach() for name, value in terms.items()}
 
 
+def epoch_batches(loader: DataLoader, skip: int = 0) -> tuple[dict[str, Any], Iterator[tuple[torch.Tensor, ...]]]:
+    """Start an epoch of the training `loader`: (its batch sampler's state at the epoch's start,
+    for `last.pt`; the epoch's batches). Loader workers start reading the first batches at once
+    (their prefetch), so an epoch started before the evaluation of the previous one finds its
+    first batches ready. With `skip`, the epoch yields only its batches after the first `skip`
+    (a run resumed in the middle of it)."""
+    sampler = loader.sampler
+    assert isinstance(sampler, ClassBalancedBatchSampler), "a training loader (aomd.data.loader.train_loader)"
+    state = resume_state.sampler_state(sampler)  # before the workers' prefetch draws the first batches
+    sampler.skip(skip)
+    return state, iter(loader)
+
+
 def fit(
     student: EmbeddingNet,
     objective: Objective,
@@ -345,20 +360,21 @@ def fit(
                          partial["steps"], train.iters_per_epoch)
             if on_restore is not None:
                 on_restore(history, best)
+        upcoming = None  # the next epoch's (sampler state at its start, batches), once its reading started
         for epoch in range(first_epoch, train.epochs + 1):
-            if epoch == first_epoch:
-                writer.wait()  # the loader's workers fork at its first batch: not while the writer's thread works
-            epoch_start = resume_state.sampler_state(sampler)
             # running sums stay on the device: no host synchronisation per step
             sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
             steps_done, seconds_before = 0, 0.0
             if partial is not None:  # resumed in the middle of this epoch
                 steps_done, seconds_before = partial["steps"], partial["seconds"]
                 sums.update({name: total.to(device) for name, total in partial["sums"].items()})
-                sampler.skip(steps_done)
                 partial = None
+            if upcoming is None:  # this process's first epoch
+                writer.wait()  # the loader's workers fork at its first batch: not while the writer's thread works
+                upcoming = epoch_batches(loader, skip=steps_done)
+            (epoch_start, batches), upcoming = upcoming, None
             started = time.perf_counter()
-            bar = tqdm(to_device(loader, device), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
+            bar = tqdm(to_device(batches, device), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
                        initial=steps_done, leave=False, unit="img", unit_scale=train.batch_size,
                        disable=None if train.progress else True)
             lr = learning_rate(train.lr, train.lr_decay_epochs, train.lr_decay_gamma, epoch)
@@ -390,8 +406,12 @@ def fit(
             means["lr"] = lr
             means["epoch_seconds"] = seconds_before + time.perf_counter() - started
             means["images_per_second"] = train.iters_per_epoch * train.batch_size / means["epoch_seconds"]
+            if epoch < train.epochs:
+                # the loader's workers read the next epoch's first batches while the device evaluates
+                upcoming = epoch_batches(loader)
+            next_epoch_start = upcoming[0] if upcoming else resume_state.sampler_state(sampler)
             evaluate_epoch(epoch, means)
-            save_last(epoch, resume_state.sampler_state(sampler))
+            save_last(epoch, next_epoch_start)
             if stop.requested:  # during the evaluation: the state after the epoch is saved
                 stop_after_saving(f"after epoch {epoch}")
         if train.epochs == 0:
