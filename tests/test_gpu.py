@@ -114,6 +114,33 @@ def test_a_device_run_repeats_its_metrics(device_run, tmp_path):
     assert strip_timing(first["history"]) == strip_timing(second["history"])
 
 
+def test_a_checkpoint_holds_the_values_of_its_save_whatever_the_device_queues_next(tmp_path):
+    """`CheckpointWriter.save` copies a card's tensors asynchronously into page-locked memory: the
+    in-place updates queued after it (as training's next steps are) never reach the file, and the
+    file holds CPU tensors in the model's memory layout."""
+    from aomd.models.checkpoint import CheckpointWriter
+
+    runtime = Runtime.resolve(DEVICE)
+    model = runtime.prepare_network(EmbeddingNet("resnet18", 16, True, False))
+    expected = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()
+                if isinstance(value, torch.Tensor)}  # not the extra state (a dict)
+    moments = [p.detach() * 2 for p in model.parameters()]  # an optimiser's state, say
+    expected_moments = [m.cpu().clone() for m in moments]
+    with CheckpointWriter() as writer:
+        writer.save(tmp_path / "last.pt", model, training={"moments": moments})
+        with torch.no_grad():
+            for _ in range(20):  # enough queued work to overtake the copies, were they not ordered
+                for parameter, moment in zip(model.parameters(), moments):
+                    parameter.mul_(1.5).add_(1)
+                    moment.add_(parameter)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert expected and saved["model"].keys() >= expected.keys()
+    for key, value in expected.items():
+        assert saved["model"][key].device.type == "cpu" and torch.equal(saved["model"][key], value), key
+        assert saved["model"][key].stride() == value.stride(), key  # channels_last kept on a card
+    assert all(torch.equal(s, e) for s, e in zip(saved["training"]["moments"], expected_moments, strict=True))
+
+
 def test_a_device_run_stopped_mid_epoch_resumes_to_the_same_history(tmp_path):
     """SIGUSR2 (SLURM's preemption) at step 3 of epoch 2 of a distillation (adapters, teacher), in
     the default precision, with the CUDA generator and the loss sums kept on the device in last.pt:

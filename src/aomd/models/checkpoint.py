@@ -7,7 +7,7 @@ import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -32,8 +32,12 @@ class CheckpointWriter:
     and best.pt took 0.18 s of each 2.9 s epoch on an H200's local disk; a cluster's network file
     system is slower).
 
-    `save` takes what `save_checkpoint` takes and returns once the payload is copied (training
-    goes on changing the tensors), with at most `max_pending` writes queued; a write that failed
+    `save` takes what `save_checkpoint` takes and returns once the payload's copies are queued
+    (training goes on changing the tensors): CUDA tensors are copied asynchronously into
+    page-locked memory on their device's current stream, so they hold the values of the moment of
+    `save` whatever the training queues after, and the thread waits for those copies before
+    writing; the training loop does not wait for them (with synchronous copies, the recipe's loop
+    had waited 0.11 s per epoch for its checkpoints on an H100). At most `max_pending` writes are queued; a write that failed
     raises at the next `save` or `wait`. `wait` returns once every checkpoint asked for is on
     disk. Used as a context manager, the writer waits on exit; when an exception is already on
     its way out, a failed write is logged instead, so that the exception keeps its meaning (a
@@ -49,11 +53,16 @@ class CheckpointWriter:
         self._max_pending = max_pending
 
     def save(self, path: str | Path, model: EmbeddingNet, **extra: Any) -> None:
-        payload = _payload(model, extra, copy=True)
+        copied_on: set[torch.device] = set()
+        payload = _payload(model, extra, copy=True, copied_on=copied_on)
+        copies_done = []
+        for device in copied_on:
+            copies_done.append(torch.cuda.Event())
+            copies_done[-1].record(torch.cuda.current_stream(device))
         while self._pending and (len(self._pending) >= self._max_pending or self._pending[0].done()):
             self._pending[0].result()  # a stop signal raising while this waits leaves the write queued
             self._pending.popleft()
-        self._pending.append(self._pool.submit(_write, Path(path), payload))
+        self._pending.append(self._pool.submit(_write, Path(path), payload, copies_done))
 
     def wait(self) -> None:
         while self._pending:
@@ -87,9 +96,10 @@ def _block_stop_signals() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
 
 
-def _payload(model: EmbeddingNet, extra: dict[str, Any], copy: bool) -> dict[str, Any]:
+def _payload(model: EmbeddingNet, extra: dict[str, Any], copy: bool,
+             copied_on: set[torch.device] | None = None) -> dict[str, Any]:
     """The checkpoint's contents on the CPU; `copy`: no tensor or container shared with the
-    caller's (CPU tensors are copied too)."""
+    caller's (CPU tensors are copied too); `copied_on`: see `_on_cpu`."""
     from aomd import __version__
 
     return _on_cpu({
@@ -97,10 +107,12 @@ def _payload(model: EmbeddingNet, extra: dict[str, Any], copy: bool) -> dict[str
         "architecture": model.architecture.as_dict(),
         "aomd_version": __version__,
         **extra,
-    }, copy)
+    }, copy, copied_on)
 
 
-def _write(path: Path, payload: dict[str, Any]) -> None:
+def _write(path: Path, payload: dict[str, Any], copies_done: Sequence[torch.cuda.Event] = ()) -> None:
+    for event in copies_done:  # the payload's asynchronous copies from the device (CheckpointWriter.save)
+        event.synchronize()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -130,19 +142,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _on_cpu(tree: Any, copy: bool = False) -> Any:
+def _on_cpu(tree: Any, copy: bool = False, copied_on: set[torch.device] | None = None) -> Any:
     """Every tensor in `tree` on the CPU: a checkpoint written on a GPU loads on any machine,
     also with a plain `torch.load`. Dicts, lists and tuples are rebuilt; `copy`: tensors already
-    on the CPU are copied too."""
+    on the CPU are copied too. With `copied_on` (a set), CUDA tensors are copied asynchronously
+    into page-locked memory on their device's current stream, and their devices are added to it:
+    the caller waits for those copies before reading the result."""
     if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=copy)
+        tensor = tree.detach()
+        if copied_on is not None and tensor.is_cuda:
+            copied_on.add(tensor.device)
+            return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor, non_blocking=True)
+        return tensor.to("cpu", copy=copy)
     if isinstance(tree, dict):  # a state_dict keeps its type and its version metadata
-        moved = type(tree)((key, _on_cpu(value, copy)) for key, value in tree.items())
+        moved = type(tree)((key, _on_cpu(value, copy, copied_on)) for key, value in tree.items())
         if hasattr(tree, "_metadata"):
             moved._metadata = tree._metadata
         return moved
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_on_cpu(value, copy) for value in tree)
+        return type(tree)(_on_cpu(value, copy, copied_on) for value in tree)
     return tree
 
 
