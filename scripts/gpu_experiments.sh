@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU issue's open measurements, for a card after `scripts/gpu_check.sh` (about 6 minutes on one
 # H100, estimated; its last version took 3.3). Each compares, in one run on one card:
-#   - AOMD's fused adapters on the card: the gpu tier's tests of their values and gradients;
+#   - the gpu tier's tests of what changed since a card last ran it: AOMD's fused adapters (values
+#     and gradients) and checkpoints copied from the card asynchronously;
 #   - the training step (`benchmarks/step_anatomy.py`, AOMD modes 1 and 2, fp32 and bf16): the
 #     defaults (fused adapters, now one graph for all stages) against `train.fused_adapters=false`;
 #     on the H100 the fused adapters' bf16 steps left the card idle for up to 23% of the step in
@@ -25,7 +26,8 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_experiments: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
-python -m pytest tests/test_gpu.py -m gpu -k fused_adapters -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+python -m pytest tests/test_gpu.py -m gpu -k "fused_adapters or holds_the_values" -q -p no:cacheprovider 2>&1 \
+  | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 --settings default,unfused_adapters \
   --json "$out/anatomy.json" 2>&1 | tee "$out/anatomy.md"

@@ -116,8 +116,9 @@ def test_a_device_run_repeats_its_metrics(device_run, tmp_path):
 
 def test_a_checkpoint_holds_the_values_of_its_save_whatever_the_device_queues_next(tmp_path):
     """`CheckpointWriter.save` copies a card's tensors asynchronously into page-locked memory: the
-    in-place updates queued after it (as training's next steps are) never reach the file, and the
-    file holds CPU tensors in the model's memory layout."""
+    file holds the values of the moment of `save`, not those of the in-place updates queued after
+    it (as training's next steps are), although the copies run late, and it holds CPU tensors in
+    the model's memory layout."""
     from aomd.models.checkpoint import CheckpointWriter
 
     runtime = Runtime.resolve(DEVICE)
@@ -127,9 +128,13 @@ def test_a_checkpoint_holds_the_values_of_its_save_whatever_the_device_queues_ne
     moments = [p.detach() * 2 for p in model.parameters()]  # an optimiser's state, say
     expected_moments = [m.cpu().clone() for m in moments]
     with CheckpointWriter() as writer:
+        if ON_CUDA:
+            # the copies start only after a second of the card's time: a writer that did not wait
+            # for them would write page-locked memory not yet filled
+            torch.cuda._sleep(int(2e9))
         writer.save(tmp_path / "last.pt", model, training={"moments": moments})
-        with torch.no_grad():
-            for _ in range(20):  # enough queued work to overtake the copies, were they not ordered
+        with torch.no_grad():  # what the next training steps would do, queued behind the copies
+            for _ in range(20):
                 for parameter, moment in zip(model.parameters(), moments):
                     parameter.mul_(1.5).add_(1)
                     moment.add_(parameter)

@@ -104,6 +104,7 @@ def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly
     ("SIGINT", "7", 0, "in epoch 2 after step 3 of 4", "Resuming in epoch 2 of 4 after step 3 of 4"),
     ("SIGTERM", "8", 0, "in epoch 2 after step 4 of 4", "Resuming in epoch 2 of 4 after step 4 of 4"),
     ("SIGTERM", "eval3", 1, "after epoch 2", "Resuming after epoch 2 of 4"),
+    ("SIGTERM", "eval3", 0, "after epoch 2", "Resuming after epoch 2 of 4"),
     ("SIGTERM", "eval1", 0, "after the evaluation before training", "Resuming after epoch 0 of 4"),
 ])
 def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, workers, where, resumed,

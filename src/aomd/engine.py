@@ -222,10 +222,11 @@ class TrainStep:
 
 def epoch_batches(loader: DataLoader, skip: int = 0) -> tuple[dict[str, Any], Iterator[tuple[torch.Tensor, ...]]]:
     """Start an epoch of the training `loader`: (its batch sampler's state at the epoch's start,
-    for `last.pt`; the epoch's batches). Loader workers start reading the first batches at once
-    (their prefetch), so an epoch started before the evaluation of the previous one finds its
-    first batches ready. With `skip`, the epoch yields only its batches after the first `skip`
-    (a run resumed in the middle of it)."""
+    for `last.pt`; the epoch's batches). A loader with workers (CUDA's default; none on the CPU)
+    has them read the first batches at once (their prefetch), so an epoch started before the
+    evaluation of the previous one finds its first batches ready; without workers nothing is read
+    before the first batch is asked for. With `skip`, the epoch yields only its batches after the
+    first `skip` (a run resumed in the middle of it)."""
     sampler = loader.sampler
     assert isinstance(sampler, ClassBalancedBatchSampler), "a training loader (aomd.data.loader.train_loader)"
     state = resume_state.sampler_state(sampler)  # before the workers' prefetch draws the first batches
@@ -407,7 +408,7 @@ def fit(
             means["epoch_seconds"] = seconds_before + time.perf_counter() - started
             means["images_per_second"] = train.iters_per_epoch * train.batch_size / means["epoch_seconds"]
             if epoch < train.epochs:
-                # the loader's workers read the next epoch's first batches while the device evaluates
+                # the loader's workers (if any) read the next epoch's first batches while the device evaluates
                 upcoming = epoch_batches(loader)
             next_epoch_start = upcoming[0] if upcoming else resume_state.sampler_state(sampler)
             evaluate_epoch(epoch, means)
