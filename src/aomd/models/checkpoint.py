@@ -40,11 +40,11 @@ class CheckpointWriter:
     had waited 0.11 s per epoch for its checkpoints on an H100). The page-locked memory stays
     with PyTorch's caching host allocator for the process's life, reused by later checkpoints:
     up to twice what two or three checkpoints hold (it rounds blocks up to powers of two; a
-    distilled ResNet18's last.pt, with Adam's moments and the adapters, holds about 150 MB). At most `max_pending` writes are queued; a write that failed
-    raises at the next `save` or `wait`. `wait` returns once every checkpoint asked for is on
-    disk. Used as a context manager, the writer waits on exit; when an exception is already on
-    its way out, a failed write is logged instead, so that the exception keeps its meaning (a
-    stop signal stays a stop). The stop signals are blocked in the writer's thread, so that they
+    distilled ResNet18's last.pt, with Adam's moments and the adapters, holds about 150 MB).
+    At most `max_pending` writes are queued; a write that failed raises at the next `save` or
+    `wait`. `wait` returns once every checkpoint asked for is on disk. Used as a context manager,
+    the writer waits on exit; when an exception is already on its way out, a failed write is
+    logged instead, so that the exception keeps its meaning (a stop signal stays a stop). The stop signals are blocked in the writer's thread, so that they
     reach the training thread."""
 
     def __init__(self, max_pending: int = 2):
@@ -58,10 +58,9 @@ class CheckpointWriter:
     def save(self, path: str | Path, model: EmbeddingNet, **extra: Any) -> None:
         copied_on: set[torch.device] = set()
         payload = _payload(model, extra, copy=True, copied_on=copied_on)
-        copies_done = []
-        for device in copied_on:
-            copies_done.append(torch.cuda.Event(blocking=True))  # the writer's thread sleeps, not spins, on it
-            copies_done[-1].record(torch.cuda.current_stream(device))
+        # blocking: the writer's thread sleeps on them rather than spinning
+        copies_done = [torch.cuda.current_stream(device).record_event(torch.cuda.Event(blocking=True))
+                       for device in copied_on]
         while self._pending and (len(self._pending) >= self._max_pending or self._pending[0].done()):
             self._pending[0].result()  # a stop signal raising while this waits leaves the write queued
             self._pending.popleft()
