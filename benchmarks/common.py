@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +65,41 @@ def seconds_per_call(function: Callable[[], object], device: torch.device, calls
         function()
     synchronize(device)
     return (time.perf_counter() - started) / calls
+
+
+def repeated_seconds(measure_round: Callable[[], dict[str, float]], rounds: int) -> dict[str, list[float]]:
+    """{row: [seconds of each round]} of `measure_round`, which times every row once and returns
+    {row: seconds}. The rounds interleave the rows (A B C, A B C, ...), so a drift of the card's
+    clocks over the run reaches every row alike instead of the rows timed last."""
+    timings: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for row, seconds in measure_round().items():
+            timings.setdefault(row, []).append(seconds)
+    return timings
+
+
+def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> float:
+    """The median over rounds of seconds / reference, each round against the reference of the same
+    round (`repeated_seconds`): a ratio less exposed to drift than the ratio of two medians."""
+    assert len(seconds) == len(reference), "one reference per round"
+    return statistics.median(s / r for s, r in zip(seconds, reference))
+
+
+def in_own_processes(script: str, argv: Sequence[str], passes: Sequence[str]) -> list[dict]:
+    """Run `python script *argv --only-pass PASS --json FILE` once per pass, each in a fresh Python
+    process, and return the JSON each wrote. The children's rows go to this process's stdout.
+
+    A pass then owes nothing to the passes before it: on an H100 the same bf16 AOMD step took
+    30.6 ms in a process that had timed and profiled fp32 steps first and 24.8 ms in a process of
+    its own (docs/benchmarks.md). A child that fails stops the benchmark."""
+    payloads = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index, name in enumerate(passes):
+            out = Path(folder) / f"pass{index}.json"
+            sys.stdout.flush()  # this process's lines before the child's
+            subprocess.run([sys.executable, script, *argv, "--only-pass", name, "--json", str(out)], check=True)
+            payloads.append(json.loads(out.read_text()))
+    return payloads
 
 
 def device_description(device: torch.device) -> str:

@@ -2,7 +2,8 @@
 host's launching, and what each of its settings buys.
 
     python benchmarks/step_anatomy.py [--losses aomd_mode1,aomd_mode2] [--precisions fp32,bf16]
-                                      [--steps 15] [--warmup 3] [--json out.json]
+                                      [--settings default,...] [--steps 10] [--warmup 3] [--rounds 3]
+                                      [--json out.json] [--one-process]
 
 For each precision and setting, times the step of `benchmarks/train_step.py` (the floor, the floor
 with AOMD's adapters, and the AOMD options) and profiles a few steps of each to count the kernels
@@ -25,15 +26,19 @@ and sum their device time. Settings:
                     convolution backward); with the inputs in channels_last, the stage maps the
                     compiled networks return, and so the adapters', should be channels_last too
 
-Columns: ms per step, images/s, kernels per step, device busy ms per step (sum of kernel times:
-what the step would take if launching cost nothing), busy / step (near 1: the device is the limit;
-well below 1: the host's launching is). Needs CUDA.
+Each precision and setting (a pass) runs in a Python process of its own, its rows timed in rounds,
+as in `benchmarks/train_step.py`. Columns: ms per step (the median over rounds), the spread of the
+rounds, images/s, kernels per step, device busy ms per step (sum of kernel times: what the step
+would take if launching cost nothing), busy / step (near 1: the device is the limit; well below 1:
+the host's launching is). Needs CUDA; `--device cpu` runs its code on the CPU with small shapes, for
+its test, and counts no kernels there.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import statistics
 import sys
 from collections import Counter
 from functools import partial
@@ -42,7 +47,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_description, seconds_per_call, synchronize, write_json  # noqa: E402
+from common import (device_description, in_own_processes, paired_ratio, repeated_seconds,  # noqa: E402
+                    seconds_per_call, synchronize, write_json)
 from train_step import FLOOR, FLOOR_ADAPTERS, student_and_objective  # noqa: E402
 
 from aomd.engine import TrainStep  # noqa: E402
@@ -85,15 +91,16 @@ def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
     return runtime
 
 
-def kernel_profile(call, steps: int) -> tuple[float, float, Counter]:
+def kernel_profile(call, steps: int, device: torch.device) -> tuple[float, float, Counter]:
     """(kernels per step, device busy seconds per step, busy seconds per step by kernel name)
-    over `steps` calls."""
+    over `steps` calls (no kernels on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             call()
-        torch.cuda.synchronize()
+        synchronize(device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: Counter = Counter()
     for event in kernels:
@@ -101,76 +108,130 @@ def kernel_profile(call, steps: int) -> tuple[float, float, Counter]:
     return len(kernels) / steps, sum(by_name.values()), by_name
 
 
+def run_pass(precision: str, setting: str, names: list[str], eager_teacher: EmbeddingNet, images, labels,
+             args) -> tuple[dict[str, dict], list[tuple[str, float]]]:
+    """({row: result}, the kernels of the pass's last row by device time) of one precision and
+    setting: every row timed in `args.rounds` rounds, each with a fresh student and objective, then
+    profiled; printed as table rows. A row that fails is printed as such and left out."""
+    device, size = images.device, args.image_size
+    stored = size * 8 // 7
+    runtime = runtime_of(setting, device, precision)
+    runtime.forget_compiled_graphs()  # each setting compiles its own graphs, as a job does
+    # a compiled setting compiles a copy: the shared teacher keeps its eager forward
+    teacher = copy.deepcopy(eager_teacher) if runtime.compile else eager_teacher
+    runtime.prepare_network(teacher).eval().requires_grad_(False)
+    failed: set[str] = set()
+    profiles: dict[str, tuple[float, float, Counter]] = {}
+
+    def one_round() -> dict[str, float]:
+        timed = {}
+        for name in names:
+            if name in failed:
+                continue
+            try:
+                student, objective = student_and_objective(name, teacher, size, stored)
+                runtime.prepare_network(student).train()
+                runtime.prepare_objective(objective).train()
+                optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
+                                             weight_decay=1e-5, fused=setting != "before" or None)
+                step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)
+                call = partial(step, images, labels)
+                timed[name] = seconds_per_call(call, device, args.steps, args.warmup)
+                if name not in profiles:
+                    profiles[name] = kernel_profile(call, args.profiled_steps, device)
+                synchronize(device)
+            except Exception as error:  # an experiment that fails is a finding, not the end of the run
+                failed.add(name)
+                print(f"| {precision} | {setting} | {name} | failed: {type(error).__name__}: {str(error)[:200]} | | | | | | |",
+                      flush=True)
+            finally:
+                student = objective = optimizer = step = call = None
+                torch.cuda.empty_cache()
+        return timed
+
+    timings = repeated_seconds(one_round, args.rounds)
+    rows = {}
+    for name, rounds in timings.items():
+        seconds = statistics.median(rounds)
+        kernels, busy, _ = profiles[name]
+        over_floor = paired_ratio(rounds, timings[FLOOR]) if FLOOR in timings else 1.0
+        rows[name] = {"seconds": seconds, "round_seconds": rounds, "kernels_per_step": kernels, "busy_seconds": busy,
+                      "over_floor": over_floor}
+        print(f"| {precision} | {setting} | {name} | {1e3 * seconds:.1f} | {(max(rounds) - min(rounds)) / seconds:.0%} | "
+              f"{len(labels) / seconds:,.0f} | {kernels:.0f} | {1e3 * busy:.1f} | {busy / seconds:.2f} | {over_floor:.2f} |",
+              flush=True)
+    last = [name for name in names if name in profiles]
+    breakdown = sorted(profiles[last[-1]][2].items(), key=lambda item: -item[1]) if last else []
+    return rows, breakdown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N; cpu only to test the script")
     parser.add_argument("--losses", default="aomd_mode1,aomd_mode2")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, each round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the rows; a row's figure is its median")
     parser.add_argument("--profiled-steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15, help="kernels listed in the breakdown of the last precision's default step")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--one-process", action="store_true",
+                        help="run every precision and setting in this process (default: each in a process of its own)")
+    parser.add_argument("--only-pass", default=None, help=argparse.SUPPRESS)  # a child of in_own_processes: "precision/setting"
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device != "cpu" and not torch.cuda.is_available():
         print("step_anatomy: needs a CUDA device", file=sys.stderr)
         return 2
-    device = torch.device("cuda", torch.cuda.current_device())
-    batch, size = args.batch_size, args.image_size
-    stored = size * 8 // 7
-    Runtime.resolve(str(device)).seed_everything(0)
-    images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
-    labels = torch.arange(batch, device=device) // 5
-    eager_teacher = EmbeddingNet("resnet50", 512, True, False)
+    device = Runtime.resolve(args.device).device
     names = [FLOOR, FLOOR_ADAPTERS, *args.losses.split(",")]
-    print(f"{device_description(device)}; batch {batch}, {size} px crops; {args.steps} timed steps after {args.warmup}; "
-          f"kernels and busy time from {args.profiled_steps} profiled steps", flush=True)
-    print("| precision | setting | step | ms | images/s | kernels/step | busy ms | busy / step | step / floor |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    passes = [f"{precision}/{setting}" for precision in args.precisions.split(",") for setting in args.settings.split(",")]
+    # the kernel breakdown: of the last precision's default step (its last row)
+    breakdown_pass = f"{args.precisions.split(',')[-1]}/default"
+    if args.only_pass:
+        assert args.only_pass in passes, f"no pass {args.only_pass!r}"
+        passes = [args.only_pass]
+    else:
+        print(f"{device_description(device)}; batch {args.batch_size}, {args.image_size} px crops; {args.rounds} rounds of "
+              f"{args.steps} timed steps after {args.warmup} per row; kernels and busy time from {args.profiled_steps} "
+              f"profiled steps" + ("" if len(passes) == 1 or args.one_process else "; each pass in a process of its own"),
+              flush=True)
+        print("| precision | setting | step | ms | spread over rounds | images/s | kernels/step | busy ms | busy / step | "
+              "step / floor |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+
     results: dict = {}
-    breakdown = None
-    for precision in args.precisions.split(","):
-        for setting in args.settings.split(","):
-            runtime = runtime_of(setting, device, precision)
-            runtime.forget_compiled_graphs()  # each setting compiles its own graphs, as a job does
-            # a compiled setting compiles a copy: the shared teacher keeps its eager forward
-            teacher = copy.deepcopy(eager_teacher) if runtime.compile else eager_teacher
-            runtime.prepare_network(teacher).eval().requires_grad_(False)
-            rows = results.setdefault(precision, {}).setdefault(setting, {})
-            for name in names:
-                try:
-                    student, objective = student_and_objective(name, teacher, size, stored)
-                    runtime.prepare_network(student).train()
-                    runtime.prepare_objective(objective).train()
-                    optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
-                                                 weight_decay=1e-5, fused=setting != "before" or None)
-                    step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)
-                    call = partial(step, images, labels)
-                    seconds = seconds_per_call(call, device, args.steps, args.warmup)
-                    kernels, busy, by_name = kernel_profile(call, args.profiled_steps)
-                    if (precision, setting, name) == (args.precisions.split(",")[-1], "default", names[-1]):
-                        breakdown = (f"{precision} {setting} {name}", by_name)
-                    synchronize(device)
-                except Exception as error:  # an experiment that fails is a finding, not the end of the run
-                    print(f"| {precision} | {setting} | {name} | failed: {type(error).__name__}: {str(error)[:200]} | | | | | |", flush=True)
-                    continue
-                floor = rows.get(FLOOR, {}).get("seconds", seconds)
-                rows[name] = {"seconds": seconds, "kernels_per_step": kernels, "busy_seconds": busy, "over_floor": seconds / floor}
-                print(f"| {precision} | {setting} | {name} | {1e3 * seconds:.1f} | {batch / seconds:,.0f} | {kernels:.0f} | "
-                      f"{1e3 * busy:.1f} | {busy / seconds:.2f} | {seconds / floor:.2f} |", flush=True)
-                del student, objective, optimizer, step
-                torch.cuda.empty_cache()
-    if breakdown:
-        title, by_name = breakdown
-        total = sum(by_name.values())
-        print(f"\nKernels of one step ({title}) by device time, {1e3 * total:.1f} ms in all:\n"
-              "| kernel | ms | share |\n| --- | --- | --- |")
-        for kernel, seconds in by_name.most_common(args.top):
+    breakdowns: dict[str, list] = {}
+    if len(passes) > 1 and not args.one_process:
+        for payload in in_own_processes(__file__, sys.argv[1:] if argv is None else argv, passes):
+            for precision, settings in payload["results"].items():
+                results.setdefault(precision, {}).update(settings)
+            breakdowns.update(payload["breakdowns"])
+    else:
+        Runtime.resolve(str(device)).seed_everything(0)  # the rows' runtimes seed again: this is the batch's
+        stored = args.image_size * 8 // 7
+        images = torch.randint(0, 256, (args.batch_size, stored, stored, 3), dtype=torch.uint8, device=device)
+        labels = torch.arange(args.batch_size, device=device) // 5
+        eager_teacher = EmbeddingNet("resnet50", 512, True, False)
+        for name in passes:
+            precision, setting = name.split("/")
+            rows, breakdowns[name] = run_pass(precision, setting, names, eager_teacher, images, labels, args)
+            results.setdefault(precision, {})[setting] = rows
+    if args.only_pass:
+        write_json(args.json, {"results": results, "breakdowns": breakdowns})
+        return 0
+
+    if breakdowns.get(breakdown_pass):
+        by_name = breakdowns[breakdown_pass]
+        total = sum(seconds for _, seconds in by_name)
+        print(f"\nKernels of one step ({breakdown_pass.replace('/', ' ')} {names[-1]}) by device time, "
+              f"{1e3 * total:.1f} ms in all:\n| kernel | ms | share |\n| --- | --- | --- |")
+        for kernel, seconds in by_name[:args.top]:
             print(f"| {kernel[:110]} | {1e3 * seconds:.2f} | {seconds / total:.0%} |")
-        rest = total - sum(seconds for _, seconds in by_name.most_common(args.top))
-        print(f"| {len(by_name) - args.top} other kernels | {1e3 * rest:.2f} | {rest / total:.0%} |")
+        rest = sum(seconds for _, seconds in by_name[args.top:])
+        print(f"| {max(len(by_name) - args.top, 0)} other kernels | {1e3 * rest:.2f} | {rest / total:.0%} |")
     print()
     verdicts = []
     for setting in args.settings.split(","):
@@ -182,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             except KeyError:
                 pass
     print("\n".join(verdicts))
-    write_json(args.json, {"device": device_description(device), "results": results, "verdicts": verdicts})
+    write_json(args.json, {"device": device_description(device), "rounds": args.rounds, "results": results,
+                           "verdicts": verdicts})
     return 0
 
 

@@ -1,7 +1,8 @@
 """Whole training steps: every loss option in every precision, against the floor.
 
-    python benchmarks/train_step.py [--device auto] [--batch-size N] [--image-size S] [--steps 20]
+    python benchmarks/train_step.py [--device auto] [--batch-size N] [--image-size S] [--steps 10] [--rounds 3]
                                     [--losses triplet,aomd_mode1,...] [--precisions fp32,bf16,fp16] [--json out.json]
+                                    [--compile] [--nondeterministic] [--one-process]
 
 Times the step `python -m aomd.train` runs (`aomd.engine.TrainStep`: on-device augmentation of a
 uint8 batch, teacher forward under inference mode (from its frozen copy; a CUDA graph replay with
@@ -18,7 +19,13 @@ Rows per precision:
                    the job runs them (fused on CUDA: `train.fused_adapters`, up to the descriptors):
                    what AOMD adds beyond its own arithmetic is the difference to this row;
   <loss option>    the real step.
-Columns: ms per step, images per second, peak device memory allocated (CUDA), step / floor.
+Each precision (a pass) runs in a Python process of its own, as a job does: in one process, the
+passes before it changed a pass's bf16 step by a quarter on an H100 (docs/benchmarks.md). Within a
+pass, the rows are timed in rounds (floor, floor+adapters, the losses; again; ...), each with a
+fresh student and objective, so that drift reaches every row alike.
+Columns: ms per step (the median over rounds), the spread of the rounds ((max - min) / median),
+images per second, peak device memory allocated (CUDA), step / floor (the median of the rounds'
+ratios, each round's step against its own floor).
 On CUDA, the floor and the AOMD options also run in fp32 in the standard (contiguous) memory layout,
 the baseline of the GPU issue's table. Targets (issue: GPU) printed at the end: AOMD step / floor
 <= 1.10, bf16 + channels_last AOMD >= 1.8x fp32 (against that baseline, and against the job's fp32,
@@ -27,6 +34,7 @@ which uses channels_last, for comparison).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_description, loss_config, loss_options, seconds_per_call, write_json  # noqa: E402
+from common import (device_description, in_own_processes, loss_config, loss_options, paired_ratio,  # noqa: E402
+                    repeated_seconds, seconds_per_call, write_json)
 
 from aomd.engine import TrainStep, adam  # noqa: E402
 from aomd.losses.aomd import StageAdapters  # noqa: E402
@@ -99,76 +108,58 @@ def measure(student, objective, teacher, runtime: Runtime, images, labels, image
     return seconds, peak
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 16 on a CPU")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on a CPU")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CUDA, 3 on a CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 1 on a CPU)")
-    parser.add_argument("--losses", default="all", help="comma-separated loss options (default: all of conf/loss)")
-    parser.add_argument("--precisions", default=None, help="default: fp32,bf16,fp16 on CUDA, fp32 on a CPU")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher (train.compile=true)")
-    parser.add_argument("--nondeterministic", action="store_true",
-                        help="allow non-deterministic kernels and cuDNN autotuning (train.deterministic=false)")
-    args = parser.parse_args(argv)
+def run_pass(label: str, runtime: Runtime, names: list[str], teacher: EmbeddingNet, images, labels, size: int,
+             stored: int, args) -> dict[str, dict]:
+    """{row: result} of one pass (a precision and memory layout): every row timed in each of
+    `args.rounds` rounds, each round with a fresh student and objective; printed as table rows."""
+    runtime.forget_compiled_graphs()  # each pass compiles its own graphs, as a job does
+    runtime.prepare_network(teacher).eval().requires_grad_(False)
+    peaks: dict[str, float | None] = {}
+    out_of_memory: set[str] = set()
 
-    device = Runtime.resolve(args.device).device
-    cuda = device.type == "cuda"
-    batch = args.batch_size or (128 if cuda else 16)
-    size = args.image_size or (224 if cuda else 64)
-    steps, warmup = args.steps or (20 if cuda else 3), args.warmup or (5 if cuda else 1)
-    losses = loss_options() if args.losses == "all" else args.losses.split(",")
-    precisions = (args.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
-    stored = size * 8 // 7  # 256 px stored for 224 px crops, as the benchmarks' caches
-    Runtime.resolve(str(device), deterministic=not args.nondeterministic).seed_everything(0)
-    images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
-    labels = (torch.arange(batch, device=device) // 5)  # 5 images per class, as the recipe's batches
-    teacher = EmbeddingNet("resnet50", 512, True, False)
-
-    print(f"{device_description(device)}; batch {batch}, {size} px crops of {stored} px, ResNet18-128 student, "
-          f"ResNet50-512 teacher; {steps} timed steps after {warmup}", flush=True)
-    print("| precision | step | ms | images/s | peak memory (GB) | step / floor |\n| --- | --- | --- | --- | --- | --- |")
-    results: dict[str, dict[str, dict]] = {}
-    passes = [(precision, precision, None, [FLOOR, FLOOR_ADAPTERS, *losses]) for precision in precisions]
-    aomd_modes = [mode for mode in ("aomd_mode1", "aomd_mode2") if mode in losses]
-    if cuda and not args.compile and aomd_modes and {"fp32", "bf16"} <= set(precisions):
-        # the GPU issue's baseline: fp32 in the standard memory layout (the job's fp32 uses channels_last)
-        passes.append((CONTIGUOUS, "fp32", False, [FLOOR, *aomd_modes]))
-    for label, precision, channels_last, names in passes:
-        runtime = Runtime.resolve(str(device), precision, channels_last, compile=args.compile,
-                                  deterministic=not args.nondeterministic)
-        runtime.forget_compiled_graphs()  # each pass compiles its own graphs, as a job does
-        runtime.prepare_network(teacher).eval().requires_grad_(False)
-        rows = results.setdefault(label, {})
+    def one_round() -> dict[str, float]:
+        timed = {}
         for name in names:
+            if name in out_of_memory:
+                continue
             student, objective = student_and_objective(name, teacher, size, stored)
             try:
-                seconds, peak = measure(student, objective, teacher if objective.needs_teacher else None, runtime,
-                                        images, labels, size, steps, warmup)
+                timed[name], peak = measure(student, objective, teacher if objective.needs_teacher else None, runtime,
+                                            images, labels, size, args.steps, args.warmup)
             except torch.OutOfMemoryError:
-                print(f"| {label} | {name} | out of memory | | | |", flush=True)
+                out_of_memory.add(name)
+                print(f"| {label} | {name} | out of memory | | | | |", flush=True)
                 continue
-            floor = rows.get(FLOOR, {}).get("seconds", seconds)
-            rows[name] = {"seconds": seconds, "images_per_second": batch / seconds,
-                          "peak_gb": None if peak is None else peak / 1e9, "over_floor": seconds / floor}
-            memory = "-" if peak is None else f"{peak / 1e9:.2f}"
-            print(f"| {label} | {name} | {1e3 * seconds:.1f} | {batch / seconds:,.0f} | {memory} | {seconds / floor:.2f} |",
-                  flush=True)
-            del student, objective
+            peaks[name] = None if peak is None else max(peak, peaks.get(name) or 0)
+        return timed
 
-    print()
+    timings = repeated_seconds(one_round, args.rounds)
+    rows = {}
+    for name, rounds in timings.items():
+        seconds = statistics.median(rounds)
+        over_floor = paired_ratio(rounds, timings[FLOOR]) if FLOOR in timings else 1.0
+        peak = peaks[name]
+        rows[name] = {"seconds": seconds, "round_seconds": rounds, "images_per_second": len(labels) / seconds,
+                      "peak_gb": None if peak is None else peak / 1e9, "over_floor": over_floor}
+        memory = "-" if peak is None else f"{peak / 1e9:.2f}"
+        spread = (max(rounds) - min(rounds)) / seconds
+        print(f"| {label} | {name} | {1e3 * seconds:.1f} | {spread:.0%} | {len(labels) / seconds:,.0f} | {memory} | "
+              f"{over_floor:.2f} |", flush=True)
+    return rows
+
+
+def verdicts_of(results: dict[str, dict[str, dict]], compiled: bool, cuda: bool) -> list[str]:
+    """The GPU issue's targets, from the results of every pass."""
     verdicts = []
     for precision, rows in results.items():
         for mode in ("aomd_mode1", "aomd_mode2"):
-            if mode in rows and precision != CONTIGUOUS:
+            if mode in rows and FLOOR_ADAPTERS in rows and precision != CONTIGUOUS:
                 r = rows[mode]["over_floor"]
                 share = rows[FLOOR_ADAPTERS]["over_floor"] - 1
+                own = paired_ratio(rows[mode]["round_seconds"], rows[FLOOR_ADAPTERS]["round_seconds"]) - 1
                 verdicts.append(f"{precision} {mode}: step / floor {r:.2f} (target <= 1.10: {'OK' if r <= 1.10 else 'MISSED'}); "
-                                f"adapters alone {share:+.0%} of the floor, AOMD's own arithmetic "
-                                f"{rows[mode]['seconds'] / rows[FLOOR_ADAPTERS]['seconds'] - 1:+.0%}")
-    layout = " (compiled)" if args.compile else " + channels_last" if cuda else ""
+                                f"adapters alone {share:+.0%} of the floor, AOMD's own arithmetic {own:+.0%}")
+    layout = " (compiled)" if compiled else " + channels_last" if cuda else ""
     for mode in ("aomd_mode1", "aomd_mode2"):
         if mode in results.get("fp32", {}) and mode in results.get("bf16", {}):
             bf16 = results["bf16"][mode]["seconds"]
@@ -180,9 +171,76 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 speedup = results["fp32"][mode]["seconds"] / bf16
                 verdicts.append(f"{mode}: bf16{layout} is {speedup:.2f}x fp32{layout} (target >= 1.8: {'OK' if speedup >= 1.8 else 'MISSED'})")
+    return verdicts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 16 on a CPU")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on a CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 10 on CUDA, 3 on a CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, each round (default: 3 on CUDA, 1 on a CPU)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds over the rows; a row's figure is its median (default: 3 on CUDA, 1 on a CPU)")
+    parser.add_argument("--losses", default="all", help="comma-separated loss options (default: all of conf/loss)")
+    parser.add_argument("--precisions", default=None, help="default: fp32,bf16,fp16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher (train.compile=true)")
+    parser.add_argument("--nondeterministic", action="store_true",
+                        help="allow non-deterministic kernels and cuDNN autotuning (train.deterministic=false)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="run every pass in this process (default: each pass in a process of its own)")
+    parser.add_argument("--only-pass", default=None, help=argparse.SUPPRESS)  # a child of in_own_processes
+    args = parser.parse_args(argv)
+
+    device = Runtime.resolve(args.device).device
+    cuda = device.type == "cuda"
+    batch = args.batch_size or (128 if cuda else 16)
+    size = args.image_size or (224 if cuda else 64)
+    args.steps, args.warmup = args.steps or (10 if cuda else 3), args.warmup or (3 if cuda else 1)
+    args.rounds = args.rounds or (3 if cuda else 1)
+    losses = loss_options() if args.losses == "all" else args.losses.split(",")
+    precisions = (args.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
+    stored = size * 8 // 7  # 256 px stored for 224 px crops, as the benchmarks' caches
+    # (label, precision, channels_last (None: the job's default), rows)
+    passes = [(precision, precision, None, [FLOOR, FLOOR_ADAPTERS, *losses]) for precision in precisions]
+    aomd_modes = [mode for mode in ("aomd_mode1", "aomd_mode2") if mode in losses]
+    if cuda and not args.compile and aomd_modes and {"fp32", "bf16"} <= set(precisions):
+        # the GPU issue's baseline: fp32 in the standard memory layout (the job's fp32 uses channels_last)
+        passes.append((CONTIGUOUS, "fp32", False, [FLOOR, *aomd_modes]))
+    if args.only_pass:
+        passes = [p for p in passes if p[0] == args.only_pass]
+        assert passes, f"no pass {args.only_pass!r}"
+    else:
+        print(f"{device_description(device)}; batch {batch}, {size} px crops of {stored} px, ResNet18-128 student, "
+              f"ResNet50-512 teacher; {args.rounds} round(s) of {args.steps} timed steps after {args.warmup} per row"
+              + ("" if len(passes) == 1 or args.one_process else "; each pass in a process of its own"), flush=True)
+        print("| pass | step | ms | spread over rounds | images/s | peak memory (GB) | step / floor |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+
+    results: dict[str, dict[str, dict]] = {}
+    if len(passes) > 1 and not args.one_process:
+        for payload in in_own_processes(__file__, sys.argv[1:] if argv is None else argv, [p[0] for p in passes]):
+            results.update(payload["results"])
+    else:
+        Runtime.resolve(str(device), deterministic=not args.nondeterministic).seed_everything(0)
+        images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
+        labels = torch.arange(batch, device=device) // 5  # 5 images per class, as the recipe's batches
+        teacher = EmbeddingNet("resnet50", 512, True, False)
+        for label, precision, channels_last, names in passes:
+            runtime = Runtime.resolve(str(device), precision, channels_last, compile=args.compile,
+                                      deterministic=not args.nondeterministic)
+            results[label] = run_pass(label, runtime, names, teacher, images, labels, size, stored, args)
+    if args.only_pass:
+        write_json(args.json, {"results": results})
+        return 0
+
+    print()
+    verdicts = verdicts_of(results, args.compile, cuda)
     print("\n".join(verdicts))
     write_json(args.json, {"device": device_description(device), "batch_size": batch, "image_size": size,
-                           "steps": steps, "results": results, "verdicts": verdicts})
+                           "steps": args.steps, "rounds": args.rounds, "results": results, "verdicts": verdicts})
     return 0
 
 

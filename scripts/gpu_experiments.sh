@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The GPU issue's open measurements, for a card after `scripts/gpu_check.sh` (about 6 minutes on one
-# H100, estimated; its last version took 3.3). Each compares, in one run on one card:
+# The GPU issue's open measurements, for a card after `scripts/gpu_check.sh` (about 5 minutes on one
+# H100, estimated). Each compares, in one run on one card, every precision and setting in a process of
+# its own (`benchmarks/step_anatomy.py`), its rows timed in interleaved rounds:
 #   - the gpu tier's tests of what changed since a card last ran it: AOMD's fused adapters (values
 #     and gradients) and checkpoints copied from the card asynchronously;
-#   - the training step (`benchmarks/step_anatomy.py`, AOMD modes 1 and 2, fp32 and bf16): the
-#     defaults (fused adapters, now one graph for all stages) against `train.fused_adapters=false`;
-#     on the H100 the fused adapters' bf16 steps left the card idle for up to 23% of the step in
-#     this script's process, not in a process of their own (cause not established), so each
-#     precision's step also runs alone (`benchmarks/train_step.py`);
+#   - the training step (AOMD modes 1 and 2, fp32 and bf16): the defaults (fused adapters, now one
+#     graph for all stages) against `train.fused_adapters=false`; on the H100 the fused adapters'
+#     bf16 steps left the card idle for up to 23% of the step in a process that had run fp32 first;
 #   - the compiled step (bf16, AOMD mode 2): `train.compile=true` as it is (standard layout; its
 #     floor took 18.4 ms on an H100 against eager's 23.8, but the adapters added 5.0 ms) against
 #     compiled networks fed channels_last batches, the way to 8x the reference if the adapters then
@@ -20,7 +19,7 @@
 set -uo pipefail
 out="$(mkdir -p "${1:-gpu-experiments}" && cd "${1:-gpu-experiments}" && pwd)" || exit 2
 cd "$(dirname "$0")/.." || exit 2
-rm -f "$out"/anatomy*.* "$out"/step_*.* "$out/tests.log" "$out/summary.md"   # no figure of an earlier run in this summary
+rm -f "$out"/anatomy*.* "$out/tests.log" "$out/summary.md"   # no figure of an earlier run in this summary
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_experiments: no CUDA device is visible to PyTorch" >&2; exit 2; }
@@ -30,15 +29,10 @@ python -m pytest tests/test_gpu.py -m gpu -k "fused_adapters or holds_the_values
   | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 --settings default,unfused_adapters \
-  --json "$out/anatomy.json" 2>&1 | tee "$out/anatomy.md"
+  --rounds 3 --steps 8 --warmup 2 --json "$out/anatomy.json" 2>&1 | tee "$out/anatomy.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-for precision in bf16 fp32; do
-  python benchmarks/train_step.py --losses aomd_mode1,aomd_mode2 --precisions $precision --steps 15 --warmup 3 \
-    --json "$out/step_$precision.json" 2>&1 | tee "$out/step_$precision.md"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-done
-python benchmarks/step_anatomy.py --losses aomd_mode2 --precisions bf16 --settings default,compiled,compiled_cl_inputs \
-  --json "$out/anatomy_compiled.json" 2>&1 | tee "$out/anatomy_compiled.md"
+python benchmarks/step_anatomy.py --losses aomd_mode2 --precisions bf16 --settings compiled,compiled_cl_inputs \
+  --rounds 2 --steps 8 --warmup 2 --json "$out/anatomy_compiled.json" 2>&1 | tee "$out/anatomy_compiled.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 python - "$out" <<'PY' | tee "$out/summary.md"
@@ -47,12 +41,11 @@ from pathlib import Path
 out = Path(sys.argv[1])
 
 def table(name):
-    """The rows of the first table in a benchmark's log, up to the blank line after it (step_anatomy.md
-    has a table of kernels next; warnings may come between the rows)."""
+    """The rows of the first table in a benchmark's log: its lines that start with "|", up to the
+    table of kernels that step_anatomy.md has next (the passes' warnings may come between the rows)."""
     lines = (out / name).read_text().splitlines() if (out / name).is_file() else []
-    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
-    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
-    return [line for line in lines[start:end] if line.startswith("|")]
+    end = next((i for i, line in enumerate(lines) if line.startswith("Kernels of one step")), len(lines))
+    return [line for line in lines[:end] if line.startswith("|")]
 
 anatomy = out / "anatomy.json"
 print("# GPU experiments\n")
@@ -60,8 +53,7 @@ print(f"device: {json.loads(anatomy.read_text())['device'] if anatomy.is_file() 
 tests = [l for l in (out / "tests.log").read_text().splitlines() if " passed" in l or " failed" in l or " error" in l]
 print(f"fused adapters' gpu tests: {tests[-1].strip('= ') if tests else 'no result (see tests.log)'}\n")
 for name, title in (("anatomy.md", "training step: fused against eager adapters"),
-                    ("step_bf16.md", "bf16 step, a process of its own"), ("step_fp32.md", "fp32 step, a process of its own"),
-                    ("anatomy_compiled.md", "bf16 step: eager, compiled, compiled with channels_last batches")):
+                    ("anatomy_compiled.md", "bf16 step: compiled, compiled with channels_last batches (eager: above)")):
     print(f"## {title}\n")
     print("\n".join(table(name)) or "no result", end="\n\n")
 PY

@@ -16,16 +16,45 @@ def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_step_measures_every_row_and_states_the_targets(tmp_path):
+def test_train_step_measures_every_row_of_every_pass_in_rounds_and_states_the_targets(tmp_path):
     out = tmp_path / "train_step.json"
-    result = run_script("benchmarks/train_step.py", "--losses", "aomd_mode2,triplet", "--steps", "1", "--warmup", "1",
-                        "--batch-size", "8", "--image-size", "32", "--json", str(out))
+    result = run_script("benchmarks/train_step.py", "--losses", "aomd_mode2,triplet", "--precisions", "fp32,bf16",
+                        "--rounds", "2", "--steps", "1", "--warmup", "1", "--batch-size", "8", "--image-size", "32",
+                        "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]["fp32"]
-    assert set(rows) == {"floor", "floor+adapters", "aomd_mode2", "triplet"}
-    assert all(row["seconds"] > 0 and row["images_per_second"] == pytest.approx(8 / row["seconds"]) for row in rows.values())
-    assert rows["floor"]["over_floor"] == 1.0
-    assert "fp32 aomd_mode2: step / floor" in result.stdout and "target <= 1.10" in result.stdout
+    assert "each pass in a process of its own" in result.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"fp32", "bf16"}
+    for rows in results.values():
+        assert set(rows) == {"floor", "floor+adapters", "aomd_mode2", "triplet"}
+        for row in rows.values():
+            assert len(row["round_seconds"]) == 2 and row["seconds"] == pytest.approx(sum(row["round_seconds"]) / 2)
+            assert row["images_per_second"] == pytest.approx(8 / row["seconds"])
+            # each round's step against that round's floor
+            ratios = [s / f for s, f in zip(row["round_seconds"], rows["floor"]["round_seconds"])]
+            assert row["over_floor"] == pytest.approx(sum(ratios) / 2)
+        assert rows["floor"]["over_floor"] == 1.0
+    # every pass's rows, printed once, between the header and the verdicts
+    assert result.stdout.count("| bf16 | aomd_mode2 |") == 1 and result.stdout.count("| fp32 | floor |") == 1
+    assert "fp32 aomd_mode2: step / floor" in result.stdout and "bf16 aomd_mode2: step / floor" in result.stdout
+    assert "aomd_mode2: bf16 is" in result.stdout and "target <= 1.10" in result.stdout
+
+
+def test_step_anatomy_runs_each_setting_in_a_process_of_its_own(tmp_path):
+    """On the CPU (`--device cpu`, for this test): no kernels to count, but every row of every
+    setting timed in rounds."""
+    out = tmp_path / "anatomy.json"
+    result = run_script("benchmarks/step_anatomy.py", "--device", "cpu", "--losses", "aomd_mode1", "--precisions", "fp32",
+                        "--settings", "default,unfused_adapters", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                        "--profiled-steps", "1", "--batch-size", "8", "--image-size", "32", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    settings = json.loads(out.read_text())["results"]["fp32"]
+    assert set(settings) == {"default", "unfused_adapters"}
+    for rows in settings.values():
+        assert set(rows) == {"floor", "floor+adapters", "aomd_mode1"}
+        assert all(len(row["round_seconds"]) == 2 and row["kernels_per_step"] == 0 for row in rows.values())
+        assert rows["floor"]["over_floor"] == 1.0
+    assert result.stdout.count("| fp32 | default | aomd_mode1 |") == 1
 
 
 def test_recipe_epoch_splits_each_epoch_into_training_evaluation_and_checkpoints(tmp_path):
