@@ -13,7 +13,9 @@ is a warm-up (it holds the compilations: the networks' with --compile, AOMD's fu
 CUDA, from inductor's cache on disk where an earlier job compiled the same); the 80-epoch recipe is
 extrapolated as
     evaluation at epoch 0 + epoch 1 + 79 x (mean wall time of the later epochs, evaluation included)
-and compared with the reference implementation's measured 618 images/s on an H200.
+and compared with the reference implementation's measured 618 images/s on an H200, both as
+the recipe's wall time (evaluation, warm-up and checkpoints included, which the reference's figure
+does not hold) and as the training rate of the later epochs (batch waits included).
 Its checkpoint seconds are those the loop waits for its checkpoints (their copies to the CPU; the
 writes run in a background thread). On a CPU the defaults shrink (batches of 16 crops of 64 px,
 5 batches per epoch) so it ends in minutes.
@@ -149,17 +151,25 @@ def main(argv: list[str] | None = None) -> int:
              f"{per_epoch - training - saving:.2f} s evaluation, {saving:.2f} s checkpoints); first evaluation {evaluation:.2f} s"]
     if compiled_graphs:  # the networks (--compile), AOMD's fused adapters (train.fused_adapters, CUDA's default)
         lines.append(f"{compiled_graphs} graphs compiled, in the first evaluation and epoch")
+    training_rate = iters * batch / training
     if cuda:
         lines.append(f"reference recipe ({RECIPE_EPOCHS} x {RECIPE_ITERS} x {RECIPE_BATCH} at 224 px, evaluation after every epoch): "
                      f"{recipe_seconds / 60:.1f} min extrapolated (target <= 6 min: {'OK' if recipe_seconds <= 360 else 'MISSED'}); "
                      f"the reference script at {REFERENCE_IMAGES_PER_SECOND} images/s: {reference_seconds / 60:.1f} min, "
                      f"{reference_seconds / recipe_seconds:.1f}x slower (target >= 8x)")
+        # the issue's "8x the reference's 618 img/s" read as a rate: the reference's figure is its
+        # training rate, without its evaluation, so this compares like with like
+        lines.append(f"training rate, batch waits included: {training_rate:,.0f} images/s, "
+                     f"{training_rate / REFERENCE_IMAGES_PER_SECOND:.1f}x the reference's {REFERENCE_IMAGES_PER_SECOND} "
+                     f"(target >= 8x read as a rate: {'OK' if training_rate >= 8 * REFERENCE_IMAGES_PER_SECOND else 'MISSED'})")
     print("\n".join(lines))
     write_json(args.json, {"device": device_description(runtime.device), "precision": runtime.precision,
                            "loss": args.loss, "epoch_seconds": durations, "training_seconds": training_seconds,
                            "checkpoint_seconds": checkpoint_seconds[1:len(durations)],
                            "batch_wait_seconds": batch_wait_seconds[1:len(durations)], "recipe_minutes": recipe_seconds / 60,
-                           "speedup_over_reference": reference_seconds / recipe_seconds, "compiled_graphs": compiled_graphs,
+                           "speedup_over_reference": reference_seconds / recipe_seconds,
+                           "training_images_per_second": training_rate,
+                           "training_speedup_over_reference": training_rate / REFERENCE_IMAGES_PER_SECOND, "compiled_graphs": compiled_graphs,
                            "lines": lines})
     return 0
 

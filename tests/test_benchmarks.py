@@ -70,6 +70,9 @@ def test_recipe_epoch_splits_each_epoch_into_training_evaluation_and_checkpoints
     assert all(0 < wait < training for wait, training in zip(recipe["batch_wait_seconds"], recipe["training_seconds"]))
     assert len(recipe["batch_wait_seconds"]) == 2 and "s waiting for batches;" in result.stdout
     assert recipe["compiled_graphs"] == 0  # not compiled
+    # the rate of the epochs after the warm-up (here the second): 5 batches of 16 on the CPU
+    assert recipe["training_images_per_second"] == pytest.approx(5 * 16 / recipe["training_seconds"][1])
+    assert recipe["training_speedup_over_reference"] == pytest.approx(recipe["training_images_per_second"] / 618)
     assert "s training," in result.stdout and "s evaluation," in result.stdout and "s checkpoints)" in result.stdout
 
 
