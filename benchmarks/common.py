@@ -50,6 +50,13 @@ def loss_options() -> list[str]:
     return sorted(path.stem for path in (Path(config_dir()) / "loss").glob("*.yaml"))
 
 
+def batch_labels(batch_size: int, device: torch.device) -> torch.Tensor:
+    """Labels of a recipe batch (5 images per class) where the training loop keeps them: on the
+    host, in page-locked memory on CUDA (`aomd.data.loader.to_device`)."""
+    labels = torch.arange(batch_size) // 5
+    return labels.pin_memory() if device.type == "cuda" else labels
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

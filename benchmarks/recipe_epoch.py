@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         untimed = {name: getattr(CheckpointWriter, name) for name in ("save", "wait")}
         untimed_to_device = engine.to_device
 
-        def timed_to_device(batches, device):
+        def timed_to_device(batches, device, **options):
             """The loop's batches, with the time the training loop waits for each counted (an upper
             bound on the time the device waits for data: it may still be busy with queued steps)."""
-            batches_iterator = untimed_to_device(batches, device)
+            batches_iterator = untimed_to_device(batches, device, **options)
             # the evaluation hands over its loader; the training loop an epoch of its loader, started
             # (engine.epoch_batches) before the evaluation that precedes it
             training = not isinstance(batches, DataLoader)

@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (device_description, in_own_processes, paired_ratio, repeated_seconds,  # noqa: E402
-                    seconds_per_call, synchronize, write_json)
+from common import (batch_labels, device_description, in_own_processes, paired_ratio,  # noqa: E402
+                    repeated_seconds, seconds_per_call, synchronize, write_json)
 from train_step import FLOOR, FLOOR_ADAPTERS, student_and_objective  # noqa: E402
 
 from aomd.engine import TrainStep  # noqa: E402
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         Runtime.resolve(str(device)).seed_everything(0)  # the rows' runtimes seed again: this is the batch's
         stored = args.image_size * 8 // 7
         images = torch.randint(0, 256, (args.batch_size, stored, stored, 3), dtype=torch.uint8, device=device)
-        labels = torch.arange(args.batch_size, device=device) // 5
+        labels = batch_labels(args.batch_size, device)
         eager_teacher = EmbeddingNet("resnet50", 512, True, False)
         for name in passes:
             precision, setting = name.split("/")

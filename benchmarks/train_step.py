@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (device_description, in_own_processes, loss_config, loss_options, paired_ratio,  # noqa: E402
-                    repeated_seconds, seconds_per_call, write_json)
+from common import (batch_labels, device_description, in_own_processes, loss_config,  # noqa: E402
+                    loss_options, paired_ratio, repeated_seconds, seconds_per_call, write_json)
 
 from aomd.engine import TrainStep, adam  # noqa: E402
 from aomd.losses.aomd import StageAdapters  # noqa: E402
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         Runtime.resolve(str(device), deterministic=not args.nondeterministic).seed_everything(0)
         images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
-        labels = torch.arange(batch, device=device) // 5  # 5 images per class, as the recipe's batches
+        labels = batch_labels(batch, device)
         teacher = EmbeddingNet("resnet50", 512, True, False)
         for label, precision, channels_last, names in passes:
             runtime = Runtime.resolve(str(device), precision, channels_last, compile=args.compile,

@@ -234,3 +234,58 @@ def test_fused_adapters_give_the_eager_adapters_values_and_gradients_on_the_devi
     from test_aomd import check_fused_adapters
 
     check_fused_adapters(dtype, channels_last, DEVICE)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="host-device synchronisation is a card's matter")
+@pytest.mark.parametrize("sampler", ["distance", "semihard", "all"])
+def test_a_distillation_step_never_waits_for_the_device(sampler):
+    """A training step queues its work and returns: nothing in it (a negative sampler, AOMD, the
+    optimiser) reads a value back from the card, which would leave the card idle while the host launches what
+    follows. The labels stay on the host, as `fit` keeps them; CUDA's sync debug mode turns any
+    synchronisation into an error."""
+    from aomd.engine import TrainStep, adam
+
+    # AOMD with the triplet term, which the AOMD options leave off: the sampler runs too
+    cfg = validate(compose("loss=aomd_mode2", "loss.triplet_ratio=1", f"sampler={sampler}", "logger=none", *TINY))
+    runtime = Runtime.resolve(DEVICE)
+    runtime.seed_everything(0)
+    student = EmbeddingNet("resnet18", 16, True, False)
+    teacher = EmbeddingNet("resnet50", 32, True, False).eval()
+    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+    runtime.prepare_network(student).train()
+    runtime.prepare_network(teacher).requires_grad_(False)
+    runtime.prepare_objective(objective).train()
+    optimizer = adam([*student.parameters(), *objective.parameters()], 1e-4, 1e-5, runtime)
+    step = TrainStep(student, objective, optimizer, runtime, cfg.dataset.image_size, teacher=teacher)
+    images = torch.randint(0, 256, (16, 40, 40, 3), dtype=torch.uint8).pin_memory().to(runtime.device)
+    labels = (torch.arange(16) // 4).pin_memory()
+    for _ in range(2):  # compiling and the caches' first allocations happen here
+        step(images, labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, terms = step(images, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item() and set(terms) == {"triplet", "aomd"}
+
+
+@pytest.mark.parametrize("name", ["all", "random", "hard", "semihard", "distance"])
+def test_samplers_draw_the_same_triplets_from_labels_on_the_host(name):
+    """`fit` keeps the labels on the host: a sampler finds its pairs there and returns triplets on
+    the embeddings' device, the triplets it draws from labels on the device."""
+    from aomd.losses import AllNegatives, DistanceWeightedNegatives, HardNegatives, RandomNegatives, SemiHardNegatives
+
+    sampler = {"all": AllNegatives, "random": RandomNegatives, "hard": HardNegatives, "semihard": SemiHardNegatives,
+               "distance": DistanceWeightedNegatives}[name]()
+    torch.manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(32, 8), dim=1).to(DEVICE)
+    labels = torch.arange(32) // 4
+    drawn = []
+    for where in (labels, labels.to(DEVICE)):
+        torch.manual_seed(1)
+        drawn.append(sampler(embeddings, where))
+    for host, device in zip(*drawn):
+        assert host.device == embeddings.device
+        assert torch.equal(host, device)
+    assert len(drawn[0][0]) > 0

@@ -109,6 +109,26 @@ def test_distance_weighted_draws_follow_the_weights():
     assert torch.allclose(counts / 1500, expected, atol=0.05)
 
 
+def test_random_draws_are_those_of_torch_multinomial():
+    """The draws skip `torch.multinomial`'s check of the weights (a read back from a card) but stay
+    its draws: a run's negatives, and so its results, are those of earlier versions."""
+    from aomd.losses.samplers import _one_per_pair
+
+    weights = torch.rand(40, 16) * (torch.rand(40, 16) > 0.4)
+    weights[:, 0] += 0.01  # every row has weight
+    anchors = torch.arange(40)
+    torch.manual_seed(7)
+    expected = torch.multinomial(weights, 1).squeeze(1)
+    torch.manual_seed(7)
+    assert torch.equal(_one_per_pair(weights, anchors, anchors)[2], expected)
+
+
+def test_pairs_of_anchors_without_a_negative_are_dropped_by_every_sampler():
+    labels = torch.tensor([0, 0, 0, 0])  # one class: no negative anywhere
+    for sampler in (AllNegatives(), RandomNegatives(), HardNegatives(), SemiHardNegatives(), DistanceWeightedNegatives()):
+        assert [len(t) for t in sampler(torch.nn.functional.normalize(torch.randn(4, 3), dim=1), labels)] == [0, 0, 0]
+
+
 def test_triplet_losses_match_their_formula():
     a, p, n = AllNegatives()(LINE, LABELS)
     for p_norm in (1, 2):

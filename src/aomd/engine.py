@@ -176,6 +176,7 @@ class TrainStep:
     """One optimisation step of `aomd.train`, from a uint8 batch on the device to updated weights:
     augmentation (random crop + flip), teacher forward under inference mode, student forward
     (both under the job's precision), the objective, backward (loss-scaled in fp16), optimiser step.
+    The labels may stay on the host, where `fit` keeps them (`aomd.losses.samplers`).
 
     Returns (loss, {term: value}), detached, on the device: reading them is the caller's choice,
     so a step never waits for the device to finish.
@@ -375,7 +376,7 @@ def fit(
                 upcoming = epoch_batches(loader, skip=steps_done)
             (epoch_start, batches), upcoming = upcoming, None
             started = time.perf_counter()
-            bar = tqdm(to_device(batches, device), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
+            bar = tqdm(to_device(batches, device, labels_on_host=True), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
                        initial=steps_done, leave=False, unit="img", unit_scale=train.batch_size,
                        disable=None if train.progress else True)
             lr = learning_rate(train.lr, train.lr_decay_epochs, train.lr_decay_gamma, epoch)

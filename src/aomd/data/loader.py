@@ -60,16 +60,25 @@ def eval_loader(split: ImageSplit, batch_size: int, num_workers: int = 0, pin_me
     return _loader(split, chunks, num_workers, pin_memory)
 
 
-def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
+              labels_on_host: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """The loader's batches (uint8 images, labels) on `device`, copied one batch ahead.
 
     On a CUDA device the copy of batch i+1 is issued on a side stream as soon as batch i has been
     handed out, so it overlaps the training step of batch i (the batches should come from pinned
-    memory: `pin_memory=True`); elsewhere the batches are moved as they come.
+    memory: `pin_memory=True`); elsewhere the batches are moved as they come. With
+    `labels_on_host` the labels stay where the loader made them: the training step's negative
+    samplers find their pairs there without waiting for the device (`aomd.losses.samplers`).
     """
-    if device.type != "cuda":
+    cuda = device.type == "cuda"
+
+    def moved(batch):
+        images, labels = batch
+        return images.to(device, non_blocking=cuda), labels if labels_on_host else labels.to(device, non_blocking=cuda)
+
+    if not cuda:
         for batch in batches:
-            yield tuple(t.to(device) for t in batch)
+            yield moved(batch)
         return
     copy_stream = torch.cuda.Stream(device)
     compute_stream = torch.cuda.current_stream(device)
@@ -80,13 +89,14 @@ def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device)
         if batch is None:
             return None
         with torch.cuda.stream(copy_stream):
-            return tuple(t.to(device, non_blocking=True) for t in batch)
+            return moved(batch)
 
     upcoming = issue_copy()
     while upcoming is not None:
         compute_stream.wait_stream(copy_stream)
         for tensor in upcoming:
-            tensor.record_stream(compute_stream)  # its memory is not reused before the step is done
+            if tensor.device == device:
+                tensor.record_stream(compute_stream)  # its memory is not reused before the step is done
         current, upcoming = upcoming, None
         yield current
         upcoming = issue_copy()

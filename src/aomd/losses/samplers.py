@@ -1,10 +1,18 @@
 """The five negative samplers of docs/methods.md, section 2, vectorised over the batch.
 
 A sampler takes embeddings [N, D] and labels [N] and returns three index tensors
-(anchors, positives, negatives) of equal length T, one entry per triplet. Anchor-positive pairs
-are every ordered pair (a, p) with y_a = y_p and a != p; the sampler chooses negatives n
-(y_n != y_a) for them. Distances are those of the loss (L2, or L1 for the L1 triplet; always L2
-for distance-weighted sampling) and computed without gradient.
+(anchors, positives, negatives) of equal length T, one entry per triplet, on the embeddings'
+device. Anchor-positive pairs are every ordered pair (a, p) with y_a = y_p and a != p (those of an
+anchor without any negative are dropped); the sampler chooses negatives n (y_n != y_a) for them.
+Distances are those of the loss (L2, or L1 for the L1 triplet; always L2 for distance-weighted
+sampling) and computed without gradient.
+
+Nothing here waits for an accelerator: the pairs depend on the labels alone and are found where the
+labels are (the training step keeps them on the host, `aomd.data.loader.to_device`), and the
+negatives are drawn without reading anything back. Finding pairs with `nonzero` on a card, or
+drawing with `torch.multinomial` (which checks its weights on the host), would stop the host
+until the card has run the whole step so far, four times per step, and leave the card idle while
+the host launches what follows.
 """
 from __future__ import annotations
 
@@ -17,42 +25,57 @@ from torch import nn
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def labelled_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anchors [P], positives [P], negative_mask [N, N]) of labels [N], on the labels' device:
+    every ordered pair (a, p) with y_a = y_p and a != p whose anchor has a negative, and
+    negative_mask[a, n] = (y_n != y_a)."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    negative_mask = ~same
+    anchors, positives = (same & ~eye & negative_mask.any(1, keepdim=True)).nonzero(as_tuple=True)
+    return anchors, positives, negative_mask
+
+
+def on_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` on `device`; host tensors reach a CUDA device in asynchronous copies from
+    page-locked memory, which do not wait for the work queued on the card."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return tuple(t if t.device == device else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+                 for t in tensors)
+
+
 class NegativeSampler(nn.Module, abc.ABC):
     """Base class: finds the anchor-positive pairs, subclasses choose negatives."""
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
-        """Triplets for a batch; `p` is the distance the loss uses (2: L2, 1: L1)."""
+        """Triplets for a batch; `p` is the distance the loss uses (2: L2, 1: L1). The labels may
+        be on the host while the embeddings are on a card."""
         with torch.no_grad():
-            same = labels[:, None] == labels[None, :]
-            eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-            anchors, positives = (same & ~eye).nonzero(as_tuple=True)
-            negative_mask = ~same  # [N, N]: n is a negative of anchor a
+            pairs = on_device(embeddings.device, *labelled_pairs(labels))
             dist = torch.cdist(embeddings.detach().float(), embeddings.detach().float(), p=p)
-            return self.choose(dist, anchors, positives, negative_mask, embeddings.shape[1])
+            return self.choose(dist, *pairs, embeddings.shape[1])
 
     @abc.abstractmethod
     def choose(self, dist: torch.Tensor, anchors: torch.Tensor, positives: torch.Tensor,
                negative_mask: torch.Tensor, dim: int) -> Triplets:
         """Negatives for the pairs (anchors[i], positives[i]), given distances [N, N], the
-        negative mask [N, N] and the embedding size `dim`."""
+        negative mask [N, N] and the embedding size `dim`; every anchor has a negative."""
 
 
 def _one_per_pair(weights: torch.Tensor, anchors, positives) -> Triplets:
-    """Draw one negative per pair from per-pair weights [P, N] (rows must have a positive sum)."""
-    negatives = torch.multinomial(weights, 1).squeeze(1) if len(anchors) else anchors
-    return anchors, positives, negatives
-
-
-def _keep_pairs_with_negatives(anchors, positives, negative_mask):
-    has_negative = negative_mask[anchors].any(1)
-    return anchors[has_negative], positives[has_negative]
+    """Draw one negative per pair from per-pair weights [P, N] (finite, >= 0, rows with a
+    positive sum): what `torch.multinomial(weights, 1)` draws (the same exponential draws from the
+    same generator, so the same negatives), without its check of the weights, which reads a value
+    back from the device."""
+    exponential = torch.empty_like(weights).exponential_(1)
+    return anchors, positives, (weights / exponential).argmax(1)
 
 
 class RandomNegatives(NegativeSampler):
     """One uniformly random negative per anchor-positive pair."""
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
-        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
         return _one_per_pair(negative_mask[anchors].float(), anchors, positives)
 
 
@@ -60,7 +83,6 @@ class HardNegatives(NegativeSampler):
     """The closest negative of the anchor."""
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
-        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
         negative_dist = dist.masked_fill(~negative_mask, math.inf)
         return anchors, positives, negative_dist.argmin(1)[anchors]
 
@@ -69,7 +91,6 @@ class SemiHardNegatives(NegativeSampler):
     """The closest negative farther than the positive; if there is none, the farthest negative."""
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
-        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
         row = dist[anchors]  # [P, N]
         is_negative = negative_mask[anchors]
         semihard = is_negative & (row > dist[anchors, positives][:, None])
@@ -105,17 +126,21 @@ class DistanceWeightedNegatives(NegativeSampler):
         # normalise per anchor in log space: subtract the row maximum before exponentiating
         row_max = log_w.max(1, keepdim=True).values
         weights = (log_w - row_max.masked_fill(~torch.isfinite(row_max), 0.0)).exp()
-        empty = weights.sum(1) == 0
-        weights[empty] = negative_mask[empty].float()  # no weight left: uniform over negatives
+        empty = weights.sum(1, keepdim=True) == 0
+        weights = torch.where(empty, negative_mask.float(), weights)  # no weight left: uniform over negatives
         return weights / weights.sum(1, keepdim=True).clamp(min=1e-30)
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
-        anchors, positives = _keep_pairs_with_negatives(anchors, positives, negative_mask)
         return _one_per_pair(self.weights(dist, negative_mask, dim)[anchors], anchors, positives)
 
 
 class AllNegatives(NegativeSampler):
-    """Every (anchor, positive, negative) combination."""
+    """Every (anchor, positive, negative) combination: the labels alone decide them, so they are
+    found where the labels are, and no distance is computed."""
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
+        with torch.no_grad():
+            return on_device(embeddings.device, *self.choose(None, *labelled_pairs(labels), embeddings.shape[1]))
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
         pair, negatives = negative_mask[anchors].nonzero(as_tuple=True)

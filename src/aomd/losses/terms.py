@@ -39,7 +39,8 @@ from aomd.runtime import at_least_float32
 class StepOutputs:
     """What one training step produced, for the terms to read.
 
-    embeddings: [N, E]; stages: four feature maps [N, C_l, H_l, W_l]; labels: [N].
+    embeddings: [N, E]; stages: four feature maps [N, C_l, H_l, W_l]; labels: [N], on the host in
+    training (the samplers read them there without waiting for the device) or on the device.
     The teacher's entries are None when no term needs the teacher.
     """
 
