@@ -97,7 +97,8 @@ def test_adapters_map_student_channels_and_learn():
 
 def check_fused_adapters(dtype: torch.dtype, channels_last: bool, device: str = "cpu") -> None:
     """`train.fused_adapters`: the compiled `StageAdapters.descriptors` gives the descriptors and
-    gradients of the eager adapters followed by `stage_descriptors`, and AOMD its value.
+    gradients of the eager adapters followed by `stage_descriptors`, and the compiled term
+    (`fused_adapted_aomd`) AOMD's value and gradients in both modes.
 
     Maps, weights, biases and the descriptors' upstream gradients are small integers, and every
     channel count and map size is a power of two, so each convolution, mean and gradient of an
@@ -105,7 +106,9 @@ def check_fused_adapters(dtype: torch.dtype, channels_last: bool, device: str = 
     the same map gradient: the two computations must agree to float32's last bits whatever order
     their kernels sum in. Only the bias gradient differs in a low precision: the eager adapter's
     is a bf16/fp16 sum, the fused one's a float32 sum."""
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # one algorithm per convolution
+    # one algorithm per convolution, and no TF32 (it would round the two paths' float32 map
+    # gradients, which differ in their last bits, to 10 bits before the convolutions' backward)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         _compare_fused_and_eager_adapters(dtype, channels_last, device)
 
 
@@ -143,11 +146,31 @@ def _compare_fused_and_eager_adapters(dtype: torch.dtype, channels_last: bool, d
         assert theirs.abs().max() > 0
         torch.testing.assert_close(ours, theirs, rtol=bias_rtol if name.endswith("bias") else 1e-6, atol=0)
 
+    # the whole term, fused (`fused_adapted_aomd`: descriptors and mapping terms in one graph)
+    # against eager, in both modes: its value and every gradient
     teacher = [small_integers(n, c, h, w).relu().to(dtype).contiguous(memory_format=layout)
                for (n, _, h, w), c in zip(student_shapes, teacher_channels)]
-    expected = term(teacher, student)
-    term.fused = True
-    torch.testing.assert_close(term(teacher, student), expected, rtol=1e-6, atol=0)
+    for mode in (1, 2):
+        term.aomd.mode = mode
+        values, grads = [], []
+        for fused in (False, True):
+            term.fused = fused
+            term.zero_grad()
+            inputs = [s.clone().requires_grad_() for s in student]
+            loss = term(teacher, inputs)
+            loss.backward()
+            values.append(loss.detach())
+            grads.append([*(i.grad for i in inputs), *(p.grad.clone() for p in term.parameters())])
+        assert values[0] > 0 and values[1].dtype == values[0].dtype == torch.float32
+        torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=0)
+        # AOMD's own gradients are no small integers: the eager adapters round the adapted map's
+        # gradient to bf16/fp16 where the fused graph keeps float32 up to the map's gradient, and
+        # float32 sums in other orders; so the gradients agree to the precision's rounding
+        tolerance = max(2 * torch.finfo(dtype).eps, 1e-5)
+        names = [*(f"input {i}" for i in range(len(student))), *(name for name, _ in term.named_parameters())]
+        for name, ours, theirs in zip(names, grads[1], grads[0]):
+            assert theirs.abs().max() > 0, name
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=tolerance * theirs.abs().max().item(), msg=name)
 
 
 @pytest.mark.slow  # each case compiles (about 10 s on a 2-core CPU)
@@ -161,7 +184,7 @@ def test_fused_adapters_fall_back_to_the_eager_path_where_spatial_sizes_differ(m
     does not do: such a pair runs the eager adapters (nothing is compiled)."""
     from aomd.losses import aomd
 
-    monkeypatch.setattr(aomd, "fused_adapted_descriptors", lambda *args: pytest.fail("the fused path ran"))
+    monkeypatch.setattr(aomd, "fused_adapted_aomd", lambda *args: pytest.fail("the fused path ran"))
     term = AdaptedAOMD([4, 8], [8, 16])
     term.fused = True
     student = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]

@@ -17,9 +17,10 @@ and replayed (`InferenceGraph`): one launch instead of a ResNet50's few hundred 
 only on hosts whose Python launches kernels more slowly than the card runs them (on an H200 with a
 fast host it gained nothing: docs/benchmarks.md), hence off by default.
 
-With `fused_adapters` AOMD computes its student descriptors with the adapters' bias, ReLU and means
-compiled into a few kernels (`aomd.losses.aomd.StageAdapters.descriptors`), which cuts the adapters'
-memory traffic; the CPU keeps the eager adapters unless asked, so CPU results do not change.
+With `fused_adapters` AOMD computes its loss from the adapters' convolutions with their bias, ReLU,
+the student descriptors and the mapping terms compiled into a few kernels
+(`aomd.losses.aomd.fused_adapted_aomd`), which cuts the adapters' memory traffic and the mapping
+terms' launches; the CPU keeps the eager adapters unless asked, so CPU results do not change.
 
 Mixed precision is autocast over the networks' forward passes; the loss terms compute their
 arithmetic in float32 or float64 whatever the precision (see `aomd.losses.objective`), and

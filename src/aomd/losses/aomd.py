@@ -114,7 +114,6 @@ class AOMDLoss(nn.Module):
         if mode not in (1, 2):
             raise ValueError(f"AOMD mode must be 1 (full mapping) or 2 (pooled mapping), not {mode}.")
         self.mode, self.global_weight, self.local_weight = mode, global_weight, local_weight
-        self.mapping_term = full_mapping_term if mode == 1 else pooled_mapping_term
 
     def forward(self, teacher_feats: Sequence[torch.Tensor], student_feats: Sequence[torch.Tensor]) -> torch.Tensor:
         assert len(teacher_feats) == len(student_feats) >= 2, "need two or more stages of each network"
@@ -133,15 +132,23 @@ class AOMDLoss(nn.Module):
         assert len(teacher_descriptors) == len(student_descriptors) >= 2, "need two or more stages of each network"
         assert all(t.shape == s.shape for pair in zip(teacher_descriptors, student_descriptors) for t, s in zip(*pair)), \
             "teacher and student descriptors of a stage differ in shape"
-        total = student_descriptors[0][0].new_zeros(())
-        for kind, weight in enumerate((self.global_weight, self.local_weight)):
-            if weight:
-                t = [descriptors[kind] for descriptors in teacher_descriptors]
-                s = [descriptors[kind] for descriptors in student_descriptors]
-                total = total + weight * sum(
-                    self.mapping_term(s[l], s[l + 1], t[l], t[l + 1]) for l in range(len(s) - 1)
-                )
-        return total
+        return aomd_of_descriptors(teacher_descriptors, student_descriptors, self.mode, self.global_weight, self.local_weight)
+
+
+def aomd_of_descriptors(teacher_descriptors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        student_descriptors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        mode: int, global_weight: float, local_weight: float) -> torch.Tensor:
+    """global_weight * sum over consecutive stages (l, l+1) of the mapping term of their global
+    descriptors + local_weight * the same of their local descriptors (`AOMDLoss`); the mapping term
+    is `full_mapping_term` (mode 1) or `pooled_mapping_term` (mode 2)."""
+    mapping_term = full_mapping_term if mode == 1 else pooled_mapping_term
+    total = student_descriptors[0][0].new_zeros(())
+    for kind, weight in enumerate((global_weight, local_weight)):
+        if weight:
+            t = [descriptors[kind] for descriptors in teacher_descriptors]
+            s = [descriptors[kind] for descriptors in student_descriptors]
+            total = total + weight * sum(mapping_term(s[l], s[l + 1], t[l], t[l + 1]) for l in range(len(s) - 1))
+    return total
 
 
 def adapted_descriptors(maps: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -159,6 +166,14 @@ def adapted_descriptors(maps: Sequence[torch.Tensor], biases: Sequence[torch.Ten
     return descriptors
 
 
+def adapted_aomd(teacher_descriptors: Sequence[tuple[torch.Tensor, torch.Tensor]], maps: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor], mode: int, global_weight: float, local_weight: float) -> torch.Tensor:
+    """AOMD of the adapted student stages relu(maps + bias) (`adapted_descriptors`) against the
+    teacher's descriptors (`aomd_of_descriptors`). Written as one function for `torch.compile`
+    (`fused_adapted_aomd`)."""
+    return aomd_of_descriptors(teacher_descriptors, adapted_descriptors(maps, biases), mode, global_weight, local_weight)
+
+
 def fused_adapted_descriptors(maps: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`adapted_descriptors`, compiled by `torch.compile` (inductor) on first use.
 
@@ -167,15 +182,26 @@ def fused_adapted_descriptors(maps: Sequence[torch.Tensor], biases: Sequence[tor
     adapters and `stage_descriptors` write each map three times and read it seven (bias, ReLU,
     means, their gradients), which made the adapters cost 12-17% of the floor of a training step on
     an H200. All stages in one graph with static shapes: one compiled call forward and one backward
-    per step, compiled once per job (its batch size, image size and precision).
+    per step, compiled once per job (its batch size, image size and precision). The AOMD term
+    compiles its mapping terms into the same graph (`fused_adapted_aomd`); this serves
+    `StageAdapters.descriptors`, the adapters' share of a step in `benchmarks/train_step.py`.
     """
-    return _compiled_adapted_descriptors()(maps, biases)
+    return _compiled(adapted_descriptors)(maps, biases)
+
+
+def fused_adapted_aomd(teacher_descriptors, maps, biases, mode: int, global_weight: float, local_weight: float) -> torch.Tensor:
+    """`adapted_aomd`, compiled as `fused_adapted_descriptors` is: the student's descriptors and
+    the mapping terms in one graph. Eager, the mapping terms are a hundred or so kernels on vectors
+    of a few thousand entries, forward and backward, each shorter than its launch: the card would
+    wait for the host through them. Compiled, they are a few kernels, in float64 where mode 1
+    needs it."""
+    return _compiled(adapted_aomd)(teacher_descriptors, maps, biases, mode, global_weight, local_weight)
 
 
 @functools.cache
-def _compiled_adapted_descriptors():
+def _compiled(function):
     # built on first use: importing aomd does not load dynamo, and CPU jobs (not fused) never do
-    return torch.compile(adapted_descriptors, dynamic=False)
+    return torch.compile(function, dynamic=False)
 
 
 class StageAdapters(nn.Module):
@@ -193,21 +219,27 @@ class StageAdapters(nn.Module):
         """Adapted maps, in the precision of the student's maps (bf16 maps: a bf16 convolution)."""
         return [in_feature_precision(adapter, f) for adapter, f in zip(self.adapters, student_feats)]
 
+    def unbiased_maps(self, student_feats: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(each adapter's convolution of its stage without the bias, in the maps' precision; the
+        biases): what the fused functions take."""
+        convs = [adapter[0] for adapter in self.adapters]
+        maps = [F.conv2d(feats, conv.weight.to(feats.dtype)) for conv, feats in zip(convs, student_feats)]
+        return maps, [conv.bias for conv in convs]
+
     def descriptors(self, student_feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`stage_descriptors` of each adapted map, without the adapted maps: each adapter's
         convolution runs without its bias, in the maps' precision, and `fused_adapted_descriptors`
         adds the bias, applies the ReLU and takes the means, in float32."""
-        convs = [adapter[0] for adapter in self.adapters]
-        maps = [F.conv2d(feats, conv.weight.to(feats.dtype)) for conv, feats in zip(convs, student_feats)]
-        return fused_adapted_descriptors(maps, [conv.bias for conv in convs])
+        return fused_adapted_descriptors(*self.unbiased_maps(student_feats))
 
 
 class AdaptedAOMD(nn.Module):
     """The AOMD training term: the student's stages go through their adapters, then `AOMDLoss`.
 
-    With `fused` (set by `aomd.runtime.Runtime.prepare_objective`, `train.fused_adapters`) the
-    student's descriptors come from `StageAdapters.descriptors`, compiled, where every student
-    stage has its teacher stage's spatial size; the same values up to rounding.
+    With `fused` (set by `aomd.runtime.Runtime.prepare_objective`, `train.fused_adapters`) and
+    every student stage of its teacher stage's spatial size, the adapters' convolutions run eager
+    and the rest, from their bias to the loss, as one compiled graph (`fused_adapted_aomd`); the
+    same values up to rounding.
     """
 
     def __init__(self, student_channels, teacher_channels, mode: int = 2, global_weight: float = 1.0, local_weight: float = 1.0):
@@ -220,5 +252,6 @@ class AdaptedAOMD(nn.Module):
         assert len(teacher_feats) == len(student_feats) == len(self.adapters.adapters) >= 2, "one adapter per stage, two or more stages"
         if not (self.fused and all(t.shape[-2:] == s.shape[-2:] for t, s in zip(teacher_feats, student_feats))):
             return self.aomd(teacher_feats, self.adapters(student_feats))
-        return self.aomd.from_descriptors([stage_descriptors(t) for t in teacher_feats],
-                                          self.adapters.descriptors(student_feats))
+        aomd = self.aomd
+        return fused_adapted_aomd([stage_descriptors(t) for t in teacher_feats], *self.adapters.unbiased_maps(student_feats),
+                                  aomd.mode, aomd.global_weight, aomd.local_weight)
