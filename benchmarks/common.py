@@ -92,21 +92,26 @@ def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> float:
     return statistics.median(s / r for s, r in zip(seconds, reference))
 
 
-def in_own_processes(script: str, argv: Sequence[str], passes: Sequence[str]) -> list[dict]:
+def in_own_processes(script: str, argv: Sequence[str], passes: Sequence[str]) -> tuple[list[dict], list[str]]:
     """Run `python script *argv --only-pass PASS --json FILE` once per pass, each in a fresh Python
-    process, and return the JSON each wrote. The children's rows go to this process's stdout.
+    process: (the JSON each pass that succeeded wrote, the passes that failed). The children's
+    rows go to this process's stdout; a failed pass gets a row saying so, and the others still run.
 
     A pass then owes nothing to the passes before it: on an H100 the same bf16 AOMD step took
     30.6 ms in a process that had timed and profiled fp32 steps first and 24.8 ms in a process of
-    its own (docs/benchmarks.md). A child that fails stops the benchmark."""
-    payloads = []
+    its own (docs/benchmarks.md)."""
+    payloads, failed = [], []
     with tempfile.TemporaryDirectory() as folder:
         for index, name in enumerate(passes):
             out = Path(folder) / f"pass{index}.json"
             sys.stdout.flush()  # this process's lines before the child's
-            subprocess.run([sys.executable, script, *argv, "--only-pass", name, "--json", str(out)], check=True)
-            payloads.append(json.loads(out.read_text()))
-    return payloads
+            child = subprocess.run([sys.executable, script, *argv, "--only-pass", name, "--json", str(out)])
+            if child.returncode == 0 and out.is_file():
+                payloads.append(json.loads(out.read_text()))
+            else:
+                failed.append(name)
+                print(f"| {name} | the pass failed (exit code {child.returncode}; its error is above) |", flush=True)
+    return payloads, failed
 
 
 def device_description(device: torch.device) -> str:

@@ -204,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {}
     breakdowns: dict[str, list] = {}
+    failed: list[str] = []
     if len(passes) > 1 and not args.one_process:
-        for payload in in_own_processes(__file__, sys.argv[1:] if argv is None else argv, passes):
+        payloads, failed = in_own_processes(__file__, sys.argv[1:] if argv is None else argv, passes)
+        for payload in payloads:
             for precision, settings in payload["results"].items():
                 results.setdefault(precision, {}).update(settings)
             breakdowns.update(payload["breakdowns"])
@@ -242,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                                 f"fp32 {results['fp32'][setting][mode]['over_floor']:.2f}, bf16 {results['bf16'][setting][mode]['over_floor']:.2f}")
             except KeyError:
                 pass
+    verdicts += [f"pass {name}: FAILED (its error is in the log)" for name in failed]
     print("\n".join(verdicts))
     write_json(args.json, {"device": device_description(device), "rounds": args.rounds, "results": results,
                            "verdicts": verdicts})
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -220,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
               "| --- | --- | --- | --- | --- | --- | --- |", flush=True)
 
     results: dict[str, dict[str, dict]] = {}
+    failed: list[str] = []
     if len(passes) > 1 and not args.one_process:
-        for payload in in_own_processes(__file__, sys.argv[1:] if argv is None else argv, [p[0] for p in passes]):
+        payloads, failed = in_own_processes(__file__, sys.argv[1:] if argv is None else argv, [p[0] for p in passes])
+        for payload in payloads:
             results.update(payload["results"])
     else:
         Runtime.resolve(str(device), deterministic=not args.nondeterministic).seed_everything(0)
@@ -237,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print()
-    verdicts = verdicts_of(results, args.compile, cuda)
+    verdicts = verdicts_of(results, args.compile, cuda) + [f"pass {name}: FAILED (its error is in the log)" for name in failed]
     print("\n".join(verdicts))
     write_json(args.json, {"device": device_description(device), "batch_size": batch, "image_size": size,
                            "steps": args.steps, "rounds": args.rounds, "results": results, "verdicts": verdicts})
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,17 @@ def test_train_step_measures_every_row_of_every_pass_in_rounds_and_states_the_ta
     assert "aomd_mode2: bf16 is" in result.stdout and "target <= 1.10" in result.stdout
 
 
+def test_a_failed_pass_is_reported_and_the_other_passes_kept(tmp_path):
+    out = tmp_path / "train_step.json"
+    result = run_script("benchmarks/train_step.py", "--losses", "triplet", "--precisions", "fp32,fp64", "--steps", "1",
+                        "--warmup", "1", "--batch-size", "8", "--image-size", "32", "--json", str(out))
+    assert result.returncode == 1
+    assert "train.precision must be one of" in result.stderr  # the failed child's own error
+    assert "| fp64 | the pass failed (exit code 1" in result.stdout
+    saved = json.loads(out.read_text())
+    assert set(saved["results"]) == {"fp32"} and "pass fp64: FAILED (its error is in the log)" in saved["verdicts"]
+
+
 def test_step_anatomy_runs_each_setting_in_a_process_of_its_own(tmp_path):
     """On the CPU (`--device cpu`, for this test): no kernels to count, but every row of every
     setting timed in rounds."""
