@@ -8,8 +8,8 @@
 #     bash scripts/gpu_check.sh [OUT_DIR]        # default: gpu-check/
 #
 # Writes OUT_DIR/summary.md (test result and every benchmark verdict), the logs (tests.log,
-# train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test
-# failed, 2 when there is no CUDA device.
+# train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test or
+# a benchmark failed, 2 when there is no CUDA device.
 set -uo pipefail
 out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)" || exit 2
 cd "$(dirname "$0")/.." || exit 2
@@ -32,10 +32,13 @@ timeout "${AOMD_GPU_TESTS_TIMEOUT:-330}" python -m pytest tests/test_gpu.py -m g
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # each precision in a process of its own, its rows in 3 interleaved rounds (the script's docstring)
 python benchmarks/train_step.py --rounds 3 --steps 8 --warmup 2 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/data_loading.py --to-device --seconds 5 --train-step-json "$out/train_step.json" \
   --json "$out/data_path.json" 2>&1 | tee "$out/data_path.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # a fresh inductor cache: the recipe's warm-up epoch compiles AOMD's fused adapters as a first job would
 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 python - "$out" <<'PY' | tee "$out/summary.md"
 import json, sys
