@@ -7,8 +7,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ def loss_options() -> list[str]:
 
 def batch_labels(batch_size: int, device: torch.device) -> torch.Tensor:
     """Labels of a recipe batch (5 images per class) where the training loop keeps them: on the
-    host, in page-locked memory on CUDA (`aomd.data.loader.to_device`)."""
+    host (`aomd.data.loader.to_device`), in page-locked memory on CUDA (the loader's `pin_memory`)."""
     labels = torch.arange(batch_size) // 5
     return labels.pin_memory() if device.type == "cuda" else labels
 
@@ -74,27 +75,69 @@ def seconds_per_call(function: Callable[[], object], device: torch.device, calls
     return (time.perf_counter() - started) / calls
 
 
-def repeated_seconds(measure_round: Callable[[], dict[str, float]], rounds: int) -> dict[str, list[float]]:
-    """{row: [seconds of each round]} of `measure_round`, which times every row once and returns
-    {row: seconds}. The rounds interleave the rows (A B C, A B C, ...), so a drift of the card's
-    clocks over the run reaches every row alike instead of the rows timed last."""
-    timings: dict[str, list[float]] = {}
+@dataclass(frozen=True)
+class RowTiming:
+    """A row's time per step over the rounds of `time_rows`."""
+
+    round_seconds: list[float]
+    over_floor: float | None  # the median of the rounds' ratios to the floor row; None without one
+
+    @property
+    def seconds(self) -> float:
+        """The median over the rounds."""
+        return statistics.median(self.round_seconds)
+
+    @property
+    def spread(self) -> float:
+        """(slowest round - fastest round) / median."""
+        return (max(self.round_seconds) - min(self.round_seconds)) / self.seconds
+
+
+def time_rows(measure: Callable[[str], float | None], names: Sequence[str], rounds: int, floor: str) -> dict[str, RowTiming]:
+    """{row: RowTiming} of the rows `names`, each timed once per round by `measure(name)` (seconds
+    per step, or None when the row failed: it is left out, and not measured again).
+
+    The rounds interleave the rows (A B C, A B C, ...), so a drift of the card's clocks over the
+    run reaches every row alike instead of the rows timed last; a row's step / floor pairs each of
+    its rounds with the floor's round (`paired_ratio`)."""
+    timings: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
-        for row, seconds in measure_round().items():
-            timings.setdefault(row, []).append(seconds)
-    return timings
+        for name in list(timings):
+            seconds = measure(name)
+            if seconds is None:
+                del timings[name]
+            else:
+                timings[name].append(seconds)
+    return {name: RowTiming(seconds, paired_ratio(seconds, timings[floor]) if floor in timings else None)
+            for name, seconds in timings.items()}
 
 
 def paired_ratio(seconds: Sequence[float], reference: Sequence[float]) -> float:
     """The median over rounds of seconds / reference, each round against the reference of the same
-    round (`repeated_seconds`): a ratio less exposed to drift than the ratio of two medians."""
+    round (`time_rows`): a ratio less exposed to drift than the ratio of two medians."""
     assert len(seconds) == len(reference), "one reference per round"
     return statistics.median(s / r for s, r in zip(seconds, reference))
 
 
+def ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def run_passes(script: str, argv: Sequence[str] | None, passes: Sequence[str], one_process: bool,
+               run_here: Callable[[Sequence[str]], dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """({pass: its payload}, the passes that failed): with several passes, unless `one_process`,
+    each in a Python process of its own (`in_own_processes`: the script run again with
+    `--only-pass`); otherwise `run_here(passes)` in this process."""
+    if len(passes) == 1 or one_process:
+        return run_here(passes), []
+    payloads, failed = in_own_processes(script, sys.argv[1:] if argv is None else argv, passes)
+    return {name: payload for child in payloads for name, payload in child.items()}, failed
+
+
 def in_own_processes(script: str, argv: Sequence[str], passes: Sequence[str]) -> tuple[list[dict], list[str]]:
     """Run `python script *argv --only-pass PASS --json FILE` once per pass, each in a fresh Python
-    process: (the JSON each pass that succeeded wrote, the passes that failed). The children's
+    process: (the JSON each pass that succeeded wrote, the passes that failed). A child runs its
+    pass and writes {PASS: its payload} (`run_passes`). The children's
     rows go to this process's stdout; a failed pass gets a row saying so, and the others still run.
 
     A pass then owes nothing to the passes before it: on an H100 the same bf16 AOMD step took

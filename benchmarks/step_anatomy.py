@@ -30,7 +30,7 @@ Each precision and setting (a pass) runs in a Python process of its own, its row
 as in `benchmarks/train_step.py`. Columns: ms per step (the median over rounds), the spread of the
 rounds, images/s, kernels per step, device busy ms per step (sum of kernel times: what the step
 would take if launching cost nothing), busy / step (near 1: the device is the limit; well below 1:
-the host's launching is). Needs CUDA; `--device cpu` runs its code on the CPU with small shapes, for
+the host's launching is), step / floor (as in `benchmarks/train_step.py`). Needs CUDA; `--device cpu` runs its code on the CPU with small shapes, for
 its test, and counts no kernels there.
 """
 from __future__ import annotations
@@ -38,17 +38,17 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import statistics
 import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (batch_labels, device_description, in_own_processes, paired_ratio,  # noqa: E402
-                    repeated_seconds, seconds_per_call, synchronize, write_json)
+from common import (batch_labels, device_description, ratio_text, run_passes, seconds_per_call,  # noqa: E402
+                    synchronize, time_rows, write_json)
 from train_step import FLOOR, FLOOR_ADAPTERS, student_and_objective  # noqa: E402
 
 from aomd.engine import TrainStep  # noqa: E402
@@ -109,10 +109,11 @@ def kernel_profile(call, steps: int, device: torch.device) -> tuple[float, float
 
 
 def run_pass(precision: str, setting: str, names: list[str], eager_teacher: EmbeddingNet, images, labels,
-             args) -> tuple[dict[str, dict], list[tuple[str, float]]]:
-    """({row: result}, the kernels of the pass's last row by device time) of one precision and
-    setting: every row timed in `args.rounds` rounds, each with a fresh student and objective, then
-    profiled; printed as table rows. A row that fails is printed as such and left out."""
+             args) -> dict[str, Any]:
+    """{"rows": {row: result}, "breakdown": the kernels of the pass's last row by device time} of
+    one precision and setting: every row timed in `args.rounds` rounds, each with a fresh student
+    and objective (`time_rows`), and profiled in the first; printed as table rows. A row that fails
+    is printed as such and left out."""
     device, size = images.device, args.image_size
     stored = size * 8 // 7
     runtime = runtime_of(setting, device, precision)
@@ -120,49 +121,41 @@ def run_pass(precision: str, setting: str, names: list[str], eager_teacher: Embe
     # a compiled setting compiles a copy: the shared teacher keeps its eager forward
     teacher = copy.deepcopy(eager_teacher) if runtime.compile else eager_teacher
     runtime.prepare_network(teacher).eval().requires_grad_(False)
-    failed: set[str] = set()
     profiles: dict[str, tuple[float, float, Counter]] = {}
 
-    def one_round() -> dict[str, float]:
-        timed = {}
-        for name in names:
-            if name in failed:
-                continue
-            try:
-                student, objective = student_and_objective(name, teacher, size, stored)
-                runtime.prepare_network(student).train()
-                runtime.prepare_objective(objective).train()
-                optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
-                                             weight_decay=1e-5, fused=setting != "before" or None)
-                step = TrainStep(student, objective, optimizer, runtime, size, teacher=teacher)
-                call = partial(step, images, labels)
-                timed[name] = seconds_per_call(call, device, args.steps, args.warmup)
-                if name not in profiles:
-                    profiles[name] = kernel_profile(call, args.profiled_steps, device)
-                synchronize(device)
-            except Exception as error:  # an experiment that fails is a finding, not the end of the run
-                failed.add(name)
-                print(f"| {precision} | {setting} | {name} | failed: {type(error).__name__}: {str(error)[:200]} | | | | | | |",
-                      flush=True)
-            finally:
-                student = objective = optimizer = step = call = None
+    def measure_row(name: str) -> float | None:
+        try:
+            student, objective = student_and_objective(name, teacher, size, stored)
+            runtime.prepare_network(student).train()
+            runtime.prepare_objective(objective).train()
+            optimizer = torch.optim.Adam([*student.parameters(), *objective.parameters()], lr=1e-5,
+                                         weight_decay=1e-5, fused=setting != "before" or None)
+            call = partial(TrainStep(student, objective, optimizer, runtime, size, teacher=teacher), images, labels)
+            seconds = seconds_per_call(call, device, args.steps, args.warmup)
+            if name not in profiles:
+                profiles[name] = kernel_profile(call, args.profiled_steps, device)
+            synchronize(device)
+            return seconds
+        except Exception as error:  # an experiment that fails is a finding, not the end of the run
+            print(f"| {precision} | {setting} | {name} | failed: {type(error).__name__}: {str(error)[:200]} | | | | | | |",
+                  flush=True)
+            return None
+        finally:
+            student = objective = optimizer = call = None
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
-        return timed
 
-    timings = repeated_seconds(one_round, args.rounds)
     rows = {}
-    for name, rounds in timings.items():
-        seconds = statistics.median(rounds)
+    for name, timing in time_rows(measure_row, names, args.rounds, FLOOR).items():
         kernels, busy, _ = profiles[name]
-        over_floor = paired_ratio(rounds, timings[FLOOR]) if FLOOR in timings else 1.0
-        rows[name] = {"seconds": seconds, "round_seconds": rounds, "kernels_per_step": kernels, "busy_seconds": busy,
-                      "over_floor": over_floor}
-        print(f"| {precision} | {setting} | {name} | {1e3 * seconds:.1f} | {(max(rounds) - min(rounds)) / seconds:.0%} | "
-              f"{len(labels) / seconds:,.0f} | {kernels:.0f} | {1e3 * busy:.1f} | {busy / seconds:.2f} | {over_floor:.2f} |",
-              flush=True)
-    last = [name for name in names if name in profiles]
+        seconds = timing.seconds
+        rows[name] = {"seconds": seconds, "round_seconds": timing.round_seconds, "kernels_per_step": kernels,
+                      "busy_seconds": busy, "over_floor": timing.over_floor}
+        print(f"| {precision} | {setting} | {name} | {1e3 * seconds:.1f} | {timing.spread:.0%} | {len(labels) / seconds:,.0f} | "
+              f"{kernels:.0f} | {1e3 * busy:.1f} | {busy / seconds:.2f} | {ratio_text(timing.over_floor)} |", flush=True)
+    last = [name for name in names if name in rows]
     breakdown = sorted(profiles[last[-1]][2].items(), key=lambda item: -item[1]) if last else []
-    return rows, breakdown
+    return {"rows": rows, "breakdown": breakdown}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,28 +195,23 @@ def main(argv: list[str] | None = None) -> int:
         print("| precision | setting | step | ms | spread over rounds | images/s | kernels/step | busy ms | busy / step | "
               "step / floor |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
 
-    results: dict = {}
-    breakdowns: dict[str, list] = {}
-    failed: list[str] = []
-    if len(passes) > 1 and not args.one_process:
-        payloads, failed = in_own_processes(__file__, sys.argv[1:] if argv is None else argv, passes)
-        for payload in payloads:
-            for precision, settings in payload["results"].items():
-                results.setdefault(precision, {}).update(settings)
-            breakdowns.update(payload["breakdowns"])
-    else:
+    def run_here(names_of_passes) -> dict[str, dict[str, Any]]:
         Runtime.resolve(str(device)).seed_everything(0)  # the rows' runtimes seed again: this is the batch's
         stored = args.image_size * 8 // 7
         images = torch.randint(0, 256, (args.batch_size, stored, stored, 3), dtype=torch.uint8, device=device)
         labels = batch_labels(args.batch_size, device)
         eager_teacher = EmbeddingNet("resnet50", 512, True, False)
-        for name in passes:
-            precision, setting = name.split("/")
-            rows, breakdowns[name] = run_pass(precision, setting, names, eager_teacher, images, labels, args)
-            results.setdefault(precision, {})[setting] = rows
+        return {name: run_pass(*name.split("/"), names, eager_teacher, images, labels, args) for name in names_of_passes}
+
+    payloads, failed = run_passes(__file__, argv, passes, args.one_process, run_here)
     if args.only_pass:
-        write_json(args.json, {"results": results, "breakdowns": breakdowns})
+        write_json(args.json, payloads)
         return 0
+    results: dict[str, dict[str, dict]] = {}
+    for name, payload in payloads.items():
+        precision, setting = name.split("/")
+        results.setdefault(precision, {})[setting] = payload["rows"]
+    breakdowns = {name: payload["breakdown"] for name, payload in payloads.items()}
 
     if breakdowns.get(breakdown_pass):
         by_name = breakdowns[breakdown_pass]
@@ -241,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 speedup = results["fp32"][setting][mode]["seconds"] / results["bf16"][setting][mode]["seconds"]
                 verdicts.append(f"{setting} {mode}: bf16 {speedup:.2f}x fp32; step / floor "
-                                f"fp32 {results['fp32'][setting][mode]['over_floor']:.2f}, bf16 {results['bf16'][setting][mode]['over_floor']:.2f}")
+                                f"fp32 {ratio_text(results['fp32'][setting][mode]['over_floor'])}, "
+                                f"bf16 {ratio_text(results['bf16'][setting][mode]['over_floor'])}")
             except KeyError:
                 pass
     verdicts += [f"pass {name}: FAILED (its error is in the log)" for name in failed]

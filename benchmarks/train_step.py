@@ -16,8 +16,9 @@ Rows per precision:
   floor            teacher forward + student forward-backward + optimiser step, no loss term
                    (the backward starts from a sum that touches every stage and the embedding);
   floor+adapters   the floor plus AOMD's adapters (1x1 conv + ReLU per stage) forward-backward, as
-                   the job runs them (fused on CUDA: `train.fused_adapters`, up to the descriptors):
-                   what AOMD adds beyond its own arithmetic is the difference to this row;
+                   the job runs them (fused on CUDA: `train.fused_adapters`, up to the descriptors,
+                   a graph of their own where the job's graph goes on to the mapping terms):
+                   what AOMD adds beyond its adapters is the difference to this row;
   <loss option>    the real step.
 Each precision (a pass) runs in a Python process of its own, as a job does: in one process, the
 passes before it changed a pass's bf16 step by a quarter on an H100 (docs/benchmarks.md). Within a
@@ -34,7 +35,6 @@ which uses channels_last, for comparison).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (batch_labels, device_description, in_own_processes, loss_config,  # noqa: E402
-                    loss_options, paired_ratio, repeated_seconds, seconds_per_call, write_json)
+from common import (batch_labels, device_description, loss_config, loss_options, paired_ratio,  # noqa: E402
+                    ratio_text, run_passes, seconds_per_call, time_rows, write_json)
 
 from aomd.engine import TrainStep, adam  # noqa: E402
 from aomd.losses.aomd import StageAdapters  # noqa: E402
@@ -111,40 +111,31 @@ def measure(student, objective, teacher, runtime: Runtime, images, labels, image
 def run_pass(label: str, runtime: Runtime, names: list[str], teacher: EmbeddingNet, images, labels, size: int,
              stored: int, args) -> dict[str, dict]:
     """{row: result} of one pass (a precision and memory layout): every row timed in each of
-    `args.rounds` rounds, each round with a fresh student and objective; printed as table rows."""
+    `args.rounds` rounds, each round with a fresh student and objective (`time_rows`); printed as
+    table rows. A row out of device memory is printed as such and left out."""
     runtime.forget_compiled_graphs()  # each pass compiles its own graphs, as a job does
     runtime.prepare_network(teacher).eval().requires_grad_(False)
     peaks: dict[str, float | None] = {}
-    out_of_memory: set[str] = set()
 
-    def one_round() -> dict[str, float]:
-        timed = {}
-        for name in names:
-            if name in out_of_memory:
-                continue
-            student, objective = student_and_objective(name, teacher, size, stored)
-            try:
-                timed[name], peak = measure(student, objective, teacher if objective.needs_teacher else None, runtime,
-                                            images, labels, size, args.steps, args.warmup)
-            except torch.OutOfMemoryError:
-                out_of_memory.add(name)
-                print(f"| {label} | {name} | out of memory | | | | |", flush=True)
-                continue
-            peaks[name] = None if peak is None else max(peak, peaks.get(name) or 0)
-        return timed
+    def measure_row(name: str) -> float | None:
+        student, objective = student_and_objective(name, teacher, size, stored)
+        try:
+            seconds, peak = measure(student, objective, teacher if objective.needs_teacher else None, runtime,
+                                    images, labels, size, args.steps, args.warmup)
+        except torch.OutOfMemoryError:
+            print(f"| {label} | {name} | out of memory | | | | |", flush=True)
+            return None
+        peaks[name] = None if peak is None else max(peak, peaks.get(name) or 0)
+        return seconds
 
-    timings = repeated_seconds(one_round, args.rounds)
     rows = {}
-    for name, rounds in timings.items():
-        seconds = statistics.median(rounds)
-        over_floor = paired_ratio(rounds, timings[FLOOR]) if FLOOR in timings else 1.0
-        peak = peaks[name]
-        rows[name] = {"seconds": seconds, "round_seconds": rounds, "images_per_second": len(labels) / seconds,
-                      "peak_gb": None if peak is None else peak / 1e9, "over_floor": over_floor}
+    for name, timing in time_rows(measure_row, names, args.rounds, FLOOR).items():
+        seconds, peak = timing.seconds, peaks[name]
+        rows[name] = {"seconds": seconds, "round_seconds": timing.round_seconds, "images_per_second": len(labels) / seconds,
+                      "peak_gb": None if peak is None else peak / 1e9, "over_floor": timing.over_floor}
         memory = "-" if peak is None else f"{peak / 1e9:.2f}"
-        spread = (max(rounds) - min(rounds)) / seconds
-        print(f"| {label} | {name} | {1e3 * seconds:.1f} | {spread:.0%} | {len(labels) / seconds:,.0f} | {memory} | "
-              f"{over_floor:.2f} |", flush=True)
+        print(f"| {label} | {name} | {1e3 * seconds:.1f} | {timing.spread:.0%} | {len(labels) / seconds:,.0f} | {memory} | "
+              f"{ratio_text(timing.over_floor)} |", flush=True)
     return rows
 
 
@@ -153,7 +144,7 @@ def verdicts_of(results: dict[str, dict[str, dict]], compiled: bool, cuda: bool)
     verdicts = []
     for precision, rows in results.items():
         for mode in ("aomd_mode1", "aomd_mode2"):
-            if mode in rows and FLOOR_ADAPTERS in rows and precision != CONTIGUOUS:
+            if mode in rows and FLOOR_ADAPTERS in rows and rows[mode]["over_floor"] is not None and precision != CONTIGUOUS:
                 r = rows[mode]["over_floor"]
                 share = rows[FLOOR_ADAPTERS]["over_floor"] - 1
                 own = paired_ratio(rows[mode]["round_seconds"], rows[FLOOR_ADAPTERS]["round_seconds"]) - 1
@@ -219,23 +210,21 @@ def main(argv: list[str] | None = None) -> int:
         print("| pass | step | ms | spread over rounds | images/s | peak memory (GB) | step / floor |\n"
               "| --- | --- | --- | --- | --- | --- | --- |", flush=True)
 
-    results: dict[str, dict[str, dict]] = {}
-    failed: list[str] = []
-    if len(passes) > 1 and not args.one_process:
-        payloads, failed = in_own_processes(__file__, sys.argv[1:] if argv is None else argv, [p[0] for p in passes])
-        for payload in payloads:
-            results.update(payload["results"])
-    else:
+    def run_here(labels_of_passes) -> dict[str, dict[str, dict]]:
         Runtime.resolve(str(device), deterministic=not args.nondeterministic).seed_everything(0)
         images = torch.randint(0, 256, (batch, stored, stored, 3), dtype=torch.uint8, device=device)
         labels = batch_labels(batch, device)
         teacher = EmbeddingNet("resnet50", 512, True, False)
-        for label, precision, channels_last, names in passes:
+        results = {}
+        for label, precision, channels_last, names in (p for p in passes if p[0] in labels_of_passes):
             runtime = Runtime.resolve(str(device), precision, channels_last, compile=args.compile,
                                       deterministic=not args.nondeterministic)
             results[label] = run_pass(label, runtime, names, teacher, images, labels, size, stored, args)
+        return results
+
+    results, failed = run_passes(__file__, argv, [p[0] for p in passes], args.one_process, run_here)
     if args.only_pass:
-        write_json(args.json, {"results": results})
+        write_json(args.json, results)
         return 0
 
     print()

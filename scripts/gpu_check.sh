@@ -31,7 +31,7 @@ timeout "${AOMD_GPU_TESTS_TIMEOUT:-330}" python -m pytest tests/test_gpu.py -m g
   ${parallel[@]+"${parallel[@]}"} 2>&1 | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # each precision in a process of its own, its rows in 3 interleaved rounds (the script's docstring)
-python benchmarks/train_step.py --rounds 3 --steps 8 --warmup 2 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
+python benchmarks/train_step.py --rounds 3 --steps 6 --warmup 2 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/data_loading.py --to-device --seconds 5 --train-step-json "$out/train_step.json" \
   --json "$out/data_path.json" 2>&1 | tee "$out/data_path.md"

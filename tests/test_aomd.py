@@ -106,6 +106,9 @@ def check_fused_adapters(dtype: torch.dtype, channels_last: bool, device: str = 
     the same map gradient: the two computations must agree to float32's last bits whatever order
     their kernels sum in. Only the bias gradient differs in a low precision: the eager adapter's
     is a bf16/fp16 sum, the fused one's a float32 sum."""
+    # dynamo keeps at most 8 graphs of a function and runs a 9th call eagerly, with a warning only:
+    # a comparison after earlier cases (other dtypes, layouts, modes) would compare eager with eager
+    torch.compiler.reset()
     # one algorithm per convolution, and no TF32 (it would round the two paths' float32 map
     # gradients, which differ in their last bits, to 10 bits before the convolutions' backward)
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):

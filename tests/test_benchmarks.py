@@ -40,6 +40,22 @@ def test_train_step_measures_every_row_of_every_pass_in_rounds_and_states_the_ta
     assert "aomd_mode2: bf16 is" in result.stdout and "target <= 1.10" in result.stdout
 
 
+def test_rows_are_timed_in_interleaved_rounds_and_a_row_failing_in_any_round_is_left_out():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import time_rows
+
+    calls, times = [], {"floor": [1.0, 2.0, 4.0], "aomd": [1.1, 2.4, 4.0], "late": [1.0, None], "early": [None]}
+    measure = lambda name: (calls.append(name), times[name][sum(c == name for c in calls) - 1])[1]  # noqa: E731
+    timed = time_rows(measure, ["floor", "aomd", "late", "early"], 3, "floor")
+    # A B C D, then only the rows that have not failed
+    assert calls == ["floor", "aomd", "late", "early", "floor", "aomd", "late", "floor", "aomd"]
+    assert set(timed) == {"floor", "aomd"}
+    assert timed["aomd"].round_seconds == [1.1, 2.4, 4.0] and timed["aomd"].seconds == 2.4
+    assert timed["aomd"].over_floor == pytest.approx(1.1)  # the median of 1.1, 1.2 and 1.0
+    assert timed["floor"].over_floor == 1.0 and timed["aomd"].spread == pytest.approx((4.0 - 1.1) / 2.4)
+    assert time_rows(lambda name: 1.0, ["aomd"], 2, "floor")["aomd"].over_floor is None  # no floor row
+
+
 def test_a_failed_pass_is_reported_and_the_other_passes_kept(tmp_path):
     out = tmp_path / "train_step.json"
     result = run_script("benchmarks/train_step.py", "--losses", "triplet", "--precisions", "fp32,fp64", "--steps", "1",

@@ -245,6 +245,7 @@ def test_a_distillation_step_never_waits_for_the_device(sampler):
     synchronisation into an error."""
     from aomd.engine import TrainStep, adam
 
+    torch.compiler.reset()  # the fused term compiles afresh, not past dynamo's limit of graphs per function
     # AOMD with the triplet term, which the AOMD options leave off: the sampler runs too
     cfg = validate(compose("loss=aomd_mode2", "loss.triplet_ratio=1", f"sampler={sampler}", "logger=none", *TINY))
     runtime = Runtime.resolve(DEVICE)

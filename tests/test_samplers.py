@@ -110,8 +110,8 @@ def test_distance_weighted_draws_follow_the_weights():
 
 
 def test_random_draws_are_those_of_torch_multinomial():
-    """The draws skip `torch.multinomial`'s check of the weights (a read back from a card) but stay
-    its draws: a run's negatives, and so its results, are those of earlier versions."""
+    """The draws skip `torch.multinomial`'s check of the weights but stay its draws: a run's
+    negatives, and so its results, are those of earlier versions."""
     from aomd.losses.samplers import _one_per_pair
 
     weights = torch.rand(40, 16) * (torch.rand(40, 16) > 0.4)

@@ -71,7 +71,7 @@ class Runtime:
     pin_memory: bool = False
     deterministic: bool = True
     cuda_graphs: bool = False         # the training step's teacher forward replays as a CUDA graph
-    fused_adapters: bool = False      # AOMD's adapters, bias to descriptors, compiled (`prepare_objective`)
+    fused_adapters: bool = False      # AOMD's adapters, bias to loss, compiled (`prepare_objective`)
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto", channels_last: bool | None = None,

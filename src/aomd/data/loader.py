@@ -60,8 +60,8 @@ def eval_loader(split: ImageSplit, batch_size: int, num_workers: int = 0, pin_me
     return _loader(split, chunks, num_workers, pin_memory)
 
 
-def to_device(batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
-              labels_on_host: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+def to_device(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+              labels_on_host: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches (uint8 images, labels) on `device`, copied one batch ahead.
 
     On a CUDA device the copy of batch i+1 is issued on a side stream as soon as batch i has been

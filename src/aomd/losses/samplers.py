@@ -9,10 +9,9 @@ sampling) and computed without gradient.
 
 Nothing here waits for an accelerator: the pairs depend on the labels alone and are found where the
 labels are (the training step keeps them on the host, `aomd.data.loader.to_device`), and the
-negatives are drawn without reading anything back. Finding pairs with `nonzero` on a card, or
-drawing with `torch.multinomial` (which checks its weights on the host), would stop the host
-until the card has run the whole step so far, four times per step, and leave the card idle while
-the host launches what follows.
+negatives are drawn without reading anything back. Finding pairs with `nonzero` on a card, or a
+masked assignment there, stops the host until the card has run the whole step so far, and leaves
+the card idle while the host launches what follows.
 """
 from __future__ import annotations
 
@@ -66,8 +65,9 @@ class NegativeSampler(nn.Module, abc.ABC):
 def _one_per_pair(weights: torch.Tensor, anchors, positives) -> Triplets:
     """Draw one negative per pair from per-pair weights [P, N] (finite, >= 0, rows with a
     positive sum): what `torch.multinomial(weights, 1)` draws (the same exponential draws from the
-    same generator, so the same negatives), without its check of the weights, which reads a value
-    back from the device."""
+    same generator, so the same negatives), without its check of the weights (a read back from the
+    device in PyTorch before about 2.5, an asynchronous device assertion since), which the
+    samplers' weights never fail."""
     exponential = torch.empty_like(weights).exponential_(1)
     return anchors, positives, (weights / exponential).argmax(1)
 
