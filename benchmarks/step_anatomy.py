@@ -21,10 +21,10 @@ and sum their device time. Settings:
                     convolutions + ReLU, then the descriptors (the default before this version)
   compiled          `train.compile=true`: student and teacher compiled, in the standard memory
                     layout (inductor picks its own inside the graphs)
-  compiled_cl_inputs  compiled with channels_last inputs and the parameters in the standard layout (an
-                    experiment, not a setting of the job: channels_last parameters fail in inductor's
-                    convolution backward); with the inputs in channels_last, the stage maps the
-                    compiled networks return, and so the adapters', should be channels_last too
+  compiled_cl_inputs  `train.compile=true train.channels_last=true`: compiled networks fed channels_last
+                    batches, their parameters in the standard layout (channels_last parameters fail
+                    in inductor's convolution backward); the stage maps the compiled networks
+                    return, and so the adapters', should be channels_last too
 
 Each precision and setting (a pass) runs in a Python process of its own, its rows timed in rounds,
 as in `benchmarks/train_step.py`. Columns: ms per step (the median over rounds), the spread of the
@@ -66,13 +66,6 @@ class _NoFrozenCopy(Runtime):
         return network
 
 
-class _StandardLayoutParameters(Runtime):
-    """`channels_last` for the batches only: networks and objective keep the standard layout."""
-
-    def place(self, module):
-        return module.to(self.device, memory_format=torch.contiguous_format)
-
-
 def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
     """The runtime of a setting, its global switches set (deterministic kernels, NaN fill)."""
     compiled = setting.startswith("compiled")
@@ -86,8 +79,6 @@ def runtime_of(setting: str, device: torch.device, precision: str) -> Runtime:
     fields = {field.name: getattr(runtime, field.name) for field in dataclasses.fields(runtime)}
     if setting == "before":
         runtime = _NoFrozenCopy(**fields)
-    if setting == "compiled_cl_inputs":
-        runtime = _StandardLayoutParameters(**fields)
     return runtime
 
 

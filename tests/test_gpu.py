@@ -195,9 +195,14 @@ def test_bf16_recall_is_within_tolerance_of_fp32(tmp_path):
     assert abs(bf16["best"]["recall@1"] - fp32["best"]["recall@1"]) <= BF16_RECALL_TOLERANCE, (fp32["best"], bf16["best"])
 
 
-def test_compiled_networks_train_and_match_the_eager_shapes(tmp_path):
-    metrics = train(tmp_path, "loss=triplet", f"train.device={DEVICE}", "train.compile=true", timeout=900)
+@pytest.mark.parametrize("channels_last", ["null", "true"])
+def test_compiled_networks_train_and_match_the_eager_shapes(channels_last, tmp_path):
+    """Compiled networks train, also fed channels_last batches (their parameters stay in the
+    standard layout, which inductor's convolution backward needs)."""
+    metrics = train(tmp_path, "loss=triplet", f"train.device={DEVICE}", "train.compile=true",
+                    f"train.channels_last={channels_last}", timeout=900)
     assert metrics["status"] == "finished" and metrics["runtime"]["compile"] is True
+    assert metrics["runtime"]["channels_last"] is (channels_last == "true")
     assert math.isfinite(metrics["history"][1]["loss"])
 
 

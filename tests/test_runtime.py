@@ -26,6 +26,17 @@ def test_explicit_settings_are_honoured():
         assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("compile, parameters_channels_last", [(False, True), (True, False)])
+def test_channels_last_places_parameters_in_it_unless_compiled(compile, parameters_channels_last):
+    """Compiled networks take channels_last batches but keep standard-layout parameters, which
+    inductor's convolution backward needs; eager networks take both in channels_last."""
+    runtime = Runtime.resolve("cpu", channels_last=True, compile=compile)
+    assert runtime.memory_format == torch.channels_last  # the batches'
+    conv = runtime.place(torch.nn.Conv2d(3, 8, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == parameters_channels_last
+    assert conv.weight.is_contiguous() != parameters_channels_last
+
+
 @pytest.mark.parametrize("allocated, workers", [(range(64), 8), (range(4), 3), (range(1), 1)])
 def test_loader_workers_on_a_card_follow_the_cores_this_job_may_use(monkeypatch, allocated, workers):
     """A SLURM job on a 64-core node with 4 cores allocated (its CPU affinity) gets 3 loader

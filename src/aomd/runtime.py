@@ -7,6 +7,7 @@ receives it instead of resolving the device again.
     train.device         auto | cpu | cuda | cuda:N      (auto: CUDA when available)
     train.precision      auto | fp32 | bf16 | fp16       (auto: bf16 on a CUDA card that supports it, else fp32)
     train.channels_last  null | true | false             (null: true on CUDA without compile, else false)
+                                                         (under compile: the batches' layout; parameters stay standard)
     train.compile        false | true                    (torch.compile of student and teacher)
     train.deterministic  true | false                    (deterministic kernels: a run repeats exactly)
     train.cuda_graphs    false | true                    (CUDA, not compiled: the teacher's forward as a CUDA graph)
@@ -106,8 +107,7 @@ class Runtime:
             raise ConfigError(f"train.num_workers must be auto or an integer of 0 or more, got {num_workers!r}.")
         if channels_last is None:
             # compiled networks get their memory layout from inductor, which picks channels_last for
-            # convolutions itself; channels_last parameters under compile fail in inductor's
-            # convolution backward (a stride assertion, seen with PyTorch 2.11 on an H100)
+            # convolutions itself (`place` keeps their parameters in the standard layout)
             channels_last = on_cuda and not compile
         if cuda_graphs and not on_cuda:
             raise ConfigError(f"train.cuda_graphs=true needs a CUDA device, but the job runs on {resolved}; "
@@ -182,11 +182,16 @@ class Runtime:
 
     @property
     def memory_format(self) -> torch.memory_format:
+        """The memory format of the batches the networks take."""
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def place(self, module: nn.Module) -> nn.Module:
-        """Move `module` (a network or the objective) to the device in the job's memory format."""
-        return module.to(self.device, memory_format=self.memory_format)
+        """Move `module` (a network or the objective) to the device in the job's memory format;
+        compiled, in the standard layout whatever `channels_last` says: channels_last parameters
+        fail in inductor's convolution backward (a stride assertion, seen with PyTorch 2.11 on an
+        H100), while channels_last batches give channels_last stage maps (what the adapters need)."""
+        parameters_format = torch.contiguous_format if self.compile else self.memory_format
+        return module.to(self.device, memory_format=parameters_format)
 
     def prepare_objective(self, objective: nn.Module) -> nn.Module:
         """`place` the objective and switch its fusable terms (those with a `fused` attribute:
