@@ -107,7 +107,6 @@ def test_crops_are_kept_by_default_on_a_card_they_fit_and_never_on_the_cpu(monke
     assert keeps_crops(None, [test], 224, CPU) is False and keeps_crops(True, [test], 224, CPU) is True
 
 
-@pytest.mark.slow  # dynamo traces three graphs (about 15 s on a 2-core CPU)
 def test_a_compiled_distillation_compiles_each_network_once_per_batch_shape(tmp_path, monkeypatch):
     """`train.compile=true`: one graph for the student's training batches, one for its evaluation
     batches (the short last one padded, not compiled again), one for the teacher's forward in the
