@@ -68,6 +68,36 @@ def test_a_resumed_optimiser_keeps_this_jobs_update_implementation(saved_fused):
     assert float(resumed.state[weights]["step"]) == 2.0
 
 
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_a_resumed_optimiser_gives_its_moments_the_layout_of_this_jobs_parameters(saved_channels_last):
+    """A run saved with channels_last parameters (a card's eager default) resumed with standard-layout
+    ones (compiled, or the CPU), or the other way round: fused Adam gets moments in its parameters'
+    layout (on CUDA it refuses others; on the CPU it would pair the wrong elements) and updates as
+    the saving job would have."""
+    from aomd.engine import load_optimizer_state
+
+    torch.manual_seed(0)
+    layouts = {True: torch.channels_last, False: torch.contiguous_format}
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=layouts[saved_channels_last])
+    saved = torch.optim.Adam(conv.parameters(), lr=0.1, fused=True)
+    gradients = [torch.randn(4, 3, 3, 3), torch.randn(4)]
+    for parameter, gradient in zip(conv.parameters(), gradients):
+        parameter.grad = torch.empty_like(parameter).copy_(gradient)
+    saved.step()
+    resumed_conv = copy.deepcopy(conv).to(memory_format=layouts[not saved_channels_last])
+    assert resumed_conv.weight.stride() != conv.weight.stride()
+    resumed = torch.optim.Adam(resumed_conv.parameters(), lr=0.1, fused=True)
+    load_optimizer_state(resumed, copy.deepcopy(saved.state_dict()))  # as read back from last.pt
+    for parameter in resumed_conv.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert resumed.state[parameter][key].stride() == parameter.stride(), key
+    for optimizer, network in ((saved, conv), (resumed, resumed_conv)):
+        for parameter, gradient in zip(network.parameters(), gradients):
+            parameter.grad = torch.empty_like(parameter).copy_(gradient)  # in the parameter's layout, as autograd gives it
+        optimizer.step()
+    torch.testing.assert_close(resumed_conv.weight, conv.weight, rtol=1e-6, atol=0)  # vector lanes differ with the layout
+
+
 def test_kept_crops_evaluate_like_the_loader_and_skip_it_after_the_first_evaluation(tmp_path, monkeypatch):
     """`eval.keep_crops=true`: the same history as reading the test split every evaluation, and
     the split is read once, in the evaluation at epoch 0 (the training split as before)."""

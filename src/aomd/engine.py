@@ -170,6 +170,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     own = [{key: group[key] for key in implementation if key in group} for group in optimizer.param_groups]
     assert len(own) == len(state["param_groups"]), "the saved optimiser has other parameter groups"
     optimizer.load_state_dict({**state, "param_groups": [{**saved, **mine} for saved, mine in zip(state["param_groups"], own)]})
+    # `load_state_dict` moves the moments to their parameters' device but keeps the memory layout
+    # they were saved in; fused Adam needs each parameter's own (on CUDA it refuses a mismatch, on
+    # the CPU it would pair the wrong elements). A run resumed with another layout (channels_last
+    # on or off, compiled or not, the CPU's standard layout resumed on a card) gets them restrided.
+    for parameter, moments in optimizer.state.items():
+        for key, value in moments.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                moments[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 class TrainStep:
