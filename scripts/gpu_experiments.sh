@@ -4,7 +4,8 @@
 # its own (`benchmarks/step_anatomy.py`), its rows timed in interleaved rounds:
 #   - the gpu tier's tests of what changed since a card last ran it: AOMD's fused adapters (values
 #     and gradients), checkpoints copied from the card asynchronously, and samplers that find their
-#     pairs on the host (a training step under CUDA's sync debug mode);
+#     pairs on the host (a training step under CUDA's sync debug mode), compiled networks fed
+#     channels_last batches;
 #   - the training step (AOMD modes 1 and 2, fp32 and bf16): the defaults (fused adapters, now one
 #     graph for all stages) against `train.fused_adapters=false`; on the H100 the fused adapters'
 #     bf16 steps left the card idle for up to 23% of the step in a process that had run fp32 first;
@@ -26,7 +27,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_experiments: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
-python -m pytest tests/test_gpu.py -m gpu -k "fused_adapters or holds_the_values or never_waits or samplers_draw" -q -p no:cacheprovider 2>&1 \
+python -m pytest tests/test_gpu.py -m gpu -k "fused_adapters or holds_the_values or never_waits or samplers_draw or compiled_networks or channels_last_batches" -q -p no:cacheprovider 2>&1 \
   | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 --settings default,unfused_adapters \

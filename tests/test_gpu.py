@@ -206,6 +206,23 @@ def test_compiled_networks_train_and_match_the_eager_shapes(channels_last, tmp_p
     assert math.isfinite(metrics["history"][1]["loss"])
 
 
+def test_compiled_networks_fed_channels_last_batches_give_channels_last_stage_maps():
+    """`train.compile=true train.channels_last=true`: standard-layout parameters (channels_last ones
+    fail in inductor's convolution backward on a card), channels_last batches, and so channels_last
+    stage maps for AOMD's adapters; the backward reaches every parameter."""
+    torch.compiler.reset()
+    runtime = Runtime.resolve(DEVICE, "bf16", channels_last=True, compile=True)
+    student = runtime.prepare_network(EmbeddingNet("resnet18", 16, True, False)).train()
+    assert all(p.is_contiguous() for p in student.parameters())
+    images = torch.randn(8, 3, 64, 64, device=runtime.device).contiguous(memory_format=runtime.memory_format)
+    with runtime.autocast():
+        embeddings, stages = student.forward_with_stages(images)
+    assert all(s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous() for s in stages), \
+        [s.stride() for s in stages]
+    (embeddings.float().sum() + sum(s.float().mean() for s in stages)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+
+
 @pytest.mark.parametrize("precision", ("fp32", "bf16"))
 def test_the_graphed_teacher_replays_the_eager_teacher(precision):
     """`train.cuda_graphs`: the teacher's forward replayed from a CUDA graph gives the eager

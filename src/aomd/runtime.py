@@ -189,7 +189,8 @@ class Runtime:
         """Move `module` (a network or the objective) to the device in the job's memory format;
         compiled, in the standard layout whatever `channels_last` says: channels_last parameters
         fail in inductor's convolution backward (a stride assertion, seen with PyTorch 2.11 on an
-        H100), while channels_last batches give channels_last stage maps (what the adapters need)."""
+        H100), while channels_last batches should give channels_last stage maps (what the adapters
+        need; the gpu tier checks it, and it has not yet run on a card)."""
         parameters_format = torch.contiguous_format if self.compile else self.memory_format
         return module.to(self.device, memory_format=parameters_format)
 
@@ -206,7 +207,9 @@ class Runtime:
         """`place` a network and, with `compile`, compile its stage-tapping forward pass.
 
         The compiled function replaces the bound method on this instance only; the module's
-        parameters and state_dict are untouched, so checkpoints do not depend on compilation.
+        state_dict holds the same values either way (in the layout `place` chose: a run resumed
+        with another layout copies them into its own, and its optimiser's moments too,
+        `aomd.engine.load_optimizer_state`).
         Shapes are static: each batch shape the network meets (the training batch, the evaluation
         batch, which `Evaluator` pads to one size) compiles once, into kernels specialised for it,
         and no batch size makes every later graph dynamic.
