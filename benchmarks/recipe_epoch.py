@@ -1,7 +1,8 @@
 """The reference recipe's wall time, from measured epochs of the real training loop.
 
     python benchmarks/recipe_epoch.py [--device auto] [--loss aomd_mode2] [--epochs 3] [--in-memory]
-                                      [--compile] [--keep-crops null|true|false] [--num-workers auto|N]
+                                      [--compile] [--channels-last null|true|false] [--keep-crops null|true|false]
+                                      [--num-workers auto|N]
                                       [--json out.json]
 
 Runs `aomd.engine.fit` (the loop `python -m aomd.train` runs: data path, steps, evaluation after
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-memory", action="store_true", help="load the cache into memory (default: read on demand)")
     parser.add_argument("--nondeterministic", action="store_true", help="train.deterministic=false")
     parser.add_argument("--compile", action="store_true", help="train.compile=true")
+    parser.add_argument("--channels-last", default="null", choices=("null", "true", "false"),
+                        help="train.channels_last (with --compile, true: channels_last batches, standard-layout parameters)")
     parser.add_argument("--num-workers", default="auto", help="train.num_workers (auto: the job's default, 0 on the CPU)")
     parser.add_argument("--keep-crops", default="null", choices=("null", "true", "false"),
                         help="eval.keep_crops (null: the job's default, kept on CUDA)")
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     num_workers = args.num_workers if args.num_workers == "auto" else int(args.num_workers)
-    runtime = Runtime.resolve(args.device, args.precision, compile=args.compile, num_workers=num_workers,
+    channels_last = {"null": None, "true": True, "false": False}[args.channels_last]
+    runtime = Runtime.resolve(args.device, args.precision, channels_last, compile=args.compile, num_workers=num_workers,
                               deterministic=not args.nondeterministic)
     cuda = runtime.device.type == "cuda"
     batch, iters, size = (RECIPE_BATCH, RECIPE_ITERS, 224) if cuda else (16, 5, 64)
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = loss_config(args.loss, f"train.epochs={args.epochs}", f"train.iters_per_epoch={iters}",
                       f"train.batch_size={batch}", "train.images_per_class=5", "train.progress=false",
                       f"train.device={runtime.device}", f"train.precision={runtime.precision}",
-                      f"train.compile={args.compile}", f"train.deterministic={not args.nondeterministic}",
+                      f"train.compile={args.compile}", f"train.channels_last={args.channels_last}",
+                      f"train.deterministic={not args.nondeterministic}",
                       f"eval.keep_crops={args.keep_crops}")
     runtime.seed_everything(0)
     with tempfile.TemporaryDirectory(prefix="aomd-bench-") as tmp:
