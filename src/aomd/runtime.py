@@ -323,6 +323,16 @@ def _tensors(outputs: Any) -> list[torch.Tensor]:
     return [tensor for item in outputs for tensor in _tensors(item)]
 
 
+def from_host(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` on `device`; host tensors reach a CUDA device in asynchronous copies from
+    page-locked memory, which do not wait for the work queued on the card (a pageable copy would
+    wait for the device to finish what it was given before)."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return tuple(t if t.device == device else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+                 for t in tensors)
+
+
 def in_feature_precision(layer: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """Apply a loss term's own layer (float32 weights: an adapter, a regressor) to feature maps
     in the features' precision, so a bf16/fp16 job runs it at mixed-precision speed while the

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from aomd.runtime import from_host
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,12 +44,9 @@ def train_transform(images: torch.Tensor, image_size: int, generator: torch.Gene
     flip = torch.rand(b, generator=generator) < 0.5
     if device.type == "cpu":
         return _crop_flip_normalise_cpu(images, image_size, top, left, flip)
-    # drawn on the CPU (the same draws on every device), sent in one pinned, non-blocking copy:
-    # a pageable copy would wait for the device to finish the previous step
-    params = torch.stack([top, left, flip.long()])
-    if device.type == "cuda":
-        params = params.pin_memory()
-    top, left, flip = params.to(device, non_blocking=True)
+    # drawn on the CPU (the same draws on every device), sent in one copy that does not wait for
+    # the device to finish the previous step
+    top, left, flip = from_host(device, torch.stack([top, left, flip.long()]))[0]
     return _crop_flip_normalise_gather(images, image_size, top, left, flip.bool())
 
 

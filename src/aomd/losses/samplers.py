@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from aomd.runtime import from_host
+
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -35,15 +37,6 @@ def labelled_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return anchors, positives, negative_mask
 
 
-def on_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`tensors` on `device`; host tensors reach a CUDA device in asynchronous copies from
-    page-locked memory, which do not wait for the work queued on the card."""
-    if device.type != "cuda":
-        return tuple(t.to(device) for t in tensors)
-    return tuple(t if t.device == device else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
-                 for t in tensors)
-
-
 class NegativeSampler(nn.Module, abc.ABC):
     """Base class: finds the anchor-positive pairs, subclasses choose negatives."""
 
@@ -51,7 +44,7 @@ class NegativeSampler(nn.Module, abc.ABC):
         """Triplets for a batch; `p` is the distance the loss uses (2: L2, 1: L1). The labels may
         be on the host while the embeddings are on a card."""
         with torch.no_grad():
-            pairs = on_device(embeddings.device, *labelled_pairs(labels))
+            pairs = from_host(embeddings.device, *labelled_pairs(labels))
             dist = torch.cdist(embeddings.detach().float(), embeddings.detach().float(), p=p)
             return self.choose(dist, *pairs, embeddings.shape[1])
 
@@ -140,7 +133,7 @@ class AllNegatives(NegativeSampler):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
         with torch.no_grad():
-            return on_device(embeddings.device, *self.choose(None, *labelled_pairs(labels), embeddings.shape[1]))
+            return from_host(embeddings.device, *self.choose(None, *labelled_pairs(labels), embeddings.shape[1]))
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
         pair, negatives = negative_mask[anchors].nonzero(as_tuple=True)
