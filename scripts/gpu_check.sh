@@ -7,8 +7,8 @@
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]        # default: gpu-check/
 #
-# Writes OUT_DIR/summary.md (test result and every benchmark verdict), the logs (tests.log,
-# train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test or
+# Writes OUT_DIR/summary.md (test result, every benchmark verdict and the minutes each part took), the
+# logs (tests.log, train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test or
 # a benchmark failed, 2 when there is no CUDA device.
 set -uo pipefail
 out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)" || exit 2
@@ -23,6 +23,10 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_check: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
+rm -f "$out/times.tsv"
+# each part's seconds, for the summary: where a lease's minutes went
+lap_start=$SECONDS
+lap() { printf '%s\t%s\n' "$1" $((SECONDS - lap_start)) >> "$out/times.tsv"; lap_start=$SECONDS; }
 # the tier's tests are small for a card and spend most of their time on the host (imports, entrypoint
 # processes, compiling): with pytest-xdist (the test extra) they run in parallel processes
 parallel=()
@@ -30,17 +34,21 @@ python -c "import xdist" 2>/dev/null && parallel=(-n "${AOMD_GPU_TEST_WORKERS:-4
 timeout "${AOMD_GPU_TESTS_TIMEOUT:-330}" python -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --durations=8 \
   ${parallel[@]+"${parallel[@]}"} 2>&1 | tee "$out/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+lap "gpu test tier"
 # each precision in a process of its own, its rows in 3 interleaved rounds (the script's docstring)
 python benchmarks/train_step.py --rounds 3 --steps 6 --warmup 2 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+lap "train_step.py"
 python benchmarks/data_loading.py --to-device --seconds 5 --train-step-json "$out/train_step.json" \
   --json "$out/data_path.json" 2>&1 | tee "$out/data_path.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+lap "data_loading.py --to-device"
 # a fresh inductor cache: the recipe's warm-up epoch compiles AOMD's fused adapters as a first job would
 TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+lap "recipe_epoch.py"
 
-python - "$out" <<'PY' | tee "$out/summary.md"
+python - "$out" "$SECONDS" <<'PY' | tee "$out/summary.md"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -55,5 +63,12 @@ for name, title in (("train_step.json", "training step"), ("data_path.json", "da
     lines = (result or {}).get("verdicts") or [(result or {}).get("verdict")] + (result or {}).get("lines", [])
     print(f"## {title}\n")
     print("\n".join(f"- {line}" for line in lines if line) or "- no result", end="\n\n")
+print("## time\n")
+for line in (out / "times.tsv").read_text().splitlines():
+    part, seconds = line.split("\t")
+    print(f"- {part}: {seconds} s")
+minutes = int(sys.argv[2]) / 60
+print(f"- the whole check: {sys.argv[2]} s, {minutes:.1f} min (the GPU issue asks for under 6 minutes on one H100: "
+      f"{'OK' if minutes < 6 else 'MISSED'} on {step['device'] if step else 'this device'})")
 PY
 exit $status
