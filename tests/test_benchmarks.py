@@ -112,35 +112,42 @@ def test_the_gpu_only_scripts_say_so_on_a_cpu(command, tmp_path):
     assert "CUDA" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+
 STAND_IN_PYTHON = """#!/usr/bin/env bash
-# `python` for scripts/gpu_check.sh on a machine without a card: CUDA and pytest-xdist "present", the
-# tier's pytest prints a result, each benchmark writes a verdict to its --json file (data_loading.py
-# fails), and the summary's own Python runs for real
+# `python` for the GPU scripts on a machine without a card: CUDA and pytest-xdist "present", the
+# tests print a result, each benchmark prints a table row and writes a verdict to its --json file
+# (the one named by $FAILING fails), and the summary's own Python runs for real
 case "$1" in
   -c) exit 0 ;;
   -m) echo "==== 3 passed in 1.00s ====" ;;
   -) exec {real} "$@" ;;
   *) json=; previous=
      for arg in "$@"; do [ "$previous" = --json ] && json=$arg; previous=$arg; done
+     echo "| a row of $(basename "$1") |"
      echo "{{\\"device\\": \\"Stand-in card\\", \\"verdicts\\": [\\"verdict of $(basename "$1")\\"]}}" > "$json"
-     [[ "$1" != *data_loading.py ]] ;;
+     [ "$(basename "$1")" != "$FAILING" ] ;;
 esac
 """
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
-def test_the_gpu_check_summary_has_every_verdict_each_part_s_time_and_the_failures_exit_code(tmp_path):
-    """scripts/gpu_check.sh's own plumbing, which otherwise first runs on a lent card: each part's
-    result reaches summary.md with the seconds it took, and a failed benchmark makes the check exit 1."""
+def run_with_stand_in_python(script: str, tmp_path, failing: str = "") -> tuple[subprocess.CompletedProcess, str]:
+    """(the run, its summary.md) of a GPU script run with STAND_IN_PYTHON as its `python`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(STAND_IN_PYTHON.format(real=sys.executable))
     (bin_dir / "python").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    result = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "check")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1, result.stdout + result.stderr  # data_loading.py failed
-    summary = (tmp_path / "check" / "summary.md").read_text()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "FAILING": failing}
+    result = subprocess.run(["bash", script, str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    summary = tmp_path / "out" / "summary.md"
+    return result, summary.read_text() if summary.is_file() else ""
+
+
+def test_the_gpu_check_summary_has_every_verdict_each_part_s_time_and_the_failures_exit_code(tmp_path):
+    """scripts/gpu_check.sh's own plumbing, which otherwise first runs on a lent card: each part's
+    result reaches summary.md with the seconds it took, and a failed benchmark makes the check exit 1."""
+    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, failing="data_loading.py")
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "device: Stand-in card" in summary and "gpu test tier: 3 passed in 1.00s" in summary
     for script in ("train_step.py", "data_loading.py", "recipe_epoch.py"):
         assert f"- verdict of {script}" in summary
@@ -148,3 +155,10 @@ def test_the_gpu_check_summary_has_every_verdict_each_part_s_time_and_the_failur
     parts = [line.split(":")[0] for line in times if line.startswith("- ")]
     assert parts == ["- gpu test tier", "- train_step.py", "- data_loading.py --to-device", "- recipe_epoch.py", "- the whole check"]
     assert "under 6 minutes on one H100: OK on Stand-in card" in summary
+
+
+def test_the_gpu_experiments_summary_has_each_benchmark_s_table(tmp_path):
+    result, summary = run_with_stand_in_python("scripts/gpu_experiments.sh", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "device: Stand-in card" in summary and "gpu tests of the changes since the last card: 3 passed" in summary
+    assert summary.count("| a row of step_anatomy.py |") == 2  # the eager settings' table, the compiled ones'
