@@ -331,4 +331,5 @@ def test_report_of_a_real_sweep(tmp_path: Path):
     cells = table_rows(result.markdown)[row.label]  # one configuration: its full override string
     assert cells[2] == "2"
     assert cells[3:] == [expected_cell([b[k] for b in bests]) for k in ("recall@1", "recall@2", "map@r", "r_precision")]
+    assert "| # | configuration | n | Recall@1 | Recall@2 | MAP@R | R-Precision |" in result.markdown
     assert (sweep / "baselines.png").read_bytes()[:8] == PNG_MAGIC

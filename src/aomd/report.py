@@ -2,7 +2,7 @@
 
 Reads every job of a multirun sweep directory and writes, into the sweep directory (or `--out`):
 
-* `report.md`: one table row per configuration, with Recall@K and MAP@R in percent as
+* `report.md`: one table row per configuration, with Recall@K, MAP@R and R-Precision in percent as
   "mean ± std" over the seeds (`train.seed`), best first; the jobs that did not finish
   (failed, still running, no metrics.json) are listed below it, never dropped;
 * `recall_vs_aomd_ratio.png`: Recall@1 against `loss.aomd_ratio` (log axis), one line per
@@ -340,13 +340,13 @@ def teachers(jobs: Iterable[Job]) -> list[tuple[dict[str, Any], int]]:
 
 
 def metric_title(key: str) -> str:
-    """"recall@1" -> "Recall@1", "map@r" -> "MAP@R", "val/recall@1" -> "val Recall@1",
-    "last/recall@1" -> "last-epoch Recall@1"."""
+    """"recall@1" -> "Recall@1", "map@r" -> "MAP@R", "r_precision" -> "R-Precision",
+    "val/recall@1" -> "val Recall@1", "last/recall@1" -> "last-epoch Recall@1"."""
     for prefix, words in ((VALIDATION_PREFIX, "val "), (LAST_PREFIX, "last-epoch ")):
         if key.startswith(prefix):
             return words + metric_title(key[len(prefix):])
     name, _, k = key.partition("@")
-    return f"Recall@{k}" if name == "recall" else f"{name.upper()}@{k.upper()}"
+    return f"Recall@{k}" if name == "recall" else {"map@r": "MAP@R", "r_precision": "R-Precision"}.get(key, key)
 
 
 def percent(value: float) -> str:
