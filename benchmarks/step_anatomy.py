@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every precision and setting in this process (default: each in a process of its own)")
     parser.add_argument("--only-pass", default=None, help=argparse.SUPPRESS)  # a child of in_own_processes: "precision/setting"
     args = parser.parse_args(argv)
+    unknown = [setting for setting in args.settings.split(",") if setting not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown --settings {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     if args.device != "cpu" and not torch.cuda.is_available():
         print("step_anatomy: needs a CUDA device", file=sys.stderr)
         return 2

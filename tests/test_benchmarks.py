@@ -162,3 +162,8 @@ def test_the_gpu_experiments_summary_has_each_benchmark_s_table(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "device: Stand-in card" in summary and "gpu tests of the changes since the last card: 3 passed" in summary
     assert summary.count("| a row of step_anatomy.py |") == 2  # the eager settings' table, the compiled ones'
+
+
+def test_step_anatomy_refuses_an_unknown_setting_before_any_work():
+    result = run_script("benchmarks/step_anatomy.py", "--settings", "default,adapters_gemm", timeout=120)
+    assert result.returncode == 2 and "unknown --settings adapters_gemm; choose from before, default" in result.stderr
