@@ -8,14 +8,17 @@ from aomd.losses.aomd import StageAdapters, stage_descriptors
 
 
 def direct_aomd(teacher_feats, student_feats, mode, global_weight, local_weight):
-    """The definition, spelled out: per-sample mapping matrices M = y x^T are materialised."""
+    """The definition, spelled out: per-sample mapping matrices M = y x^T are materialised; global
+    descriptors of each map as it is, local ones with the larger map of a stage pooled to the
+    smaller one's size."""
     pooled = []
     for t, s in zip(teacher_feats, student_feats):
         size = min(t.shape[-2:], s.shape[-2:], key=lambda hw: hw[0] * hw[1])
         pooled.append((F.adaptive_avg_pool2d(t, size), F.adaptive_avg_pool2d(s, size)))
     total = 0.0
-    for weight, describe in ((global_weight, lambda f: f.mean((2, 3))), (local_weight, lambda f: f.mean(1).flatten(1))):
-        for (t_low, s_low), (t_high, s_high) in zip(pooled[:-1], pooled[1:]):
+    for weight, describe, maps in ((global_weight, lambda f: f.mean((2, 3)), list(zip(teacher_feats, student_feats))),
+                                   (local_weight, lambda f: f.mean(1).flatten(1), pooled)):
+        for (t_low, s_low), (t_high, s_high) in zip(maps[:-1], maps[1:]):
             x_t, y_t, x_s, y_s = describe(t_low), describe(t_high), describe(s_low), describe(s_high)
             m_t = y_t[:, :, None] * x_t[:, None, :]  # [N, D_top, D_bottom]
             m_s = y_s[:, :, None] * x_s[:, None, :]
@@ -35,14 +38,15 @@ def make_feats(shapes, seed, spatial_scale=1):
     g = torch.Generator().manual_seed(seed)
     feats = []
     for n, c, h, w in shapes:
-        feats.append(torch.rand(n, c, h * spatial_scale, w * spatial_scale, generator=g, dtype=torch.float64))
+        feats.append(torch.rand(n, c, round(h * spatial_scale), round(w * spatial_scale), generator=g, dtype=torch.float64))
     return feats
 
 
 @pytest.mark.parametrize("mode", [1, 2])
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.7, 2.5)])
 @pytest.mark.parametrize("shapes", list(SHAPES))
-@pytest.mark.parametrize("teacher_scale", [1, 2])  # 2: teacher maps twice the student's size
+# 2: teacher maps twice the student's size; 1.5: pooled to the student's in overlapping bins
+@pytest.mark.parametrize("teacher_scale", [1, 2, 1.5])
 def test_value_and_gradients_equal_the_direct_implementation(mode, weights, shapes, teacher_scale):
     teacher = make_feats(SHAPES[shapes], 0, teacher_scale)
     student = [f.requires_grad_() for f in make_feats(SHAPES[shapes], 1)]

@@ -21,6 +21,16 @@ def match_spatial(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.T
     return teacher, F.adaptive_avg_pool2d(student, teacher.shape[-2:])
 
 
+def _descriptors_at(feats: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global [N, C], local [N, h*w]) of a stage whose map `feats` [N, C, H, W] was pooled to
+    `pooled` [N, C, h, w] (`match_spatial`): the global descriptor over the map's own H, W, the
+    local one at the pooled size. Pooling to an uneven size averages overlapping bins, whose mean
+    is not the map's."""
+    if pooled is feats:
+        return stage_descriptors(feats)
+    return stage_descriptors(feats)[0], stage_descriptors(pooled)[1]
+
+
 class _StageDescriptors(torch.autograd.Function):
     """(global [N, C], local [N, H*W]) of a feature map [N, C, H, W], with a fused backward.
 
@@ -120,9 +130,9 @@ class AOMDLoss(nn.Module):
         teacher_descriptors, student_descriptors = [], []
         for t, s in zip(teacher_feats, student_feats):
             assert t.shape[:2] == s.shape[:2], f"student stage {tuple(s.shape)} not adapted to teacher {tuple(t.shape)}"
-            t, s = match_spatial(t, s)
-            teacher_descriptors.append(stage_descriptors(t))
-            student_descriptors.append(stage_descriptors(s))
+            pooled_t, pooled_s = match_spatial(t, s)
+            teacher_descriptors.append(_descriptors_at(t, pooled_t))
+            student_descriptors.append(_descriptors_at(s, pooled_s))
         return self.from_descriptors(teacher_descriptors, student_descriptors)
 
     def from_descriptors(self, teacher_descriptors: Sequence[tuple[torch.Tensor, torch.Tensor]],
