@@ -109,6 +109,18 @@ def test_distance_weighted_draws_follow_the_weights():
     assert torch.allclose(counts / 1500, expected, atol=0.05)
 
 
+def test_distance_weighted_draws_the_same_from_embeddings_off_the_unit_sphere():
+    """A network without l2 normalisation (RKD's students) with a triplet term: the weights are
+    those of the normalised embeddings, not uniform (every raw distance would pass the cutoff)."""
+    e = torch.nn.functional.normalize(torch.randn(16, 4, generator=torch.Generator().manual_seed(2)), dim=1)
+    labels = torch.arange(16) // 4
+    draws = []
+    for scale in (1.0, 5.0):
+        torch.manual_seed(3)
+        draws.append(torch.stack([DistanceWeightedNegatives()(scale * e, labels)[2] for _ in range(20)]))
+    assert torch.equal(draws[0], draws[1])
+
+
 def test_random_draws_are_those_of_torch_multinomial():
     """The draws skip `torch.multinomial`'s check of the weights but stay its draws: a run's
     negatives, and so its results, are those of earlier versions."""

@@ -19,6 +19,7 @@ import abc
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aomd.runtime import from_host
@@ -93,7 +94,7 @@ class SemiHardNegatives(NegativeSampler):
 
 
 class DistanceWeightedNegatives(NegativeSampler):
-    """Distance-weighted sampling (Wu et al., 2017) for l2-normalised embeddings.
+    """Distance-weighted sampling (Wu et al., 2017), on an l2-normalised copy of the embeddings.
 
     With s the anchor-negative distance clipped below at `cutoff` and d the embedding size,
     weight(n) ~ s^(2-d) * (1 - s^2/4)^((3-d)/2), i.e. the inverse of the density of distances
@@ -108,7 +109,9 @@ class DistanceWeightedNegatives(NegativeSampler):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
         # the weights are defined for L2 distances between points on the unit sphere, whatever p
-        return super().forward(embeddings, labels, p=2)
+        # and whether the network l2-normalises (RKD's students do not): off the sphere, every
+        # distance would pass nonzero_loss_cutoff and the draws fall back to uniform
+        return super().forward(F.normalize(embeddings.detach().float(), dim=1), labels, p=2)
 
     def weights(self, dist: torch.Tensor, negative_mask: torch.Tensor, dim: int) -> torch.Tensor:
         """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows)."""
