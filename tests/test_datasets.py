@@ -242,6 +242,26 @@ def test_folder_splits_by_sorted_class_name(tmp_path):
     assert len(np.unique(data.train.labels)) == 2 and len(np.unique(data.test.labels)) == 4
 
 
+def test_class_folders_added_under_a_root_train_a_new_teacher(tmp_path):
+    """The managed teacher's folder follows the files under `dataset.root`: classes added there
+    move the split (a class the old teacher trained on is now a test class), and the old teacher
+    must not be reused."""
+    from aomd.teachers import default_teacher_dir
+    from conftest import compose
+
+    root = make_folder(tmp_path, classes=6)
+    cfg = compose("dataset=folder", f"dataset.root={root}")
+    before = load_folder(root, train_fraction=0.5, **options(tmp_path))
+    again = load_folder(root, train_fraction=0.5, **options(tmp_path))
+    assert default_teacher_dir(cfg, before.files_digest) == default_teacher_dir(cfg, again.files_digest)
+    for c in range(2):
+        write_jpeg(root / f"a_class_{c}" / "img0.jpg", 100 + c)
+        write_jpeg(root / f"a_class_{c}" / "img1.jpg", 200 + c)
+    after = load_folder(root, train_fraction=0.5, **options(tmp_path))
+    assert set(before.train.paths) - set(after.train.paths)  # an old training class is a test class now
+    assert default_teacher_dir(cfg, before.files_digest) != default_teacher_dir(cfg, after.files_digest)
+
+
 def test_folder_uses_explicit_train_and_test_folders(tmp_path):
     root = tmp_path / "explicit"
     for split, names in (("train", ["b", "a"]), ("test", ["c", "d", "e"])):

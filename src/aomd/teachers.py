@@ -32,12 +32,15 @@ def teacher_architecture(cfg: DictConfig) -> Architecture:
     return Architecture(cfg.teacher.backbone, cfg.teacher.embedding_size, True)
 
 
-def default_teacher_dir(cfg: DictConfig) -> Path:
+def default_teacher_dir(cfg: DictConfig, files_digest: str = "") -> Path:
     """Where the teacher for this dataset, teacher architecture, image size and recipe lives.
 
     The folder name says dataset, backbone, embedding size, image size and initialisation; its
-    hash covers the dataset's settings (root resolved) and the whole teacher recipe, so a changed
-    recipe trains a new teacher instead of reusing one trained differently.
+    hash covers the dataset's settings (root resolved), the files it was read from
+    (`files_digest`, `RetrievalData.files_digest`) and the whole teacher recipe, so a changed
+    recipe, or other files under the same root, trains a new teacher instead of reusing one trained
+    differently: with class folders added under `dataset.root`, the split moves, and a teacher
+    trained before could have learnt today's test classes.
     """
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     if dataset.get("root"):
@@ -50,6 +53,8 @@ def default_teacher_dir(cfg: DictConfig) -> Path:
         "dataset": dataset,   # content_digest leaves out how and where it computes (records.NOT_CONTENT_KEYS)
         "recipe": recipe,
     }
+    if files_digest:
+        identity["files"] = files_digest
     if cfg.eval.select != "test":  # held-out classes change what the teacher trains on and how it is chosen
         identity["selection"] = {"select": cfg.eval.select, "val_classes": cfg.eval.val_classes}
     digest = content_digest(identity)[:8]
@@ -93,7 +98,7 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
     """Path of the teacher's best checkpoint, training the teacher first if needed and allowed."""
     if cfg.teacher.checkpoint:
         return Path(cfg.teacher.checkpoint).expanduser()
-    out_dir = default_teacher_dir(cfg)
+    out_dir = default_teacher_dir(cfg, data.files_digest)
     path = out_dir / "checkpoints" / "best.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir) + ".lock"):

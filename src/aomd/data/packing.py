@@ -78,7 +78,7 @@ def open_listing(
         if len(data) == 0:
             raise DatasetError(f"{listing.name}: no readable images are left in the {split} split; "
                                f"replace the unreadable files in {listing.root} and delete {path}.")
-    return RetrievalData(listing.name, train, test, base_size=base_size, image_size=image_size)
+    return RetrievalData(listing.name, train, test, base_size=base_size, image_size=image_size, files_digest=key["files"])
 
 
 def _check_options(base_size, image_size, in_memory, skip_bad_images, decode_workers) -> None:

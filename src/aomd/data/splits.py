@@ -67,6 +67,8 @@ class RetrievalData:
     """A dataset ready for training: `train` and `test` splits with disjoint classes.
 
     Images are stored at `base_size` x `base_size`; the network sees `image_size` crops of them.
+    `files_digest` fingerprints the files and labels a dataset on disk was read from
+    (`DatasetListing.digest`); empty where the settings alone determine the images (synthetic).
     """
 
     name: str
@@ -75,6 +77,7 @@ class RetrievalData:
     base_size: int
     image_size: int
     val: ImageSplit | None = None   # held-out training classes that select the epoch (eval.select=val)
+    files_digest: str = ""
 
     def summary(self) -> dict[str, int]:
         """Image and class counts, as logged and written to metrics.json."""
