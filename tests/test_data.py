@@ -71,6 +71,18 @@ def test_small_classes_give_what_they_have():
     assert len(batch) == 6 and sorted(np.bincount(labels[batch]).tolist()) in ([2, 4], )
 
 
+def test_a_batch_of_more_than_one_pass_over_the_classes_repeats_no_image_it_can_avoid():
+    # 20 classes x 5 fill 100 of 128: a second pass takes images the batch does not hold yet
+    labels = np.repeat(np.arange(20), 10)
+    for batch in ClassBalancedBatchSampler(labels, batch_size=128, images_per_class=5, num_batches=5, seed=0):
+        assert len(batch) == 128 and len(set(batch)) == 128
+        assert np.bincount(labels[batch]).max() <= 10
+    # 3 classes x 2 images, batches of 8: repeats are unavoidable, but every image is in the batch
+    labels = np.repeat(np.arange(3), 2)
+    for batch in ClassBalancedBatchSampler(labels, batch_size=8, images_per_class=2, num_batches=5, seed=0):
+        assert len(batch) == 8 and set(batch) == set(range(6))
+
+
 def test_train_transform_crops_flips_and_normalises():
     images = torch.arange(2 * 6 * 6 * 3, dtype=torch.uint8).reshape(2, 6, 6, 3)
     out = train_transform(images, 4, torch.Generator().manual_seed(0))

@@ -13,7 +13,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     For each batch the classes are visited in a random order and up to `images_per_class` (m)
     random images are taken from each until the batch is full; the last class visited fills
     only what is left (batch 128 with m = 5 is 25 classes x 5 + 3). A class with fewer than m
-    images gives all of them.
+    images gives all of them. When one pass over the classes leaves room (fewer than
+    batch_size / m classes), another pass in a new order follows, taking up to m more of each
+    class's images that the batch does not hold yet; an image is repeated in a batch only once
+    every image of its class is in it.
 
     `skip(k)` makes the next epoch yield only its batches after the first k (they are still
     drawn, so the random stream is the one of a whole epoch): a run resumed in the middle of an
@@ -48,11 +51,17 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
 
     def _batch(self) -> list[int]:
         batch: list[int] = []
-        while len(batch) < self.batch_size:  # loops again only if all classes together are too few
+        in_batch: dict[int, np.ndarray] = {}  # class -> its images in the batch so far
+        while len(batch) < self.batch_size:  # loops again only if one pass over the classes leaves room
             for c in self.rng.permutation(len(self.classes)):
                 pool = self.indices_of_class[c]
+                if c in in_batch:  # a later pass: the class's images not in the batch yet, if any
+                    unused = np.setdiff1d(pool, in_batch[c])
+                    pool = unused if len(unused) else pool
                 take = min(self.images_per_class, len(pool), self.batch_size - len(batch))
-                batch.extend(self.rng.choice(pool, size=take, replace=False).tolist())
+                chosen = self.rng.choice(pool, size=take, replace=False)
+                in_batch[c] = np.concatenate([in_batch[c], chosen]) if c in in_batch else chosen
+                batch.extend(chosen.tolist())
                 if len(batch) == self.batch_size:
                     break
         return batch
