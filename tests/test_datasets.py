@@ -182,6 +182,20 @@ def test_cars196_mat_layout_split_is_classes_1_to_98_vs_99_to_196(cars_mat_root,
     assert all(Path(p).parent.name == "car_ims" for p in data.train.paths)
 
 
+def test_cars196_mat_class_ids_saved_as_doubles_are_read(tmp_path):
+    """A cars_annos.mat re-saved by MATLAB or Octave holds its class ids as doubles."""
+    annotations = np.zeros((1, 3), dtype=[("relative_im_path", "O"), ("class", "O")])
+    for i, class_id in enumerate((1.0, 98.0, 196.0)):
+        annotations[0, i] = (f"car_ims/{i + 1:06d}.jpg", np.float64(class_id))
+    scipy.io.savemat(tmp_path / "cars_annos.mat", {"annotations": annotations})
+    files, labels = benchmarks._cars196_from_mat(tmp_path)
+    assert labels == [1, 98, 196] and files[2] == tmp_path / "car_ims" / "000003.jpg"
+    annotations[0, 0] = ("car_ims/000001.jpg", np.float64(1.5))
+    scipy.io.savemat(tmp_path / "cars_annos.mat", {"annotations": annotations})
+    with pytest.raises(DatasetError, match="has '1.5' where a class id"):
+        benchmarks._cars196_from_mat(tmp_path)
+
+
 def test_cars196_class_folder_layout_gives_the_same_split(cars_mat_root, cars_folder_root, tmp_path):
     mat = load_cars196(cars_mat_root, **options(tmp_path))
     folders = load_cars196(cars_folder_root, **options(tmp_path))

@@ -147,7 +147,14 @@ def _cars196_from_mat(root: Path) -> tuple[list[Path], list[int]]:
                            f"`annotations` have fields relative_im_path and class): {type(error).__name__}: "
                            f"{error}; {obtain}.") from None
     files = [root / str(r) for r in relative]
-    return files, [to_int(str(c), path, "class id", obtain) for c in classes]
+    return files, [to_int(_mat_number_text(c), path, "class id", obtain) for c in classes]
+
+
+def _mat_number_text(value) -> str:
+    """A number read from a .mat file, as text: "7" for 7 and for 7.0 (the original file stores
+    class ids as uint8; one re-saved by MATLAB or Octave may store them as doubles)."""
+    value = np.asarray(value).item() if np.ndim(value) == 0 else value
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _cars196_from_folders(root: Path) -> tuple[list[Path], list[int]]:
