@@ -7,7 +7,7 @@
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]        # default: gpu-check/
 #
-# Writes OUT_DIR/summary.md (test result, every benchmark verdict and the minutes each part took), the
+# Writes OUT_DIR/summary.md (test result, every benchmark verdict and the seconds each part took), the
 # logs (tests.log, train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test or
 # a benchmark failed, 2 when there is no CUDA device.
 set -uo pipefail
@@ -23,7 +23,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_check: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
-rm -f "$out/times.tsv"
+rm -f "$out"/tests.log "$out"/train_step.* "$out"/data_path.* "$out"/recipe.* "$out/times.tsv" "$out/summary.md"  # no figure of an earlier run in this summary
 # each part's seconds, for the summary: where a lease's minutes went
 lap_start=$SECONDS
 lap() { printf '%s\t%s\n' "$1" $((SECONDS - lap_start)) >> "$out/times.tsv"; lap_start=$SECONDS; }

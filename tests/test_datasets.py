@@ -276,6 +276,29 @@ def test_class_folders_added_under_a_root_train_a_new_teacher(tmp_path):
     assert default_teacher_dir(cfg, before.files_digest) != default_teacher_dir(cfg, after.files_digest)
 
 
+def test_a_job_looks_for_its_teacher_by_its_files_and_names_one_an_earlier_version_trained(tmp_path):
+    from aomd.runtime import Runtime
+    from aomd.teachers import default_teacher_dir, teacher_checkpoint
+    from conftest import compose
+
+    root = make_folder(tmp_path, classes=6)
+    cfg = compose("dataset=folder", f"dataset.root={root}", f"paths.teachers_dir={tmp_path / 'teachers'}",
+                  "teacher.train_if_missing=false")
+    data = load_folder(root, train_fraction=0.5, **options(tmp_path))
+    expected = default_teacher_dir(cfg, data.files_digest) / "checkpoints" / "best.pt"
+    with pytest.raises(ConfigError) as error:
+        teacher_checkpoint(cfg, data, Runtime.resolve("cpu"))
+    assert str(error.value).startswith(f"No teacher at {expected} and teacher.train_if_missing=false;")
+    assert "earlier version" not in str(error.value)
+    # a teacher in the folder an earlier version gave it (no files in its identity) is named, not used
+    earlier = default_teacher_dir(cfg) / "checkpoints" / "best.pt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"")
+    (earlier.parent.parent / "metrics.json").write_text('{"status": "finished"}')
+    with pytest.raises(ConfigError, match=f"is at {earlier}: pass teacher.checkpoint={earlier} to use it"):
+        teacher_checkpoint(cfg, data, Runtime.resolve("cpu"))
+
+
 def test_folder_uses_explicit_train_and_test_folders(tmp_path):
     root = tmp_path / "explicit"
     for split, names in (("train", ["b", "a"]), ("test", ["c", "d", "e"])):

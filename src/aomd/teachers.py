@@ -103,10 +103,28 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir) + ".lock"):
         if not (finished_record(out_dir) and path.is_file()):  # absent, or an interrupted training: (re)train
+            earlier = earlier_version_teacher(cfg, data.files_digest)
+            hint = (f" A teacher that an earlier version trained without recording the dataset's files is at "
+                    f"{earlier}: pass teacher.checkpoint={earlier} to use it if the files under dataset.root "
+                    f"have not changed since." if earlier else "")
             if not cfg.teacher.train_if_missing:
-                raise ConfigError(f"No teacher at {path} and teacher.train_if_missing=false; pass teacher.checkpoint=<path> or allow training it.")
+                raise ConfigError(f"No teacher at {path} and teacher.train_if_missing=false; pass "
+                                  f"teacher.checkpoint=<path> or allow training it.{hint}")
+            if earlier:
+                log.warning("Training a new teacher into %s.%s", out_dir, hint)
             train_teacher(cfg, data, out_dir, runtime)
     return path
+
+
+def earlier_version_teacher(cfg: DictConfig, files_digest: str) -> Path | None:
+    """The best.pt of a finished teacher for this configuration in the folder versions before
+    `files_digest` joined the teacher's identity gave it, if there is one: it may have been
+    trained on other files, so it is named to the user, never used unasked."""
+    if not files_digest:
+        return None
+    folder = default_teacher_dir(cfg)
+    path = folder / "checkpoints" / "best.pt"
+    return path if finished_record(folder) and path.is_file() else None
 
 
 def load_teacher(cfg: DictConfig, teacher: EmbeddingNet, data: RetrievalData, runtime: Runtime) -> Path:

@@ -13,8 +13,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     For each batch the classes are visited in a random order and up to `images_per_class` (m)
     random images are taken from each until the batch is full; the last class visited fills
     only what is left (batch 128 with m = 5 is 25 classes x 5 + 3). A class with fewer than m
-    images gives all of them. When one pass over the classes leaves room (fewer than
-    batch_size / m classes), another pass in a new order follows, taking up to m more of each
+    images gives all of them. When one pass over the classes leaves room (too few classes, or
+    classes of fewer than m images), another pass in a new order follows, taking up to m more of each
     class's images that the batch does not hold yet; an image is repeated in a batch only once
     every image of its class is in it.
 

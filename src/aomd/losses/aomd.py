@@ -116,7 +116,8 @@ class AOMDLoss(nn.Module):
         AOMD = global_weight * sum(global terms) + local_weight * sum(local terms).
 
     Memory is O(N * (C + H*W)); no per-sample matrix is formed. Where a student stage has another
-    spatial size than the teacher's, the larger map is average-pooled to the smaller first.
+    spatial size than the teacher's, the local descriptors are taken with the larger map
+    average-pooled to the smaller one's size; the global ones over each map's own H, W.
     """
 
     def __init__(self, mode: int = 2, global_weight: float = 1.0, local_weight: float = 1.0):
