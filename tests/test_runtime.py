@@ -6,6 +6,7 @@ import torch
 from aomd.losses import AOMDLoss, AttentionTransferLoss, FitNetLoss, Objective
 from aomd.losses.objective import NetworkShape, StepOutputs
 from aomd.losses.samplers import DistanceWeightedNegatives
+from aomd.errors import ConfigError
 from aomd.runtime import Runtime
 from conftest import TINY, run_module
 from test_config import assert_one_line_error
@@ -45,11 +46,26 @@ def test_loader_workers_on_a_card_follow_the_cores_this_job_may_use(monkeypatch,
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allocated), raising=False)
     runtime = Runtime.resolve("cuda")
     assert runtime.num_workers == workers and runtime.pin_memory
+
+
+@pytest.mark.parametrize("capability, precision", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32"), ((7, 0), "fp32")])
+def test_auto_precision_is_bf16_only_on_cards_that_compute_in_it(monkeypatch, capability, precision):
+    """A V100 (7.0) or T4 (7.5) emulates bf16, slower than fp32: auto picks fp32 there, and asking
+    for bf16 is an error naming the card; the job's card decides, not the current one."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some card")
+    assert Runtime.resolve("cuda:1").precision == precision and asked == [torch.device("cuda", 1)]
+    if precision == "fp32":
+        with pytest.raises(ConfigError, match="train.precision=bf16 but Some card does not support bfloat16"):
+            Runtime.resolve("cuda:1", "bf16")
 
 
 def test_the_frozen_teacher_copy_gives_the_autocast_outputs_without_the_weight_casts():

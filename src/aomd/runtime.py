@@ -60,6 +60,14 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes in bfloat16 natively (compute capability 8.0, Ampere, or
+    later). `torch.cuda.is_bf16_supported()` also says yes where bf16 is emulated (V100, T4:
+    slower than fp32, and inductor refuses to compile for it), and asks the current device, not
+    the job's."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The resolved device, precision, memory format, compilation and loader settings of a job."""
@@ -96,8 +104,8 @@ class Runtime:
         if precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
         if precision == "auto":
-            precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
-        elif precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+            precision = "bf16" if on_cuda and native_bf16(resolved) else "fp32"
+        elif precision == "bf16" and on_cuda and not native_bf16(resolved):
             raise ConfigError(f"train.precision=bf16 but {torch.cuda.get_device_name(resolved)} does not support "
                               f"bfloat16; use train.precision=fp16 or fp32.")
         if num_workers == "auto":
