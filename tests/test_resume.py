@@ -188,3 +188,22 @@ def test_a_resumed_job_continues_its_wandb_run(tmp_path):
     assert second["id"] == runs[0].name.rsplit("-", 1)[1]
     logged = [h["epoch"] for h in second["history"] if "test/recall@1" in h]
     assert logged and min(logged) >= 3 and max(logged) == 4  # it continued, it did not start over
+
+
+
+def test_random_states_saved_where_more_cards_were_visible_restore_on_the_cards_there_are(monkeypatch):
+    """A run saved on a node whose four cards it saw, resumed in a job that sees one."""
+    import numpy as np
+
+    from aomd.data.sampler import ClassBalancedBatchSampler
+    from aomd.resume import random_states, restore_random_states, sampler_state
+
+    sampler = ClassBalancedBatchSampler(np.repeat(np.arange(4), 2), 4, 2, 1)
+    states = random_states(sampler_state(sampler), torch.Generator())
+    states["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device: state}))
+    restore_random_states(states, sampler, torch.Generator())
+    assert list(restored) == [0] and torch.equal(restored[0], states["cuda"][0])

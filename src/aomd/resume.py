@@ -61,7 +61,10 @@ def restore_random_states(states: dict[str, Any], sampler: ClassBalancedBatchSam
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # by index, over the cards this process sees: a run saved where it saw more cards (a node's
+        # four, then a requeued job's one) resumes instead of failing on a card it cannot see
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 def _plain(tree: Any) -> Any:
