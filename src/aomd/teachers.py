@@ -102,7 +102,7 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
     path = out_dir / "checkpoints" / "best.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir) + ".lock"):
-        if not (finished_record(out_dir) and path.is_file()):  # absent, or an interrupted training: (re)train
+        if not finished_teacher(out_dir):  # absent, or an interrupted training: (re)train
             earlier = earlier_version_teacher(cfg, data.files_digest)
             hint = (f" A teacher that an earlier version trained without recording the dataset's files is at "
                     f"{earlier}: pass teacher.checkpoint={earlier} to use it if the files under dataset.root "
@@ -116,15 +116,17 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
     return path
 
 
+def finished_teacher(folder: Path) -> Path | None:
+    """The best.pt of the teacher whose training in `folder` ended, if there is one."""
+    path = folder / "checkpoints" / "best.pt"
+    return path if finished_record(folder) and path.is_file() else None
+
+
 def earlier_version_teacher(cfg: DictConfig, files_digest: str) -> Path | None:
     """The best.pt of a finished teacher for this configuration in the folder versions before
     `files_digest` joined the teacher's identity gave it, if there is one: it may have been
     trained on other files, so it is named to the user, never used unasked."""
-    if not files_digest:
-        return None
-    folder = default_teacher_dir(cfg)
-    path = folder / "checkpoints" / "best.pt"
-    return path if finished_record(folder) and path.is_file() else None
+    return finished_teacher(default_teacher_dir(cfg)) if files_digest else None
 
 
 def load_teacher(cfg: DictConfig, teacher: EmbeddingNet, data: RetrievalData, runtime: Runtime) -> Path:
