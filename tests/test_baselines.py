@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from aomd.losses import (
+    AllNegatives,
     AttentionTransferLoss,
     FitNetLoss,
     HardDarkRankLoss,
@@ -17,6 +18,7 @@ from aomd.losses import (
     SimilarityPreservingLoss,
     StepOutputs,
     DistanceWeightedNegatives,
+    TripletLoss,
 )
 
 N = 6
@@ -137,6 +139,35 @@ def test_objective_is_the_weighted_sum_of_its_terms():
     expected = sum(objective.ratios[name] * value for name, value in values.items())
     assert total.item() == pytest.approx(expected.item())
     assert values["sp"].item() == pytest.approx(SimilarityPreservingLoss()(outputs().teacher_embeddings, outputs().student_embeddings).item())
+
+
+def test_every_term_gets_its_documented_inputs_and_settings():
+    """Each term's value in the objective is its loss on the inputs docs/methods.md gives it (AT and
+    FitNet on stages 2-4, FitNet also on the embeddings) with the settings of the loss config."""
+    out = outputs()
+    objective = Objective(AllNegatives(), STUDENT, TEACHER, triplet_ratio=1.0, margin=0.7, triplet_p=1, sp_ratio=1.0,
+                          at_ratio=1.0, fitnet_ratio=1.0, dark_ratio=1.0, dark_alpha=1.5, dark_beta=2.5, permute_len=3,
+                          dist_ratio=1.0, angle_ratio=1.0)
+    _, values = objective(out)
+    t, s = out.teacher_embeddings, out.student_embeddings
+    fitnet = objective.terms["fitnet"]
+    assert [r.in_channels for r in fitnet.regressors] == [*STUDENT.stage_channels[1:], STUDENT.embedding_size]
+    expected = {
+        "triplet": TripletLoss(AllNegatives(), 0.7, 1)(s, out.labels),
+        "sp": SimilarityPreservingLoss()(t, s),
+        "at": AttentionTransferLoss()(out.teacher_stages[1:], out.student_stages[1:]),
+        "fitnet": fitnet([*out.teacher_stages[1:], t], [*out.student_stages[1:], s]),
+        "dark": HardDarkRankLoss(1.5, 2.5, 3)(t, s),
+        "dist": RKDDistanceLoss()(t, s),
+        "angle": RKDAngleLoss()(t, s),
+    }
+    assert set(values) == set(expected)
+    for name, value in expected.items():
+        assert values[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    # and not with the defaults: each setting reaches its term
+    defaults = Objective(AllNegatives(), STUDENT, TEACHER, triplet_ratio=1.0, dark_ratio=1.0)(out)[1]
+    assert defaults["triplet"].item() != pytest.approx(values["triplet"].item())
+    assert defaults["dark"].item() != pytest.approx(values["dark"].item())
 
 
 def test_terms_with_ratio_zero_are_not_built():

@@ -28,11 +28,43 @@ def test_defaults_compose_and_validate():
     assert real.teacher.backbone == "resnet50" and real.teacher.embedding_size == 512
 
 
+# what each option sets: the loss options' non-zero ratios and settings (the reference's weights,
+# README "Distillation"), the samplers' classes, the backbones' names
+LOSS_OPTIONS = {
+    "triplet": ({"triplet_ratio": 1.0}, {"triplet_p": 2, "margin": 0.2}),
+    "triplet_l1": ({"triplet_ratio": 1.0}, {"triplet_p": 1, "margin": 0.2}),
+    "contrastive": ({"contrastive_ratio": 1.0}, {"margin": 0.2}),
+    "aomd_mode1": ({"aomd_ratio": 200.0}, {"mode": 1, "global_weight": 1.0, "local_weight": 1.0}),
+    "aomd_mode2": ({"aomd_ratio": 200.0}, {"mode": 2, "global_weight": 1.0, "local_weight": 1.0}),
+    "sp": ({"sp_ratio": 20.0}, {}),
+    "at": ({"at_ratio": 1000.0}, {}),
+    "fitnet": ({"fitnet_ratio": 1.0}, {}),
+    "darkrank": ({"dark_ratio": 1.0}, {"dark_alpha": 2.0, "dark_beta": 3.0, "permute_len": 4}),
+    "rkd": ({"dist_ratio": 1.0, "angle_ratio": 2.0}, {}),
+}
+SAMPLER_CLASSES = {"distance": "DistanceWeightedNegatives", "semihard": "SemiHardNegatives", "hard": "HardNegatives",
+                   "random": "RandomNegatives", "all": "AllNegatives"}
+
+
 @pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in sorted(options)])
-def test_every_group_option_composes(group, option):
+def test_every_group_option_composes_to_what_it_stands_for(group, option):
+    from aomd.losses import TERMS
+
     assert {p.stem for p in (Path(config_dir()) / group).glob("*.yaml")} >= GROUPS[group]
     cfg = validate(compose(f"{group}={option}"))
-    assert cfg is not None
+    if group == "loss":
+        ratios, settings = LOSS_OPTIONS[option]
+        assert {t.ratio_key: cfg.loss[t.ratio_key] for t in TERMS.values() if cfg.loss[t.ratio_key]} == ratios
+        assert {key: cfg.loss[key] for key in settings} == settings
+        assert cfg.l2normalize is (option != "rkd")  # RKD's student is not l2-normalised
+    elif group == "backbone":
+        assert cfg.backbone.name == option
+    elif group == "sampler":
+        assert cfg.sampler._target_ == f"aomd.losses.{SAMPLER_CLASSES[option]}"
+    elif group == "logger":
+        assert cfg.logger.enabled is (option == "wandb")
+    else:
+        assert cfg.dataset._target_.endswith("load_synthetic")
 
 
 def test_logger_mode_follows_wandb_mode(monkeypatch):

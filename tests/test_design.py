@@ -12,7 +12,8 @@ from aomd.build import instantiate_node
 from aomd.config import validate
 from aomd.errors import ConfigError
 from aomd.losses.terms import TERMS, distillation_terms, loss_defaults
-from aomd.records import finished_record, identity_overrides, not_identity_keys, record_failure, read_record
+from aomd.records import (claim_record, finished_record, identity_overrides, not_identity_keys, read_record,
+                          record_failure, record_interruption)
 from conftest import TINY, compose
 
 
@@ -55,14 +56,35 @@ def test_a_sweep_with_a_wrong_type_fails_before_its_first_job(tmp_path):
 
 def test_one_rule_says_what_identifies_a_job(tmp_path):
     overrides = ["loss=sp", "train.seed=3", "logger=none", "logger.mode=offline", "preset=seeds", "skip_finished=false",
-                 "hydra/launcher=parallel", "train.progress=false", "loss.sp_ratio=20"]
-    assert identity_overrides(overrides) == ["loss=sp", "train.seed=3", "loss.sp_ratio=20"]
-    assert report.config_overrides(overrides) == ("loss=sp", "loss.sp_ratio=20")
-    assert "train.seed" in not_identity_keys() and "logger" in not_identity_keys()
-    (tmp_path / "metrics.json").write_text(json.dumps({"status": "finished", "overrides": identity_overrides(overrides)}))
+                 "hydra/launcher=parallel", "train.progress=false", "loss.sp_ratio=20", "train.num_workers=4",
+                 "paths.cache_dir=/scratch", "eval.batch_size=512", "train.precision=fp32"]
+    assert identity_overrides(overrides) == ["loss=sp", "train.seed=3", "loss.sp_ratio=20", "train.precision=fp32"]
+    assert report.config_overrides(overrides) == ("loss=sp", "loss.sp_ratio=20", "train.precision=fp32")
+    assert "train.seed" not in not_identity_keys() and "logger" in not_identity_keys()  # a folder per seed
+    # a record written under an earlier rule (when train.num_workers still identified a job) still matches
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "finished", "overrides": [*overrides[:1], "train.num_workers=2",
+                                                                                            *overrides[1:]]}))
     assert finished_record(tmp_path, overrides) and not finished_record(tmp_path, ["loss=sp"])
+    assert finished_record(tmp_path, overrides[::-1])  # the same job, its overrides in another order
     record_failure(tmp_path, RuntimeError("boom"))
     assert read_record(tmp_path)["status"] == "failed" and finished_record(tmp_path) is None
+
+
+def test_a_job_claims_its_folder_from_another_configurations_record(tmp_path):
+    """A sweep rerun with other values into the same folder numbers, stopped while its teacher trains:
+    the folder must not go on showing the earlier configuration's results under the new overrides."""
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "finished", "overrides": ["loss=triplet"],
+                                                       "best": {"recall@1": 0.6}, "history": [{"recall@1": 0.6}]}))
+    claim_record(tmp_path, ["loss=sp", "logger=none"])
+    assert read_record(tmp_path) == {"status": "running", "overrides": ["loss=sp"], "best": None, "history": []}
+    record_interruption(tmp_path, "SIGTERM (training its teacher)")
+    assert read_record(tmp_path) == {"status": "interrupted", "overrides": ["loss=sp"], "best": None, "history": [],
+                                     "error": "SIGTERM (training its teacher)"}
+    # the job's own unfinished record stays (a resumed job continues it)
+    own = {"status": "interrupted", "overrides": ["loss=sp"], "best": {"recall@1": 0.5}, "history": [{"recall@1": 0.5}]}
+    (tmp_path / "metrics.json").write_text(json.dumps(own))
+    claim_record(tmp_path, ["loss=sp", "train.num_workers=2"])
+    assert read_record(tmp_path) == own
 
 
 def test_hydra_override_dirname_uses_the_same_rule():

@@ -85,6 +85,15 @@ def test_validation_classes_are_held_out_of_the_train_split(tiny_data):
     assert data.summary()["val_classes"] == 2
 
 
+def test_a_small_training_split_holds_out_two_validation_classes_by_default():
+    """A fifth of 6 training classes rounds to 1, and one validation class scores 100% Recall every epoch."""
+    from aomd.build import load_data
+
+    cfg = validate(compose(*TINY, "eval.select=val"))
+    data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
+    assert data.summary()["val_classes"] == 2 and data.summary()["train_classes"] == 4
+
+
 @pytest.mark.slow
 def test_select_val_reports_the_test_metrics_of_the_best_validation_epoch(tmp_path):
     metrics = train(tmp_path, "train.epochs=3", "eval.select=val", "eval.val_classes=2", "dataset.num_classes=16")
@@ -133,6 +142,7 @@ def test_the_optuna_preset_tunes_on_validation_classes():
 @pytest.mark.parametrize("overrides, message", [
     (["eval.select=best"], "eval.select must be test, last or val"),
     (["eval.select=val", "eval.val_classes=0"], "eval.val_classes"),
+    (["eval.select=val", "eval.val_classes=1"], "one class scores 100% Recall"),
 ])
 def test_selection_settings_are_checked(overrides, message):
     from aomd.errors import ConfigError

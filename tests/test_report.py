@@ -4,6 +4,7 @@ the slow one runs a real tiny sweep."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -136,6 +137,31 @@ def test_finished_without_evaluation_is_not_a_result(tmp_path: Path):
     (job,) = read_sweep(tmp_path)
     assert job.status == "no result"
     assert aggregate([job])[0].n == 0
+
+
+def test_a_record_another_configuration_left_in_the_folder_is_not_this_jobs_result(tmp_path: Path):
+    """A sweep rerun with other values into the same folders: job 0 is loss=sp now, and until it
+    claims its folder the triplet job's finished record is still there."""
+    job = write_job(tmp_path, "0", ["loss=sp"], loss="sp", metrics=m(0.5, 0.6, 0.2))
+    record = json.loads((job / "metrics.json").read_text())
+    (job / "metrics.json").write_text(json.dumps({**record, "overrides": ["loss=triplet"]}))
+    write_job(tmp_path, "1", ["loss=rkd", "train.num_workers=2"], loss="rkd", metrics=m(0.4, 0.5, 0.1))
+    record = json.loads((tmp_path / "1" / "metrics.json").read_text())  # written where num_workers still identified a job
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps({**record, "overrides": ["loss=rkd", "train.num_workers=2"]}))
+    jobs = read_sweep(tmp_path)
+    assert [j.status for j in jobs] == ["missing", "finished"]
+    assert report.describe_unfinished(jobs[0]) == "metrics.json is another configuration's, loss=triplet: not started yet"
+    rows = aggregate(jobs)
+    assert [(r.label, r.n) for r in rows] == [("loss=rkd", 1), ("loss=sp", 0)]
+
+
+def test_a_metric_that_is_not_finite_does_not_stop_the_report(tmp_path: Path):
+    for seed, recall in enumerate((float("nan"), 0.5)):
+        write_job(tmp_path, str(seed), ["loss=triplet", f"train.seed={seed}"], seed=seed, metrics=m(recall, 0.6, 0.2))
+    (row,) = aggregate(read_sweep(tmp_path))
+    assert row.n == 2 and math.isnan(row.mean["recall@1"]) and math.isnan(row.std["recall@1"])
+    assert row.mean["recall@2"] == pytest.approx(0.6) and row.std["recall@2"] == 0.0
+    assert main([str(tmp_path)]) == 0
 
 
 def test_read_sweep_rejects_a_missing_or_empty_directory(tmp_path: Path):

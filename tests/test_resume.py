@@ -113,10 +113,36 @@ def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, 
     result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path}", env=signalled_at_step(signal_name, when))
     assert result.returncode == 128 + getattr(signal, signal_name), result.stderr[-3000:]
     if signal_name == "SIGINT":  # Ctrl-C: a line, not a traceback
-        assert "interrupted; the same command continues the job" in result.stderr and "Traceback" not in result.stderr
+        assert f"interrupted; the same command with hydra.run.dir={tmp_path} continues it" in result.stderr
+        assert "Traceback" not in result.stderr
     assert f"{signal_name} {where}: saved checkpoints/last.pt" in result.stdout + result.stderr
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
     assert_resumes_to(uninterrupted, tmp_path, args, resumed)
+
+
+@pytest.mark.slow
+def test_a_run_continued_in_another_folder_starts_there_with_its_best_pt(uninterrupted, tmp_path):
+    stopped, other = tmp_path / "stopped", tmp_path / "other"
+    result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={stopped}", env=signalled_at_step("SIGTERM", "eval3"))
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    best_epoch = json.loads((uninterrupted / "metrics.json").read_text())["best"]["epoch"]
+    assert best_epoch <= 2  # chosen before the stop: no epoch of the continued run writes best.pt
+    # the fp16 gradient scaler is not part of the job: a run saved in fp32 continues with a fresh one
+    assert_resumes_to(uninterrupted, other, [*FOUR_EPOCHS, f"train.resume={stopped}"], "Resuming after epoch 2 of 4")
+
+
+@pytest.mark.slow
+def test_a_run_started_over_and_killed_before_its_first_save_does_not_resume_the_old_one(uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    result = run_module("aomd.train", *FOUR_EPOCHS, "train.resume=never", f"hydra.run.dir={tmp_path}",
+                        env=signalled_at_step("SIGKILL", 1))
+    assert result.returncode == -signal.SIGKILL
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # the old run's, which this run's best.pt no longer matches
+    result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0 and "Resuming" not in result.stdout + result.stderr, result.stderr[-3000:]
+    resumed, expected = (json.loads((folder / "metrics.json").read_text()) for folder in (tmp_path, uninterrupted))
+    assert strip_timing(resumed["history"]) == strip_timing(expected["history"])
+    assert_same_checkpoint(uninterrupted / "checkpoints" / "best.pt", tmp_path / "checkpoints" / "best.pt")
 
 
 @pytest.mark.slow
@@ -136,10 +162,24 @@ def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(uninterrupted, tm
     result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={other}")
     assert_one_line_error(result, "Cannot resume", "another job", "train.resume=never")
     (other / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
-    result = run_module("aomd.train", *TINY, "logger=none", f"hydra.run.dir={other}")
-    assert_one_line_error(result, "Cannot resume", "train.resume=never")
-    result = run_module("aomd.train", *TINY, "logger=none", "train.resume=never", f"hydra.run.dir={other}")
+    result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={other}")
+    assert_one_line_error(result, "Cannot resume", "Delete it", "train.resume=never")
+    result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", "train.resume=never", f"hydra.run.dir={other}")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_with_other_values_starts_over_in_a_folder_another_configuration_left(uninterrupted, tmp_path):
+    """Job N of a sweep rerun into the same hydra.sweep.dir with other values finds job N of the
+    first sweep unfinished there: its record and its last.pt are another configuration's."""
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    record = json.loads((uninterrupted / "metrics.json").read_text())
+    (tmp_path / "metrics.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0 and "Resuming" not in result.stdout + result.stderr, result.stderr[-3000:]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "finished" and "train.lr=0.005" in record["overrides"]
+    assert [r["epoch"] for r in record["history"]] == [0, 1]
 
 
 @pytest.mark.slow
@@ -184,10 +224,17 @@ def test_a_resumed_job_continues_its_wandb_run(tmp_path):
     assert read_offline_run(runs[0])["summary"]["status"] == "interrupted"
     # one run per job in the dashboard: the same id (the end of an offline run folder's name)
     assert len({run.name.rsplit("-", 1)[1] for run in runs}) == 1
-    second = read_offline_run(runs[1])
+    first, second = read_offline_run(runs[0]), read_offline_run(runs[1])
     assert second["id"] == runs[0].name.rsplit("-", 1)[1]
-    logged = [h["epoch"] for h in second["history"] if "test/recall@1" in h]
-    assert logged and min(logged) >= 3 and max(logged) == 4  # it continued, it did not start over
+    # `wandb sync` of a run id replaces what the run held, so the newest folder holds the whole job:
+    # the earlier epochs again, then the ones after the resume (it continued, it did not start over)
+    logged = lambda run: [(h["epoch"], h["test/recall@1"]) for h in run["history"] if "test/recall@1" in h]
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert logged(second) == [(r["epoch"], r["recall@1"]) for r in record["history"]]
+    assert logged(second)[:len(logged(first))] == logged(first) and logged(second)[-1][0] == 4
+    assert second["summary"]["best/recall@1"] == record["best"]["recall@1"]
+    assert second["summary"]["best/epoch"] == record["best"]["epoch"]
+    assert second["summary"]["dataset/train_images"] == record["dataset"]["train_images"]
 
 
 

@@ -142,12 +142,18 @@ def test_pairs_of_anchors_without_a_negative_are_dropped_by_every_sampler():
 
 
 def test_triplet_losses_match_their_formula():
-    a, p, n = AllNegatives()(LINE, LABELS)
+    # points in the plane: on a line, L1 and L2 distances are equal and could not tell the two apart
+    torch.manual_seed(0)
+    points = torch.randn(len(LABELS), 2)
+    a, p, n = AllNegatives()(points, LABELS)
+    losses = {}
     for p_norm in (1, 2):
-        d_ap = (LINE[a] - LINE[p]).norm(p=p_norm, dim=1)
-        d_an = (LINE[a] - LINE[n]).norm(p=p_norm, dim=1)
-        expected = (d_ap - d_an + 0.2).clamp(min=0).mean()
-        assert TripletLoss(AllNegatives(), 0.2, p_norm)(LINE, LABELS).item() == pytest.approx(expected.item())
+        d_ap = (points[a] - points[p]).norm(p=p_norm, dim=1)
+        d_an = (points[a] - points[n]).norm(p=p_norm, dim=1)
+        expected = (d_ap - d_an + 0.3).clamp(min=0).mean()
+        losses[p_norm] = TripletLoss(AllNegatives(), 0.3, p_norm)(points, LABELS).item()
+        assert losses[p_norm] == pytest.approx(expected.item())
+    assert abs(losses[1] - losses[2]) > 0.01
     d_ap, d_an = (LINE[a] - LINE[p]).norm(dim=1), (LINE[a] - LINE[n]).norm(dim=1)
     expected = torch.cat([d_ap.pow(2), (0.5 - d_an).clamp(min=0).pow(2)]).mean()
     assert ContrastiveLoss(AllNegatives(), 0.5)(LINE, LABELS).item() == pytest.approx(expected.item())

@@ -55,11 +55,11 @@ def build_objective(loss, sampler, student: EmbeddingNet, teacher: EmbeddingNet 
 def load_data(dataset, batch_size: int | None, eval_spec) -> RetrievalData:
     """The data of a `dataset` node, checked against the training batch size (None: not for
     training) and `eval.recall_k`; with `eval.select=val`, `eval.val_classes` training classes
-    (default a fifth) are held out as the validation split."""
+    (default a fifth, at least 2) are held out as the validation split."""
     data = instantiate_node(dataset, "dataset")
     if eval_spec.select == "val" and batch_size is not None:
         classes = data.train.num_classes
-        held_out = eval_spec.val_classes or max(1, round(classes / 5))
+        held_out = eval_spec.val_classes or max(2, round(classes / 5))  # one class would score 100% every epoch
         if held_out >= classes - 1:
             raise ConfigError(f"eval.val_classes ({held_out}) leaves fewer than 2 of the {classes} training classes "
                               f"of {data.name} to train on; hold out fewer.")

@@ -30,8 +30,8 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
     try:
         return task(cfg)
     except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback; a sweep ends too
-        print(f"{program}: interrupted; the same command continues the job (train.resume=auto).", file=sys.stderr,
-              flush=True)
+        print(f"{program}: interrupted; the same command with {continuation_override()} continues it "
+              f"(train.resume=auto).", file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as error:
         if in_multirun():
@@ -44,6 +44,15 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
             print(f"{program}: error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
+
+
+def continuation_override() -> str:
+    """The override that runs a job again in its own folder (the default folders are named by the
+    time of the command, so the same command alone would start over in a new one)."""
+    hydra_cfg = HydraConfig.get()
+    if in_multirun():
+        return f"hydra.sweep.dir={hydra_cfg.sweep.dir}"
+    return f"hydra.run.dir={hydra_cfg.runtime.output_dir}"
 
 
 def start(argv: list[str], config_name: str, program: str) -> None:

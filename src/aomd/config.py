@@ -157,8 +157,11 @@ def validate(cfg: DictConfig) -> DictConfig:
              f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
     _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")
     _require(cfg.eval.select in SELECTIONS, f"eval.select must be test, last or val, got {cfg.eval.select!r}.")
-    _require(cfg.eval.val_classes is None or cfg.eval.val_classes >= 1,
-             f"eval.val_classes must be at least 1 (or null: a fifth of the training classes), got {cfg.eval.val_classes}.")
+    _require(cfg.eval.val_classes is None or cfg.eval.val_classes >= 2,
+             f"eval.val_classes must be at least 2 (one class scores 100% Recall at every epoch; or null: a fifth of the "
+             f"training classes), got {cfg.eval.val_classes}.")
+    # W&B's older names, which a WANDB_MODE set for other tools may still hold
+    cfg.logger.mode = {"dryrun": "offline", "run": "online"}.get(cfg.logger.mode, cfg.logger.mode)
     _require(cfg.logger.mode in ("online", "offline", "disabled"),
              f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}.")
     image_size = cfg.dataset.get("image_size")

@@ -325,7 +325,11 @@ def fit(
                     objective=objective.state_dict(), training=training)
 
     def stop_after_saving(where: str) -> None:
-        writer.wait()  # last.pt on disk before the signal acts (submitit requeues the job from it)
+        try:
+            writer.wait()  # last.pt on disk before the signal acts (submitit requeues the job from it)
+        except Exception as error:  # noqa: BLE001 - a full disk: the signal still acts, or the job is not requeued
+            log.error("Could not write %s (%s: %s); the job stops as asked and continues from the last one written "
+                      "before.", checkpoints / "last.pt", type(error).__name__, error)
         stop.stop(where)
 
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
@@ -347,6 +351,9 @@ def fit(
     # the writer waits for its writes before the signals' handlers go (its exit runs first)
     with StopSignals() as stop, CheckpointWriter() as writer:
         if resume is None:
+            # an earlier run's last.pt in this folder (a run started over, or another job's) would
+            # otherwise be resumed if this one is killed before it writes its own
+            (checkpoints / "last.pt").unlink(missing_ok=True)
             evaluate_epoch(0, {})
             first_epoch = 1
             if stop.requested:
@@ -357,7 +364,8 @@ def fit(
             student.load_state_dict(resume["model"])
             objective.load_state_dict(resume["objective"])
             load_optimizer_state(optimizer, training["optimizer"])
-            scaler.load_state_dict(training["scaler"])
+            if training["scaler"]:  # empty when saved in fp32 or bf16: resumed in fp16, the scaler starts afresh
+                scaler.load_state_dict(training["scaler"])
             best, history = training["best"], list(training["history"])
             resume_state.restore_random_states(training["random"], sampler, step.augment_rng)
             partial = training.get("partial")

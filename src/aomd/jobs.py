@@ -1,6 +1,7 @@
 """Runs a training job from its built parts: fit, track, summarise (a student's or a teacher's)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
     table); the best record. With `resume_from` (a `last.pt` of the job `identity`) the job
     continues where it stopped, in the same W&B run."""
     state = read_state(resume_from, identity) if resume_from is not None else None
+    if state is not None:
+        copy_best_checkpoint(resume_from.parent / "best.pt", out_dir / "checkpoints" / "best.pt")
     selection = {"select": eval_spec.select, "metric": selection_metric(eval_spec.recall_k, eval_spec.select)}
     tracker = Tracker(run, out_dir, job_type, data.summary(), runtime.describe(), selection,
                       resume_id=(state or {}).get("training", {}).get("wandb_run_id"))
@@ -43,3 +46,11 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
     print(f"\n{job_type} {model.architecture.backbone}-{model.architecture.embedding_size} on {data.name} "
           f"(Recall@K and MAP@R in %, * = best epoch, selected by {selection['metric']}):\n{tracker.summary_table()}\n", flush=True)
     return best
+
+
+def copy_best_checkpoint(source: Path, target: Path) -> None:
+    """A run continued in another folder (`train.resume=<run folder>`) starts with the best.pt of
+    the run it continues: the engine writes best.pt only when an epoch beats the restored best."""
+    if source.is_file() and not (target.is_file() and source.samefile(target)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)

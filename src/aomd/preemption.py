@@ -118,9 +118,9 @@ class StopSignals:
         assert self.requested is not None, "stop() without a requested stop"
         signum, self.requested = self.requested, None
         name = signal.Signals(signum).name
-        last_stop = f"stopped by {name} {where}; the next run of this job continues from there"
-        log.warning("%s %s: saved checkpoints/last.pt; the next run of this job (train.resume=auto) continues from it.",
-                    name, where)
+        last_stop = f"stopped by {name} {where}; the job run again in the same folder continues from there"
+        log.warning("%s %s: saved checkpoints/last.pt; the job run again in the same folder (train.resume=auto) "
+                    "continues from it.", name, where)
         # while it acts, the previous handlers take the signals that come (SLURM's SIGTERM after
         # submitit requeued the job)
         previous = self._uninstall()

@@ -42,10 +42,14 @@ TRAINING_KEYS = ("lr", *TRAINING_SPEED_KEYS)  # logged under train/ with the los
 VALIDATION_PREFIX = "val/"
 
 # What identifies a job: its overrides, less those that change neither its data nor what it
-# learns (logging, launching, skipping, the preset's name: a preset's values are overrides too).
+# learns (logging, launching, skipping, where data and teachers are kept, how many processes read
+# the data or how many images are embedded at once, the preset's name: a preset's values are
+# overrides too). Precision, device and compile stay: they move the results a little.
 SEED_KEY = "train.seed"
-NOT_IDENTITY_KEYS = ("preset", "skip_finished", "logger", "train.progress")
-NOT_IDENTITY_PREFIXES = ("logger.", "hydra.", "hydra/")
+NOT_IDENTITY_KEYS = ("preset", "skip_finished", "logger", "train.progress", "train.num_workers", "train.pin_memory",
+                     "train.resume", "dataset.in_memory", "dataset.decode_workers", "eval.batch_size",
+                     "eval.chunk_size", "eval.keep_crops")
+NOT_IDENTITY_PREFIXES = ("logger.", "hydra.", "hydra/", "paths.")
 
 
 def override_key(override: str) -> str:
@@ -67,8 +71,9 @@ def identity_overrides(overrides: Iterable[str], with_seed: bool = True) -> list
 
 def not_identity_keys() -> list[str]:
     """The keys Hydra's `override_dirname` leaves out (conf/train.yaml): those that do not
-    identify a configuration, the seed included."""
-    return [SEED_KEY, *NOT_IDENTITY_KEYS, "hydra/launcher"]
+    identify a job. The seed stays, so `hydra.sweep.subdir=${hydra.job.override_dirname}` gives
+    each seed a folder of its own."""
+    return [*NOT_IDENTITY_KEYS, "hydra/launcher"]
 
 
 if not OmegaConf.has_resolver("aomd.not_identity_keys"):
@@ -103,31 +108,53 @@ def read_record(job_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def is_record_of(record: dict[str, Any], overrides: Iterable[str]) -> bool:
+    """Whether `record` was written by the job of these overrides, in any order. The record's list
+    is filtered by today's rule too, so records written under an earlier rule still match their job."""
+    written = record.get("overrides")
+    return written is not None and sorted(identity_overrides(written)) == sorted(identity_overrides(overrides))
+
+
 def finished_record(job_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any] | None:
     """The job's record if it finished (with the same identifying `overrides`, when given)."""
     record = read_record(job_dir)
     if not record or record.get("status") != FINISHED:
         return None
-    if overrides is not None and record.get("overrides") != identity_overrides(overrides):
+    if overrides is not None and not is_record_of(record, overrides):
         return None  # the same folder can hold another configuration when a sweep is rerun with other values
     return record
 
 
+def claim_record(job_dir: Path, overrides: list[str]) -> None:
+    """Make the folder's metrics.json this job's before any work: a record that another job
+    left there (a sweep rerun with other values into the same folder numbers) would otherwise
+    show that job's results under this job's overrides until this one's training starts, and
+    for good if it is stopped before (e.g. while its teacher trains). This job's own unfinished
+    record stays: a resumed job continues it."""
+    record = read_record(job_dir)
+    if record is None or not is_record_of(record, overrides):
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(job_dir / METRICS_FILE, {"status": RUNNING, "overrides": identity_overrides(overrides),
+                                                    "best": None, "history": []})
+
+
 def record_failure(job_dir: Path, error: BaseException) -> None:
     """Make the job's metrics.json say it failed (the tracker already does once training started)."""
-    record = read_record(job_dir) or {"best": None, "history": []}
-    if record.get("status") != FAILED:
-        record.update(status=FAILED, error=f"{type(error).__name__}: {error}")
-        job_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(job_dir / METRICS_FILE, record)
+    _record_stop(job_dir, FAILED, f"{type(error).__name__}: {error}")
 
 
 def record_interruption(job_dir: Path, reason: str) -> None:
     """Make a job stopped by a signal before its own training started (e.g. while its teacher
     trained) say so in its metrics.json; once training started, the tracker does."""
-    if read_record(job_dir) is None:
+    _record_stop(job_dir, INTERRUPTED, reason)
+
+
+def _record_stop(job_dir: Path, status: str, error: str) -> None:
+    record = read_record(job_dir) or {"best": None, "history": []}
+    if record.get("status") != status:
+        record.update(status=status, error=error)
         job_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(job_dir / METRICS_FILE, {"status": INTERRUPTED, "error": reason, "best": None, "history": []})
+        write_json_atomic(job_dir / METRICS_FILE, record)
 
 
 class JobRecord:

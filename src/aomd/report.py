@@ -39,7 +39,7 @@ import yaml
 
 from aomd.errors import UserError
 from aomd.records import (FINISHED, METRICS_FILE, RETRIEVAL_KEYS, SEED_KEY, VALIDATION_PREFIX, identity_overrides,
-                           override_key, read_record)
+                           is_record_of, override_key, read_record)
 
 PROGRAM = "aomd.report"
 REPORT_FILE = "report.md"
@@ -161,6 +161,10 @@ def read_job(job_dir: Path, name: str) -> Job:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
         return Job(name, job_dir, UNREADABLE, error=f"cannot read {METRICS_FILE}: {_first_line(error)}", **fields)
+    if "overrides" in metrics and not is_record_of(metrics, overrides):
+        # a sweep rerun with other values into this folder: the job of .hydra/ has not claimed it yet
+        return Job(name, job_dir, MISSING, error=f"{METRICS_FILE} is another configuration's, "
+                                                  f"{' '.join(metrics['overrides'] or []) or '(defaults)'}: not started yet", **fields)
     status = str(metrics.get("status", UNREADABLE))
     best = metrics.get("best") if isinstance(metrics.get("best"), dict) else None
     if status == FINISHED and best is None:
@@ -289,8 +293,10 @@ def aggregate(jobs: Iterable[Job]) -> list[ConfigRow]:
                 if key.startswith("recall@") and isinstance(value, (int, float)):
                     values.setdefault(f"{LAST_PREFIX}{key}", []).append(float(value))
         row.mean = {key: statistics.fmean(v) for key, v in values.items()}
-        # sample std (n - 1): the seeds are a sample of the runs one could get
-        row.std = {key: statistics.stdev(v) if len(v) > 1 else 0.0 for key, v in values.items()}
+        # sample std (n - 1): the seeds are a sample of the runs one could get; NaN when a value
+        # is not finite (statistics.stdev fails on NaN)
+        row.std = {key: (statistics.stdev(v) if all(map(math.isfinite, v)) else math.nan) if len(v) > 1 else 0.0
+                   for key, v in values.items()}
     primary = primary_metric(rows.values())
 
     def rank(row: ConfigRow) -> tuple:
@@ -398,7 +404,7 @@ def render_table(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], str] |
 def describe_unfinished(job: Job) -> str:
     """Why a job has no result, in one line."""
     if job.status == MISSING:
-        return "no metrics.json (crashed before training started, or not started yet)"
+        return job.error or "no metrics.json (crashed before training started, or not started yet)"
     if job.status == "running":
         text = f"running, {job.epochs_evaluated} epoch(s) evaluated"
         recalls = sorted((k for k in (job.best or {}) if k.startswith("recall@") and k[7:].isdigit()), key=lambda k: int(k[7:]))

@@ -26,8 +26,11 @@ import torch
 from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.errors import UserError
 from aomd.models import CheckpointError, read_checkpoint
+from aomd.records import FINISHED, is_record_of, read_record
 
 LAST = Path("checkpoints") / "last.pt"
+# a managed teacher resumes whatever `train.resume` says: deleting the file is what starts it over
+START_OVER = "Delete it to start over (a student job: or pass train.resume=never; or train.resume=<the right run folder>)."
 
 
 class ResumeError(UserError, ValueError):
@@ -104,17 +107,38 @@ def source(setting: str, out_dir: Path) -> Path | None:
     return path
 
 
+def job_source(setting: str, out_dir: Path, overrides: list[str], identity: str) -> Path | None:
+    """The `last.pt` the job of `overrides` and `identity` continues from, in `out_dir`, under
+    `train.resume` = `setting`. With `auto`, this job's unfinished run there (killed, preempted,
+    requeued) continues; a finished run does not, nor another configuration's (a sweep rerun
+    with other values into the same folders: its record and its last.pt are another job's)."""
+    path = source(setting, out_dir)
+    record = read_record(out_dir)
+    if setting == "auto" and path is not None and record is not None and (
+            record.get("status") == FINISHED or not is_record_of(record, overrides) and not belongs_to(path, identity)):
+        return None
+    return path
+
+
+def belongs_to(path: Path, identity: str) -> bool:
+    """Whether the `last.pt` at `path` is readable and was written by the job `identity`."""
+    try:
+        training = read_checkpoint(path).get("training")
+    except CheckpointError:
+        return False
+    return isinstance(training, dict) and training.get("identity") == identity
+
+
 def read_state(path: Path, identity: str) -> dict[str, Any]:
     """The checkpoint at `path` with its `training` state, checked to belong to the job `identity`."""
     try:
         payload = read_checkpoint(path)
     except CheckpointError as error:
-        raise ResumeError(f"Cannot resume from {path}: {error} Delete it or pass train.resume=never to start over.") from None
+        raise ResumeError(f"Cannot resume from {path}: {error} {START_OVER}") from None
     training = payload.get("training")
     if not isinstance(training, dict):
-        raise ResumeError(f"Cannot resume from {path}: it holds no training state (written by an older aomd); "
-                          f"pass train.resume=never to start over.")
+        raise ResumeError(f"Cannot resume from {path}: it holds no training state (written by an older aomd). {START_OVER}")
     if training.get("identity") != identity:
         raise ResumeError(f"Cannot resume from {path}: it belongs to another job ({training.get('identity')!r}, this "
-                          f"job is {identity!r}); pass train.resume=never to start over, or the right run folder.")
+                          f"job is {identity!r}). {START_OVER}")
     return payload

@@ -11,8 +11,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from aomd.records import (FAILED, FINISHED, INTERRUPTED, RETRIEVAL_KEYS, TRAINING_KEYS, VALIDATION_PREFIX, JobRecord, identifies,
-                           override_key)
+from aomd.records import (FAILED, FINISHED, INTERRUPTED, RETRIEVAL_KEYS, TRAINING_KEYS, VALIDATION_PREFIX, JobRecord,
+                           identity_overrides, override_key)
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ class RunInfo:
     overrides: list[str] | None = None
 
 
-def sweep_run_name(task_overrides: list[str], swept: set[str]) -> str | None:
-    """A sweep job's run name: what it sets of what the sweep varies, seeds excluded, so the seeds
-    of one configuration share a name."""
-    parts = [o.lstrip("+~") for o in task_overrides
-             if override_key(o) in swept and identifies(override_key(o), with_seed=False)]
+def run_name(task_overrides: list[str], swept: set[str] | None = None) -> str | None:
+    """A job's W&B run name: its overrides that identify its configuration (seeds excluded, so the
+    seeds of one configuration share a name); in a sweep only those of the keys it varies."""
+    parts = [o.lstrip("+~") for o in identity_overrides(task_overrides, with_seed=False)
+             if swept is None or override_key(o) in swept]
     return " ".join(parts) or None
 
 
@@ -88,10 +88,11 @@ class Tracker:
             self.run = _start_run(logger.mode, logger.init_timeout, out_dir, id=resume_id,
                                   resume="allow" if resume_id else None,  # a resumed job continues its run
                                   **self._init)
-            self._wandb(lambda r: r.summary.update({f"dataset/{k}": v for k, v in dataset_summary.items()}))
-            if selection:  # what best/* is: the epoch chosen by this metric (best/val/* with select=val)
-                self._wandb(lambda r: r.summary.update({"selection/select": selection["select"],
-                                                        "selection/metric": selection["metric"]}))
+        # the run's summary beyond best/* and last/*, kept to give it again to a run that replaces this one
+        self._summary = {f"dataset/{k}": v for k, v in dataset_summary.items()}
+        if selection:  # what best/* is: the epoch chosen by this metric (best/val/* with select=val)
+            self._summary.update({"selection/select": selection["select"], "selection/metric": selection["metric"]})
+        self._wandb(lambda r: r.summary.update(self._summary))
 
     def _wandb(self, call) -> None:
         """`call(run)` on the W&B run. When W&B fails mid-run, the job goes on in an offline run
@@ -114,6 +115,7 @@ class Tracker:
             import wandb
 
             self.run = wandb.init(mode="offline", id=run_id, resume="allow", **self._init)
+            self._replay(self.run, with_history=True)  # the offline folder replaces the online run when synced
             call(self.run)
         except Exception as error:  # noqa: BLE001
             log.warning("W&B failed again (%s: %s); this job goes on without it, its results are in metrics.json.",
@@ -125,28 +127,39 @@ class Tracker:
         return None if self.run is None else self.run.id
 
     def restore(self, history: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
-        """A resumed job's earlier epochs: into its record (W&B already has them, in the same run)."""
+        """A resumed job's earlier epochs: into its record and its W&B run. An online run already
+        has their history (the job continues it), and gets its summary again; an offline run is a
+        new folder with the same id, and `wandb sync` of a run id replaces what the run held, so it
+        gets the whole history too: the newest folder, synced last, leaves the run complete."""
         self.record.restore(history, best)
+        self._wandb(lambda r: self._replay(r, with_history=r.offline))
+
+    def _replay(self, run, with_history: bool) -> None:
+        """Give `run` this job's summary so far (and with `with_history` every epoch logged so far)."""
+        if with_history:
+            for record in self.record.history:
+                _log_epoch(run, record)
+        run.summary.update(self._summary)
+        if self.record.history:
+            run.summary.update({f"last/{k}": v for k, v in self.record.history[-1].items()})
+        if self.record.best:
+            run.summary.update({f"best/{k}": v for k, v in self.record.best.items()})
 
     def log_teacher(self, metrics: dict[str, float]) -> None:
         """The teacher's test metrics, once per job, next to the student's."""
         self.record.set_teacher(metrics)
         log.info("teacher: %s", _format(metrics))
-        if self.run is not None:
-            self._wandb(lambda r: r.summary.update({f"teacher/{k}": v for k, v in metrics.items()}))
+        self._summary.update({f"teacher/{k}": v for k, v in metrics.items()})
+        self._wandb(lambda r: r.summary.update(self._summary))
 
     def log_epoch(self, record: dict[str, Any], is_best: bool) -> None:
         """One evaluated epoch; `is_best` when it is the new best (the engine decides which epochs count)."""
         self.record.add_epoch(record, is_best)
         log.info("epoch %d: %s", record["epoch"], _format({k: v for k, v in record.items() if k != "epoch"}))
-        if self.run is not None:
-            logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_KEYS}
-            logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
-            logged.update({k: v for k, v in record.items() if k.startswith(VALIDATION_PREFIX)})
-            self._wandb(lambda r: r.log({"epoch": record["epoch"], **logged}, step=record["epoch"]))
-            self._wandb(lambda r: r.summary.update({f"last/{k}": v for k, v in record.items()}))
-            if is_best:
-                self._wandb(lambda r: r.summary.update({f"best/{k}": v for k, v in record.items()}))
+        self._wandb(lambda r: _log_epoch(r, record))
+        self._wandb(lambda r: r.summary.update({f"last/{k}": v for k, v in record.items()}))
+        if is_best:
+            self._wandb(lambda r: r.summary.update({f"best/{k}": v for k, v in record.items()}))
 
     def finish(self, status: str = FINISHED, error: str | None = None) -> None:
         self.record.finish(status, error)
@@ -205,7 +218,20 @@ def _start_run(mode: str, init_timeout: float, out_dir: Path, **kwargs):
                         "`wandb sync %s/wandb/offline-run-*`.", type(error).__name__, _first_line(error), out_dir)
     elif mode == "online":
         log.info("W&B online was unavailable earlier in this process; logging offline to %s/wandb.", out_dir)
-    return wandb.init(mode="offline" if mode == "online" else mode, **kwargs)
+    try:
+        return wandb.init(mode="offline" if mode == "online" else mode, **kwargs)
+    except Exception as error:  # noqa: BLE001 - e.g. a value W&B refuses (a tag over 64 characters)
+        log.warning("W&B could not start an offline run either (%s: %s); this job goes on without W&B, its results "
+                    "are in metrics.json.", type(error).__name__, _first_line(error))
+        return None
+
+
+def _log_epoch(run, record: dict[str, Any]) -> None:
+    """One epoch's record into a W&B run's history, at the epoch as its step."""
+    logged = {f"train/{k}": v for k, v in record.items() if k.startswith("loss") or k in TRAINING_KEYS}
+    logged.update({f"test/{k}": v for k, v in record.items() if k.startswith(RETRIEVAL_KEYS)})
+    logged.update({k: v for k, v in record.items() if k.startswith(VALIDATION_PREFIX)})
+    run.log({"epoch": record["epoch"], **logged}, step=record["epoch"])
 
 
 def _first_line(error: BaseException) -> str:

@@ -23,17 +23,17 @@ from aomd.losses.terms import distils
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd import preemption, resume
-from aomd.records import content_digest, finished_record, record_interruption
+from aomd.records import claim_record, content_digest, finished_record, record_interruption
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
-from aomd.tracking import RunInfo, sweep_run_name, swept_keys
+from aomd.tracking import RunInfo, run_name, swept_keys
 
 log = logging.getLogger(__name__)
 
 
 def run_info(cfg: DictConfig) -> RunInfo:
-    """The job's W&B run: in a sweep its name is what this job sets of what the sweep varies
-    (seeds excluded); elsewhere the command line's identifying overrides. Tags carry the loss,
+    """The job's W&B run: in a sweep its name is what this job sets of what the sweep varies;
+    elsewhere the command line's identifying overrides (seeds excluded). Tags carry the loss,
     the AOMD mode and the dataset."""
     hydra_cfg = HydraConfig.get()
     choices = hydra_cfg.runtime.choices
@@ -43,9 +43,9 @@ def run_info(cfg: DictConfig) -> RunInfo:
     overrides = list(hydra_cfg.overrides.task)
     if in_multirun():
         swept = swept_keys(Path(hydra_cfg.sweep.dir), hydra_cfg.sweeper.get("params"))
-        name = sweep_run_name(overrides, swept) or f"loss={choices.get('loss')}"
+        name = run_name(overrides, swept) or f"loss={choices.get('loss')}"
     else:
-        name = hydra_cfg.job.override_dirname or None
+        name = run_name(overrides)
     return RunInfo(cfg.logger, OmegaConf.to_container(cfg, resolve=True), name, tags, overrides)
 
 
@@ -62,20 +62,21 @@ def train(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     metric = selection_metric(cfg.eval.recall_k, cfg.eval.select)
+    overrides = list(hydra_cfg.overrides.task)
     if in_multirun() and cfg.skip_finished or not in_multirun() and cfg.train.resume == "auto":
-        previous = finished_record(out_dir, list(hydra_cfg.overrides.task))
+        previous = finished_record(out_dir, overrides)
         if previous:
             log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
                      "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
             return previous["best"][metric]
-    # an unfinished run in this folder (killed, preempted, requeued) continues from its last.pt
-    resume_from = None if finished_record(out_dir) else resume.source(cfg.train.resume, out_dir)
+    resume_from = resume.job_source(cfg.train.resume, out_dir, overrides, job_identity(cfg))
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
     runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
     # the data before the networks: a wrong dataset.root is reported before any weight download
     data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
+    claim_record(out_dir, overrides)  # after the checks of bad input, which leave the folder as it was
     runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None

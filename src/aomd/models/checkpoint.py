@@ -119,7 +119,10 @@ def _write(path: Path, payload: dict[str, Any], copies_done: Sequence[torch.cuda
     _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename: a node that crashes leaves the old file, not an empty one
         os.replace(tmp, path)  # readers never see a half-written checkpoint
     finally:
         tmp.unlink(missing_ok=True)  # a write that failed, or a `save_checkpoint` stopped half-way, leaves nothing

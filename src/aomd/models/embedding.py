@@ -62,7 +62,7 @@ class EmbeddingNet(nn.Module):
         """(embeddings [N, E], [stage 1..4 feature maps])."""
         embeddings = self.embedding(self.backbone(images))
         if self.architecture.l2normalize:
-            embeddings = F.normalize(embeddings, dim=1)
+            embeddings = F.normalize(embeddings.float(), dim=1)  # unit norm in fp32 also under the CPU's bf16 autocast
         return embeddings, self._taps.collect()
 
     def get_extra_state(self) -> dict[str, Any]:
