@@ -68,8 +68,8 @@ class Job:
     `status` is the metrics.json status ("finished", "running", "failed", "interrupted") or one of "missing"
     (no metrics.json), "unreadable" (a file could not be parsed; `error` says which) and
     "no result" (finished without an evaluated epoch). `best` holds the metrics of the best epoch
-    (fractions), `config_overrides` the overrides that identify its configuration (all overrides
-    but `train.seed`, `skip_finished` and `hydra.*`, in command-line order).
+    (fractions), `config_overrides` the overrides that identify its configuration (those that
+    identify the job, `aomd.records`, less `train.seed`; in command-line order).
     """
 
     name: str
