@@ -191,3 +191,18 @@ def test_every_distillation_term_runs_and_has_gradients(ratio):
     grads = [out.student_embeddings.grad, *(f.grad for f in out.student_stages)]
     assert torch.isfinite(total) and any(g is not None and g.abs().sum() > 0 for g in grads)
     assert Objective.distils({ratio: 1.0}) and not Objective.distils({"triplet_ratio": 1.0})
+
+
+def test_attention_transfer_between_maps_of_other_sizes_is_refused_before_any_work():
+    """GoogLeNet's and ResNet's stage maps differ in size when the crops are not a multiple of 32."""
+    from aomd.build import build_objective
+    from aomd.config import validate
+    from aomd.errors import ConfigError
+    from aomd.models import EmbeddingNet
+    from conftest import compose
+
+    cfg = validate(compose("loss=at"))
+    student, teacher = EmbeddingNet("googlenet", 8, True, False), EmbeddingNet("resnet18", 8, True, False)
+    with pytest.raises(ConfigError, match=r"student's are \[\(8, 8\), \(4, 4\), \(2, 2\)\] and the teacher's \[\(9, 9\), \(5, 5\), \(3, 3\)\]"):
+        build_objective(cfg.loss, cfg.sampler, student, teacher, 65)
+    assert set(build_objective(cfg.loss, cfg.sampler, student, teacher, 64).terms) == {"at"}

@@ -102,19 +102,60 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("overrides, fragments", [
-    (["loss=foo"], ["unknown loss option 'foo'", "aomd_mode2", "triplet"]),
-    (["sampler=nearest"], ["unknown sampler option", "semihard"]),
-    (["train.lr=-0.1"], ["train.lr must be positive"]),
-    (["train.lr=fast"], ["train.lr"]),
-    (["train.batch_size=8", "train.images_per_class=5"], ["train.batch_size (8)"]),
-    (["eval.recall_k=[1,5000]"], ["eval.recall_k", "test split has only"]),
-    (["loss=aomd_mode2", "loss.mode=3"], ["mode must be 1"]),
+    (["loss=foo"], ["unknown loss option 'foo'", "aomd_mode2", "triplet"]),  # before Hydra starts
+    (["eval.recall_k=[1,5000]"], ["eval.recall_k", "test split has only"]),  # once the data is there
     (["loss=aomd_mode2", "teacher.checkpoint=/nonexistent/teacher.pt"], ["/nonexistent/teacher.pt does not exist"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
     result = run_module("aomd.train", "logger=none", "train.progress=false", "dataset.num_classes=24",
                         "dataset.images_per_class=8", f"hydra.run.dir={tmp_path}", *overrides)
     assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["sampler=nearest"], ["unknown sampler option", "semihard"]),
+    (["train.lr=-0.1"], ["train.lr must be positive"]),
+    (["train.lr=fast"], ["train.lr"]),
+    (["train.batch_size=8", "train.images_per_class=5"], ["train.batch_size (8)"]),
+    (["loss=aomd_mode2", "loss.mode=3"], ["mode must be 1"]),
+    (["teacher=null"], ["a group can be set to another option, not to null"]),
+    (["train.device=cuda:x"], ["cuda:<index>", "'cuda:x'"]),
+    (["loss=sp", "teacher.loss=triplet_l1"], ["teacher.loss holds the settings of the teacher's own loss"]),
+    (["loss=sp", "teacher.loss.margin=-1"], ["teacher.loss.margin must be 0 or more"]),
+    (["loss=sp", "teacher.loss.sp_ratio=1"], ["teacher.loss cannot distil (teacher.loss.sp_ratio)"]),
+    (["loss=sp", "teacher.train.epochs=0"], ["teacher.train.epochs must be at least 1"]),
+    (["sampler.cutoff=2"], ["sampler.cutoff must be 0 or more and below sampler.nonzero_loss_cutoff"]),
+    (["loss=darkrank", "loss.dark_beta=0"], ["loss.dark_beta must be positive"]),
+    (["logger.init_timeout=-1"], ["logger.init_timeout must be 0 or more"]),
+    # a sweep stops before its first job when every job breaks a rule (a value they all share)
+    (["-m", "train.seed=0,1", "train.lr=-1"], ["train.lr must be positive"]),
+])
+def test_bad_input_stops_before_hydra_starts_with_one_line(overrides, fragments, capsys):
+    from aomd.cli import start
+
+    with pytest.raises(SystemExit) as stop:
+        start(["logger=none", *overrides], "train", "aomd.train")
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and all(fragment in lines[0] for fragment in fragments), lines
+
+
+def test_a_sweep_whose_jobs_break_rules_of_their_own_starts_and_leaves_them_to_each_job():
+    from aomd.cli import start
+
+    start(["-m", "train.lr=-1,1e-3", "logger=none"], "train", "aomd.train")  # one job can run: no stop
+
+
+def test_the_check_before_start_expands_a_preset_as_hydra_does():
+    """The command line replaces a preset's param of the same key, as Hydra's BasicSweeper does."""
+    from aomd.config import job_overrides
+
+    assert job_overrides(["-m", "preset=aomd_ablation", "+ablation=both"], "train") == [
+        ["loss.mode=1", "+ablation=both", "preset=aomd_ablation"], ["loss.mode=2", "+ablation=both", "preset=aomd_ablation"]]
+    assert len(job_overrides(["-m", "preset=aomd_grid"], "train")) == 10
+    assert len(job_overrides(["-m", "preset=aomd_grid", "loss.mode=1"], "train")) == 5
+    assert job_overrides(["-m", "loss=sp,rkd", "train.seed=0,1"], "train") == [
+        ["loss=sp", "train.seed=0"], ["loss=sp", "train.seed=1"], ["loss=rkd", "train.seed=0"], ["loss=rkd", "train.seed=1"]]
 
 
 @pytest.mark.slow

@@ -39,7 +39,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def network_shape(model: EmbeddingNet, image_size: int) -> NetworkShape:
-    return NetworkShape(tuple(model.stage_channels(image_size)), model.architecture.embedding_size)
+    shapes = model.stage_shapes(image_size)
+    return NetworkShape(tuple(c for c, _, _ in shapes), model.architecture.embedding_size, tuple((h, w) for _, h, w in shapes))
 
 
 def build_objective(loss, sampler, student: EmbeddingNet, teacher: EmbeddingNet | None, image_size: int) -> Objective:

@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from aomd.config import check_before_start, config_dir
+from aomd.config import check_before_start, chooses_other_configs, config_dir
 from aomd.errors import UserError
 from aomd.records import FINISHED, RUNNING, read_record, record_failure
 
@@ -84,6 +84,8 @@ def check_group_options(argv: list[str], config_path: str, program: str) -> None
     Hydra reports this too, over many lines; this says it in one, with the valid options
     (those of the package and of the folders added with `hydra.searchpath`).
     """
+    if chooses_other_configs(argv):  # other config folders or names: Hydra checks their options
+        return
     folders = [Path(config_path), *_search_path(argv)]
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -20,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from aomd import records  # noqa: F401  registers the resolver conf/train.yaml uses
 from aomd import schema
 from aomd.errors import ConfigError
-from aomd.losses.terms import check_loss
+from aomd.losses.terms import TERMS, check_loss, distils
 from aomd.models.backbones import BACKBONES
 from aomd.metrics import SELECTIONS
 
@@ -73,6 +74,9 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train", with_hydr
             return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_composition_error(error)) from None
+    except ValueError as error:  # e.g. `teacher=null`: a group every job needs, set to nothing
+        raise ConfigError(f"{str(error).splitlines()[0].rstrip('.')}; a group can be set to another option, not to null "
+                          f"(`--help` lists them).") from None
 
 
 def _composition_error(error: BaseException) -> str:
@@ -121,9 +125,23 @@ def check_train(train, prefix: str = "train") -> None:
     _require(train.batch_size >= 2 * train.images_per_class,
              f"{prefix}.batch_size ({train.batch_size}) must be at least 2 x {prefix}.images_per_class "
              f"({2 * train.images_per_class}) so that every batch holds negatives.")
-    _require(train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:"),
-             f"train.device must be auto, cpu or cuda, got {train.device!r}.")
+    _require(train.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", train.device) is not None,
+             f"train.device must be auto, cpu, cuda or cuda:<index>, got {train.device!r}.")
     # train.precision and train.num_workers are checked where they are resolved, aomd.runtime.Runtime.resolve
+
+
+def check_teacher_objective(teacher, recipe) -> None:
+    """What a managed teacher is trained with: its own loss settings (a term on its own
+    embeddings: it has no teacher), its sampler's settings, and at least one epoch."""
+    for key, example in (("loss", "teacher.loss.margin=0.3"), ("sampler", "teacher.sampler.cutoff=0.6")):
+        _require(isinstance(teacher[key], DictConfig),
+                 f"teacher.{key} holds the settings of the teacher's own {key} (e.g. {example}), it is not an option of "
+                 f"the {key} group; got teacher.{key}={teacher[key]!r}.")
+    check_loss(teacher.loss, recipe, prefix="teacher.loss")
+    _require(not distils(teacher.loss),
+             f"teacher.loss cannot distil ({', '.join(f'teacher.loss.{t.ratio_key}' for t in TERMS.values() if t.distils and teacher.loss.get(t.ratio_key, 0) > 0)}): "
+             f"the teacher has no teacher of its own; set those ratios to 0.")
+    _require(recipe.epochs >= 1, f"teacher.train.epochs must be at least 1: an untrained network is no teacher, got {recipe.epochs}.")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -153,6 +171,13 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_train(cfg.train)
     check_train(teacher_recipe(cfg), "teacher.train")
     check_loss(cfg.loss, cfg.train)
+    if distils(cfg.loss) and not cfg.teacher.checkpoint:
+        check_teacher_objective(cfg.teacher, teacher_recipe(cfg))
+    for prefix, sampler in (("sampler", cfg.sampler), ("teacher.sampler", cfg.teacher.sampler)):
+        if isinstance(sampler, DictConfig) and "cutoff" in sampler and "nonzero_loss_cutoff" in sampler:
+            _require(0 <= sampler.cutoff < sampler.nonzero_loss_cutoff,
+                     f"{prefix}.cutoff must be 0 or more and below {prefix}.nonzero_loss_cutoff, got {sampler.cutoff} "
+                     f"and {sampler.nonzero_loss_cutoff}.")
     _require(len(cfg.eval.recall_k) > 0 and all(k >= 1 for k in cfg.eval.recall_k),
              f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
     _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")
@@ -164,6 +189,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     cfg.logger.mode = {"dryrun": "offline", "run": "online"}.get(cfg.logger.mode, cfg.logger.mode)
     _require(cfg.logger.mode in ("online", "offline", "disabled"),
              f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}.")
+    _require(cfg.logger.init_timeout >= 0, f"logger.init_timeout must be 0 or more seconds, got {cfg.logger.init_timeout}.")
     image_size = cfg.dataset.get("image_size")
     _require(image_size is None or (isinstance(image_size, int) and image_size >= 32),
              f"dataset.image_size must be an integer of at least 32, got {image_size!r}.")
@@ -185,6 +211,12 @@ def check_test_size(recall_k, test_images: int, split: str = "test") -> None:
 
 _HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
                      "--version", "--resolve", "-p", "--package")
+# flags that choose other configs (or a run to repeat): the checks then leave the command line to Hydra
+HYDRA_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def chooses_other_configs(argv: list[str]) -> bool:
+    return any(arg.split("=", 1)[0] in HYDRA_CONFIG_FLAGS for arg in argv)
 
 
 def job_overrides(argv: list[str], config_name: str) -> list[list[str]]:
@@ -200,30 +232,37 @@ def job_overrides(argv: list[str], config_name: str) -> list[list[str]]:
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    swept = [o for o in parsed if o.is_sweep_override()]
     base = compose(fixed, config_name, with_hydra=True)
     params = base.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=False) if isinstance(params, DictConfig) else {}
-    swept_keys = {o.get_key_element() for o in swept}
-    swept += [o for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in swept_keys])]
+    # as BasicSweeper: the preset's params, then the command line, which replaces a param of the same key
     try:
-        batches = BasicSweeper.split_arguments(swept, None)
+        batches = BasicSweeper.split_arguments(parser.parse_overrides([f"{k}={v}" for k, v in params.items()]) + parsed, None)
     except Exception:  # noqa: BLE001 - a sweeper's own syntax (interval, tag): leave those to it
         return [fixed]
-    jobs = [fixed + list(job) for batch in batches for job in batch]
+    jobs = [list(job) for batch in batches for job in batch]
     return jobs or [fixed]
 
 
 def check_before_start(argv: list[str], config_name: str = "train") -> None:
     """Compose every job `argv` would start (at most MAX_JOBS_CHECKED), so that a wrong type, an
-    unknown key or option fails in one line before the first job runs. Value rules are left to
-    each job, so that in a sweep a job with an impossible value is recorded as failed and the
-    others run."""
-    if set(argv) & set(_HYDRA_INFO_FLAGS):
+    unknown key or option fails in one line before the first job runs. Value rules fail the
+    command line only when every job breaks one (a value all of a sweep shares, say); a job of
+    a sweep with an impossible value of its own is recorded as failed and the others run."""
+    if set(argv) & set(_HYDRA_INFO_FLAGS) or chooses_other_configs(argv):
         return
     try:
         jobs = job_overrides(argv, config_name)
     except HydraException as error:  # a command line Hydra cannot parse
         raise ConfigError(_composition_error(error)) from None
+    first_error = None
     for overrides in itertools.islice(jobs, MAX_JOBS_CHECKED):
-        compose(overrides, config_name)
+        composed = compose(overrides, config_name)
+        if first_error is not False:
+            try:
+                validate(composed)
+                first_error = False  # one job can run: the others' value errors are theirs
+            except ConfigError as error:
+                first_error = first_error or error
+    if first_error:
+        raise first_error

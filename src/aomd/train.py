@@ -63,6 +63,9 @@ def train(cfg: DictConfig) -> float:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     metric = selection_metric(cfg.eval.recall_k, cfg.eval.select)
     overrides = list(hydra_cfg.overrides.task)
+    if not in_multirun() and hydra_cfg.runtime.choices.get("preset"):
+        log.warning("preset=%s is a sweep, and without -m this runs one job with its fixed settings only; add -m to run "
+                    "the sweep.", hydra_cfg.runtime.choices.get("preset"))
     if in_multirun() and cfg.skip_finished or not in_multirun() and cfg.train.resume == "auto":
         previous = finished_record(out_dir, overrides)
         if previous:

@@ -59,10 +59,12 @@ class StepOutputs:
 
 @dataclass(frozen=True)
 class NetworkShape:
-    """The sizes a distillation term needs to build its adapters or regressors."""
+    """The sizes a distillation term needs to build its adapters or regressors (and to check,
+    before any work, that it can compare the two networks' maps)."""
 
     stage_channels: tuple[int, ...]
     embedding_size: int
+    stage_sizes: tuple[tuple[int, int], ...] = ()   # each stage map's (height, width); () when not known
 
 
 @dataclass(frozen=True)
@@ -151,18 +153,19 @@ def distils(loss_values: Mapping[str, Any]) -> bool:
     return any(float(loss_values.get(TERMS[name].ratio_key, 0) or 0) != 0 for name in distillation_terms())
 
 
-def check_loss(loss: Mapping[str, Any], train: Any = None) -> None:
-    """The value rules of a `loss` config (typed already); a ConfigError naming the key."""
+def check_loss(loss: Mapping[str, Any], train: Any = None, prefix: str = "loss") -> None:
+    """The value rules of a `loss` config (typed already; `prefix`: where it is, `loss` or the
+    teacher's `teacher.loss`); a ConfigError naming the key."""
     ratios = {term.ratio_key: loss.get(term.ratio_key, 0.0) for term in TERMS.values()}
-    negative = [f"loss.{key}" for key, value in ratios.items() if value < 0]
+    negative = [f"{prefix}.{key}" for key, value in ratios.items() if value < 0]
     if negative:
         raise ConfigError(f"{', '.join(negative)} must be 0 or more (0 switches a term off).")
     if not any(value > 0 for value in ratios.values()):
-        raise ConfigError("Every loss.*_ratio is 0, so there is nothing to train; set one, e.g. loss.triplet_ratio=1.")
+        raise ConfigError(f"Every {prefix}.*_ratio is 0, so there is nothing to train; set one, e.g. {prefix}.triplet_ratio=1.")
     for h in hyperparameters().values():
         value = loss.get(h.name, h.default)
         if not h.valid(value):
-            raise ConfigError(f"loss.{h.name} {h.rule}, got {value}.")
+            raise ConfigError(f"{prefix}.{h.name} {h.rule}, got {value}.")
     for term in TERMS.values():
         if term.check is not None and ratios[term.ratio_key] > 0:
             message = term.check(loss, train)
@@ -182,6 +185,7 @@ def _embeddings(o: StepOutputs) -> tuple:
 
 
 _non_negative = lambda value: value >= 0
+_positive = lambda value: value > 0
 MARGIN = Hyperparameter("margin", 0.2, "the triplet and contrastive margin", _non_negative, "must be 0 or more")
 
 register_term(LossTerm(
@@ -217,8 +221,17 @@ register_term(LossTerm(
 register_term(LossTerm(
     "sp", "Similarity-Preserving (batch definition)", lambda c: SimilarityPreservingLoss(), _embeddings, distils=True,
 ))
+def _attention_transfer(c: TermContext) -> AttentionTransferLoss:
+    student, teacher = c.student.stage_sizes[1:], c.teacher.stage_sizes[1:]
+    if student and teacher and student != teacher:
+        raise ConfigError(f"Attention Transfer compares stages 2-4 of equal spatial sizes, but at this dataset.image_size "
+                          f"the student's are {list(student)} and the teacher's {list(teacher)}; use an image size that "
+                          f"is a multiple of 32, or a student and a teacher of one backbone family.")
+    return AttentionTransferLoss()
+
+
 register_term(LossTerm(
-    "at", "Attention Transfer on stages 2-4", lambda c: AttentionTransferLoss(),
+    "at", "Attention Transfer on stages 2-4", _attention_transfer,
     lambda o: (o.teacher_stages[1:], o.student_stages[1:]), distils=True,
 ))
 register_term(LossTerm(
@@ -239,8 +252,8 @@ def _permute_len_fits(loss: Mapping[str, Any], train: Any) -> str | None:
 register_term(LossTerm(
     "dark", "DarkRank (hard): the teacher's ranking of each anchor's nearest, under Plackett-Luce",
     lambda c: HardDarkRankLoss(c.params["dark_alpha"], c.params["dark_beta"], c.params["permute_len"]), _embeddings,
-    (Hyperparameter("dark_alpha", 2.0, "DarkRank's score scale alpha"),
-     Hyperparameter("dark_beta", 3.0, "DarkRank's distance exponent beta"),
+    (Hyperparameter("dark_alpha", 2.0, "DarkRank's score scale alpha", _positive, "must be positive"),
+     Hyperparameter("dark_beta", 3.0, "DarkRank's distance exponent beta", _positive, "must be positive"),
      Hyperparameter("permute_len", 4, "how many nearest samples DarkRank ranks", lambda n: n >= 1, "must be at least 1")),
     distils=True, check=_permute_len_fits,
 ))

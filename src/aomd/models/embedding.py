@@ -82,13 +82,17 @@ class EmbeddingNet(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def stage_channels(self, image_size: int = 64) -> list[int]:
-        """Channel count of each stage (found with one small forward pass, uncompiled: a probe
-        is not worth a graph of its own)."""
+    def stage_shapes(self, image_size: int = 64) -> list[tuple[int, int, int]]:
+        """(channels, height, width) of each stage's map for `image_size` crops (found with one
+        small forward pass, uncompiled: a probe is not worth a graph of its own)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         with torch.compiler.set_stance("force_eager"):
             _, stages = self.forward_with_stages(torch.zeros(1, 3, image_size, image_size, device=device))
         self.train(was_training)
-        return [s.shape[1] for s in stages]
+        return [tuple(s.shape[1:]) for s in stages]
+
+    def stage_channels(self, image_size: int = 64) -> list[int]:
+        """Channel count of each stage."""
+        return [channels for channels, _, _ in self.stage_shapes(image_size)]
