@@ -67,9 +67,25 @@ def test_every_group_option_composes_to_what_it_stands_for(group, option):
         assert cfg.dataset._target_.endswith("load_synthetic")
 
 
+def test_the_teacher_is_pretrained_as_the_student_unless_set():
+    real = ("dataset=cub200", "dataset.root=/data/cub")
+    assert validate(compose(*real)).teacher.pretrained is True  # the reference's ImageNet weights
+    assert validate(compose(*real, "backbone.pretrained=false")).teacher.pretrained is False
+    assert validate(compose(*real, "backbone.pretrained=false", "teacher.pretrained=true")).teacher.pretrained is True
+
+
+def test_each_benchmark_reports_its_papers_recall_at_k():
+    recall_k = lambda dataset: list(validate(compose(f"dataset={dataset}", "dataset.root=/data")).eval.recall_k)
+    assert recall_k("cub200") == recall_k("cars196") == [1, 2, 4, 8]
+    assert recall_k("sop") == [1, 10, 100, 1000]
+
+
 def test_logger_mode_follows_wandb_mode(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     assert validate(compose()).logger.mode == "online"
+    for older, current in (("dryrun", "offline"), ("run", "online")):  # W&B's older names, which it still accepts
+        monkeypatch.setenv("WANDB_MODE", older)
+        assert validate(compose()).logger.mode == current
     monkeypatch.delenv("WANDB_MODE")
     assert validate(compose()).logger.mode == "offline"
 

@@ -2,6 +2,7 @@
 files): split rules, labels, counts, the packed cache, bad input, and short training runs."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -568,6 +569,13 @@ def test_short_training_run(tmp_path, dataset, make, extra):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert len(list((tmp_path / "cache").glob(f"{dataset}-*.h5"))) == 1
     assert snapshot(root) == before
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "finished" and [r["epoch"] for r in record["history"]] == [0, 1]
+    cars = lambda classes: sum(cars_images_per_class(c) for c in classes)
+    expected = {"cub200": (200, 200, 100, 100), "cars196": (cars(range(1, 99)), cars(range(99, 197)), 98, 98),
+                "sop": (18, 18, 6, 6), "folder": (9, 9, 3, 3)}[dataset]  # the split of docs/datasets.md
+    counts = record["dataset"]
+    assert (counts["train_images"], counts["test_images"], counts["train_classes"], counts["test_classes"]) == expected
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def test_adapters_and_regressors_learn_with_the_student(tmp_path, loss):
     data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
     torch.manual_seed(0)
     student = EmbeddingNet("resnet18", 16, True, False)
-    teacher = EmbeddingNet("resnet50", 32, True, False).eval()
+    teacher = EmbeddingNet("resnet34", 32, True, False).eval()
     objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
     before = copy.deepcopy(objective.state_dict())
     assert before, "the objective has parameters of its own"
@@ -192,12 +192,12 @@ def test_a_compiled_distillation_compiles_each_network_once_per_batch_shape(tmp_
     assert len(data.test) % 10, "a short last evaluation batch"
 
     def history(compiled: bool) -> list[dict]:
-        cfg = validate(compose(*TINY, "loss=aomd_mode2", "logger=none", "train.device=cpu", "train.epochs=2",
+        cfg = validate(compose(*TINY, "loss=aomd_mode2", "logger=none", "train.device=cpu", "train.epochs=1",
                                "eval.batch_size=10", f"train.compile={compiled}"))
         runtime = Runtime.from_train(cfg.train)
         runtime.seed_everything(0)
         student = EmbeddingNet("resnet18", 16, True, False)
-        teacher = EmbeddingNet("resnet50", 32, True, False).eval()
+        teacher = EmbeddingNet("resnet18", 32, True, False).eval()  # one graph as a ResNet50's, in less time
         objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
         teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime)
         assert not graphs and 0 <= teacher_metrics["recall@1"] <= 1
@@ -221,7 +221,7 @@ def test_a_compiled_distillation_compiles_each_network_once_per_batch_shape(tmp_
         assert history(True) == compiled and len(image_shapes()) == 3
     finally:
         torch.compiler.reset()
-    assert len(compiled) == len(eager) == 3
+    assert len(compiled) == len(eager) == 2
     assert_histories_close(compiled, eager, rel=1e-4, abs=1e-5)
 
 

@@ -196,7 +196,7 @@ def test_bf16_recall_is_within_tolerance_of_fp32(tmp_path):
 
 
 @pytest.mark.parametrize("channels_last", ["null", "true"])
-def test_compiled_networks_train_and_match_the_eager_shapes(channels_last, tmp_path):
+def test_compiled_networks_train_fed_batches_of_either_layout(channels_last, tmp_path):
     """Compiled networks train, also fed channels_last batches (their parameters stay in the
     standard layout, which inductor's convolution backward needs)."""
     metrics = train(tmp_path, "loss=triplet", f"train.device={DEVICE}", "train.compile=true",

@@ -1,5 +1,6 @@
 """A regular (non-editable) install ships the configs and runs from any directory; the README's
 quick-start commands are the ones CI runs."""
+import json
 import subprocess
 import sys
 import zipfile
@@ -39,4 +40,4 @@ def test_wheel_ships_configs_and_trains_from_another_directory(tmp_path):
     assert where.stdout.strip().startswith(str(site)), where.stdout
     result = run_module("aomd.train", *TINY, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=Path("/"), env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"

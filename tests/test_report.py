@@ -293,6 +293,27 @@ def test_plots_are_written_and_linked(sweep: Path, tmp_path: Path):
     assert not (sweep / "report.md").exists()  # --out: nothing written into the sweep
 
 
+def test_the_ratio_plot_draws_each_modes_means_and_deviations(sweep: Path, tmp_path: Path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = {}
+    errorbar = Axes.errorbar
+
+    def recorded(self, x, y, *args, **kwargs):
+        if not str(kwargs.get("label", "_")).startswith("_"):  # matplotlib's own calls are unlabelled
+            drawn[kwargs["label"]] = (list(x), list(y), list(kwargs.get("yerr") or []))
+        return errorbar(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", recorded)
+    write_report(sweep, tmp_path / "out")
+    assert set(drawn) == {"mode 1", "mode 2"}
+    for label, (x, y, yerr) in drawn.items():
+        assert [round(v, -1) for v in x] == [10, 100]  # each ratio, shifted by a few percent to keep bars apart
+        values = {"mode 1": ((0.50, 0.54), (0.56, 0.60)), "mode 2": ((0.52, 0.52), (0.61, 0.65))}[label]
+        assert y == pytest.approx([100 * statistics.fmean(v) for v in values])
+        assert yerr == pytest.approx([100 * statistics.stdev(v) for v in values])
+
+
 def test_no_aomd_job_skips_the_ratio_plot_with_a_note(tmp_path: Path):
     sweep = tmp_path / "sweep"
     write_job(sweep, "0", ["loss=triplet"], metrics=m(0.5, 0.6, 0.2))

@@ -207,7 +207,9 @@ def test_a_requeued_job_resumes_and_ends_as_if_never_stopped(cluster, uninterrup
 def test_a_cancelled_job_ends_the_sweep_and_is_reported_unfinished(cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # the sweep ends (submitit reports the cancelled job as failed): the point is that it does not hang
-    stop_during_sweep(cluster, sweep_dir, 1, lambda: read_record(sweep_dir / "1") is not None,
+    # once its first evaluation is recorded: the job's stop signals are its own from the start of the
+    # training loop on (its folder's record is written earlier, when the job starts)
+    stop_during_sweep(cluster, sweep_dir, 1, lambda: len((read_record(sweep_dir / "1") or {}).get("history", [])) >= 1,
                       "job 1 started training", ["scancel"])
     jobs = read_jobs(sweep_dir)
     assert jobs[0]["status"] == "finished"

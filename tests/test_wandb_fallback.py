@@ -5,6 +5,8 @@ import socket
 
 import pytest
 
+from wandb_files import read_offline_run
+
 from conftest import TINY, run_module
 
 WARNING = "W&B could not start an online run"
@@ -32,8 +34,13 @@ def test_an_online_run_that_cannot_start_logs_offline_and_trains(tmp_path, api_k
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert output.count(WARNING) == 1 and "wandb sync" in output
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "finished"
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run)
+    assert [(h["epoch"], h["test/recall@1"]) for h in logged["history"] if "test/recall@1" in h] == [
+        (r["epoch"], r["recall@1"]) for r in record["history"]]
+    assert logged["summary"]["best/recall@1"] == record["best"]["recall@1"] and logged["summary"]["status"] == "finished"
 
 
 @pytest.mark.slow
@@ -43,7 +50,12 @@ def test_a_sweep_warns_once(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(WARNING) + result.stderr.count(WARNING) == 1
     assert "2 of 2 jobs finished" in result.stdout
-    assert all(list((tmp_path / str(job) / "wandb").glob("offline-run-*")) for job in (0, 1))
+    runs = [read_offline_run(next((tmp_path / str(job) / "wandb").glob("offline-run-*"))) for job in (0, 1)]
+    assert [run["name"] for run in runs] == ["loss=triplet", "loss=contrastive"]  # what the sweep varies
+    assert runs[0]["group"] == runs[1]["group"] == "-".join(tmp_path.parts[-2:])
+    for job, run in enumerate(runs):
+        record = json.loads((tmp_path / str(job) / "metrics.json").read_text())
+        assert run["summary"]["best/recall@1"] == record["best"]["recall@1"]
 
 
 def test_a_wandb_error_mid_run_continues_in_an_offline_run_with_the_same_id(tmp_path, monkeypatch):

@@ -98,7 +98,10 @@ def content_digest(tree: Any) -> str:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    with open(tmp, "w") as file:
+        file.write(json.dumps(payload, indent=2, allow_nan=True))
+        file.flush()
+        os.fsync(file.fileno())  # a node that crashes leaves the previous record, not an empty file
     os.replace(tmp, path)
 
 
