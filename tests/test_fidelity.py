@@ -112,13 +112,23 @@ def test_select_val_reports_the_test_metrics_of_the_best_validation_epoch(tmp_pa
     assert "selected epoch" in text and "val Recall@1" in text and "last epoch Recall@1" in text
 
 
-def test_wandb_labels_the_selected_last_and_validation_metrics(tmp_path):
+def test_the_wandb_run_holds_what_was_logged_and_labels_the_selected_last_and_validation_metrics(tmp_path):
     metrics = train(tmp_path, "train.epochs=2", "eval.select=val", "eval.val_classes=2", "dataset.num_classes=16",
                     "logger=wandb", "logger.mode=offline", "logger.project=aomd-test", logger="",
                     env={"WANDB_MODE": "offline"})
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
+    assert run["job_type"] == "student"
+    assert "loss:triplet" in run["tags"] and "dataset:synthetic" in run["tags"]
+    assert run["config"]["loss.triplet_ratio"] == 1.0 and run["config"]["train.epochs"] == 2
+    tested = [h for h in run["history"] if "test/recall@1" in h]
+    assert [h["epoch"] for h in tested] == [0, 1, 2]
+    for h, expected in zip(tested, metrics["history"]):
+        assert h["test/recall@1"] == pytest.approx(expected["recall@1"])
+        assert h["test/map@r"] == pytest.approx(expected["map@r"])
+    assert tested[1]["train/loss"] == pytest.approx(metrics["history"][1]["loss"])
     summary = run["summary"]
+    assert summary["status"] == "finished"
     assert summary["selection/select"] == "val" and summary["selection/metric"] == "val/recall@1"
     assert summary["best/recall@1"] == pytest.approx(metrics["best"]["recall@1"])
     assert summary["best/val/recall@1"] == pytest.approx(metrics["best"]["val/recall@1"])
@@ -129,9 +139,17 @@ def test_wandb_labels_the_selected_last_and_validation_metrics(tmp_path):
 
 
 def test_select_last_selects_the_last_epoch(tmp_path):
-    metrics = train(tmp_path, "train.epochs=2", "eval.select=last")
-    assert metrics["best"]["epoch"] == 2 == metrics["last"]["epoch"]
-    assert metrics["selection"] == {"select": "last", "metric": "recall@1"}
+    from aomd.metrics import selection_metric
+
+    cfg = validate(compose(*TINY, "train.epochs=2", "eval.select=last", "logger=none"))
+    student = EmbeddingNet("resnet18", 16, True, False)
+    objective = build_objective(cfg.loss, cfg.sampler, student, None, 32)
+    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
+    chosen = []
+    best = fit(student, objective, data, cfg.train, cfg.eval, Runtime.resolve("cpu"), tmp_path,
+               lambda record, is_best: chosen.append(is_best))
+    assert chosen == [True, True, True] and best["epoch"] == 2  # each epoch replaces the one before
+    assert selection_metric(cfg.eval.recall_k, "last") == "recall@1"
 
 
 def test_the_optuna_preset_tunes_on_validation_classes():
