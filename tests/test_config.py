@@ -160,6 +160,8 @@ def test_a_sweep_whose_jobs_break_rules_of_their_own_starts_and_leaves_them_to_e
     from aomd.cli import start
 
     start(["-m", "train.lr=-1,1e-3", "logger=none"], "train", "aomd.train")  # one job can run: no stop
+    # values only the job can resolve (Hydra's own, the job's environment) are the job's to check
+    start(["-m", "train.lr=1e-4,2e-4", "logger=wandb", "logger.group=${hydra:job.name}"], "train", "aomd.train")
 
 
 def test_the_check_before_start_expands_a_preset_as_hydra_does():

@@ -58,9 +58,11 @@ def test_a_sweep_with_a_wrong_type_fails_before_its_first_job(tmp_path):
 def test_one_rule_says_what_identifies_a_job(tmp_path):
     overrides = ["loss=sp", "train.seed=3", "logger=none", "logger.mode=offline", "preset=seeds", "skip_finished=false",
                  "hydra/launcher=parallel", "train.progress=false", "loss.sp_ratio=20", "train.num_workers=4",
-                 "paths.cache_dir=/scratch", "eval.batch_size=512", "train.precision=fp32"]
-    assert identity_overrides(overrides) == ["loss=sp", "train.seed=3", "loss.sp_ratio=20", "train.precision=fp32"]
-    assert report.config_overrides(overrides) == ("loss=sp", "loss.sp_ratio=20", "train.precision=fp32")
+                 "paths.cache_dir=/scratch", "eval.keep_crops=false", "train.precision=fp32", "eval.batch_size=512"]
+    # precision and the evaluation's batch size stay: they move results (and last.pt's identity covers them)
+    assert identity_overrides(overrides) == ["loss=sp", "train.seed=3", "loss.sp_ratio=20", "train.precision=fp32",
+                                             "eval.batch_size=512"]
+    assert report.config_overrides(overrides) == ("loss=sp", "loss.sp_ratio=20", "train.precision=fp32", "eval.batch_size=512")
     assert "train.seed" not in not_identity_keys() and "logger" in not_identity_keys()  # a folder per seed
     # a record written under an earlier rule (when train.num_workers still identified a job) still matches
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "finished", "overrides": [*overrides[:1], "train.num_workers=2",
@@ -76,16 +78,27 @@ def test_a_job_claims_its_folder_from_another_configurations_record(tmp_path):
     the folder must not go on showing the earlier configuration's results under the new overrides."""
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "finished", "overrides": ["loss=triplet"],
                                                        "best": {"recall@1": 0.6}, "history": [{"recall@1": 0.6}]}))
-    claim_record(tmp_path, ["loss=sp", "logger=none"])
+    claim_record(tmp_path, ["loss=sp", "logger=none"], continues=False)
     assert read_record(tmp_path) == {"status": "running", "overrides": ["loss=sp"], "best": None, "history": []}
     record_interruption(tmp_path, "SIGTERM (training its teacher)")
     assert read_record(tmp_path) == {"status": "interrupted", "overrides": ["loss=sp"], "best": None, "history": [],
                                      "error": "SIGTERM (training its teacher)"}
-    # the job's own unfinished record stays (a resumed job continues it)
+    # the job's own unfinished record stays when the job continues it, and only then
     own = {"status": "interrupted", "overrides": ["loss=sp"], "best": {"recall@1": 0.5}, "history": [{"recall@1": 0.5}]}
     (tmp_path / "metrics.json").write_text(json.dumps(own))
-    claim_record(tmp_path, ["loss=sp", "train.num_workers=2"])
+    claim_record(tmp_path, ["loss=sp", "train.num_workers=2"], continues=True)
     assert read_record(tmp_path) == own
+    claim_record(tmp_path, ["loss=sp"], continues=False)  # started over (train.resume=never)
+    assert read_record(tmp_path)["history"] == []
+
+
+def test_a_job_that_fails_before_claiming_its_folder_does_not_mark_another_jobs_record(tmp_path):
+    """A sweep rerun into the same folders whose job 0 fails its validation: its failure is its own."""
+    earlier = {"status": "finished", "overrides": ["train.lr=0.0001"], "best": {"recall@1": 0.6}, "history": []}
+    (tmp_path / "metrics.json").write_text(json.dumps(earlier))
+    record_failure(tmp_path, ValueError("train.lr must be positive, got -1.0."), ["train.lr=-1", "logger=none"])
+    assert read_record(tmp_path) == {"status": "failed", "overrides": ["train.lr=-1"], "best": None, "history": [],
+                                     "error": "ValueError: train.lr must be positive, got -1.0."}
 
 
 def test_hydra_override_dirname_uses_the_same_rule():

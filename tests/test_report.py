@@ -155,6 +155,15 @@ def test_a_record_another_configuration_left_in_the_folder_is_not_this_jobs_resu
     assert [(r.label, r.n) for r in rows] == [("loss=rkd", 1), ("loss=sp", 0)]
 
 
+def test_a_managed_teachers_folder_reads_as_a_finished_job(tmp_path: Path):
+    """A teacher's record has no overrides (and its folder no .hydra/): nothing to compare."""
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "metrics.json").write_text(json.dumps(
+        {"status": "finished", "job_type": "teacher", "overrides": None, "best": m(0.7, 0.8, 0.3), "history": []}))
+    (job,) = read_sweep(tmp_path)
+    assert job.status == "finished" and job.best["recall@1"] == 0.7
+
+
 def test_a_metric_that_is_not_finite_does_not_stop_the_report(tmp_path: Path):
     for seed, recall in enumerate((float("nan"), 0.5)):
         write_job(tmp_path, str(seed), ["loss=triplet", f"train.seed={seed}"], seed=seed, metrics=m(recall, 0.6, 0.2))

@@ -146,6 +146,20 @@ def test_a_run_started_over_and_killed_before_its_first_save_does_not_resume_the
 
 
 @pytest.mark.slow
+def test_a_job_that_failed_after_claiming_another_jobs_folder_runs_when_started_again(uninterrupted, tmp_path):
+    """The first try fails after the job took the folder over (its teachers' folder cannot be made):
+    the earlier job's last.pt must not be taken for this job's on the next try."""
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    distil = [*TINY, "logger=none", "loss=sp", "teacher.backbone=resnet18", "teacher.embedding_size=32",
+              "teacher.train.epochs=1", "teacher.train.iters_per_epoch=2", f"hydra.run.dir={tmp_path}"]
+    result = run_module("aomd.train", *distil, "paths.teachers_dir=/dev/null/teachers")
+    assert result.returncode != 0 and not (tmp_path / "checkpoints" / "last.pt").exists()
+    result = run_module("aomd.train", *distil, f"paths.teachers_dir={tmp_path / 'teachers'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
 def test_a_finished_run_is_not_trained_again(tmp_path):
     train(tmp_path)
     stamp = (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns

@@ -36,7 +36,7 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
     except Exception as error:
         if in_multirun():
             job_dir = Path(HydraConfig.get().runtime.output_dir)
-            record_failure(job_dir, error)
+            record_failure(job_dir, error, list(HydraConfig.get().overrides.task))
             log.error("Job %s failed: %s: %s", HydraConfig.get().job.num, type(error).__name__, error,
                       exc_info=not isinstance(error, UserError))
             return math.nan

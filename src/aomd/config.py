@@ -260,6 +260,11 @@ def check_before_start(argv: list[str], config_name: str = "train") -> None:
         composed = compose(overrides, config_name)
         if first_error is not False:
             try:
+                OmegaConf.resolve(composed.copy())
+            except OmegaConfBaseException:  # ${hydra:...}, or an ${oc.env:...} of the job's environment
+                first_error = False  # values only the job can resolve: the job checks them
+                continue
+            try:
                 validate(composed)
                 first_error = False  # one job can run: the others' value errors are theirs
             except ConfigError as error:

@@ -351,9 +351,6 @@ def fit(
     # the writer waits for its writes before the signals' handlers go (its exit runs first)
     with StopSignals() as stop, CheckpointWriter() as writer:
         if resume is None:
-            # an earlier run's last.pt in this folder (a run started over, or another job's) would
-            # otherwise be resumed if this one is killed before it writes its own
-            (checkpoints / "last.pt").unlink(missing_ok=True)
             evaluate_epoch(0, {})
             first_epoch = 1
             if stop.requested:

@@ -43,12 +43,12 @@ VALIDATION_PREFIX = "val/"
 
 # What identifies a job: its overrides, less those that change neither its data nor what it
 # learns (logging, launching, skipping, where data and teachers are kept, how many processes read
-# the data or how many images are embedded at once, the preset's name: a preset's values are
-# overrides too). Precision, device and compile stay: they move the results a little.
+# the data, the preset's name: a preset's values are overrides too). Precision, device and compile
+# stay: they move the results a little; so do the evaluation's batch and chunk sizes, which the
+# identity of a job's last.pt (train.job_identity) covers too.
 SEED_KEY = "train.seed"
 NOT_IDENTITY_KEYS = ("preset", "skip_finished", "logger", "train.progress", "train.num_workers", "train.pin_memory",
-                     "train.resume", "dataset.in_memory", "dataset.decode_workers", "eval.batch_size",
-                     "eval.chunk_size", "eval.keep_crops")
+                     "train.resume", "dataset.in_memory", "dataset.decode_workers", "eval.keep_crops")
 NOT_IDENTITY_PREFIXES = ("logger.", "hydra.", "hydra/", "paths.")
 
 
@@ -128,22 +128,22 @@ def finished_record(job_dir: str | Path, overrides: list[str] | None = None) -> 
     return record
 
 
-def claim_record(job_dir: Path, overrides: list[str]) -> None:
-    """Make the folder's metrics.json this job's before any work: a record that another job
-    left there (a sweep rerun with other values into the same folder numbers) would otherwise
-    show that job's results under this job's overrides until this one's training starts, and
-    for good if it is stopped before (e.g. while its teacher trains). This job's own unfinished
-    record stays: a resumed job continues it."""
+def claim_record(job_dir: Path, overrides: list[str], continues: bool) -> None:
+    """Make the folder's metrics.json this job's before any work. A record another job left there
+    (a sweep rerun with other values into the same folder numbers) would otherwise show that
+    job's results under this job's overrides until this one's training starts, and for good if it
+    is stopped before (e.g. while its teacher trains). Only a job that `continues` its own
+    unfinished run keeps its record."""
     record = read_record(job_dir)
-    if record is None or not is_record_of(record, overrides):
+    if not (continues and record is not None and is_record_of(record, overrides)):
         job_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(job_dir / METRICS_FILE, {"status": RUNNING, "overrides": identity_overrides(overrides),
-                                                    "best": None, "history": []})
+        write_json_atomic(job_dir / METRICS_FILE, _fresh_record(overrides))
 
 
-def record_failure(job_dir: Path, error: BaseException) -> None:
-    """Make the job's metrics.json say it failed (the tracker already does once training started)."""
-    _record_stop(job_dir, FAILED, f"{type(error).__name__}: {error}")
+def record_failure(job_dir: Path, error: BaseException, overrides: list[str] | None = None) -> None:
+    """Make the job's metrics.json say it failed (the tracker already does once training started);
+    a record another job of these `overrides`' folder left is replaced, not marked."""
+    _record_stop(job_dir, FAILED, f"{type(error).__name__}: {error}", overrides)
 
 
 def record_interruption(job_dir: Path, reason: str) -> None:
@@ -152,8 +152,15 @@ def record_interruption(job_dir: Path, reason: str) -> None:
     _record_stop(job_dir, INTERRUPTED, reason)
 
 
-def _record_stop(job_dir: Path, status: str, error: str) -> None:
-    record = read_record(job_dir) or {"best": None, "history": []}
+def _fresh_record(overrides: list[str] | None) -> dict[str, Any]:
+    return {"status": RUNNING, "overrides": None if overrides is None else identity_overrides(overrides),
+            "best": None, "history": []}
+
+
+def _record_stop(job_dir: Path, status: str, error: str, overrides: list[str] | None = None) -> None:
+    record = read_record(job_dir)
+    if record is None or overrides is not None and not is_record_of(record, overrides):
+        record = _fresh_record(overrides)
     if record.get("status") != status:
         record.update(status=status, error=error)
         job_dir.mkdir(parents=True, exist_ok=True)

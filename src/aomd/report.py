@@ -161,7 +161,7 @@ def read_job(job_dir: Path, name: str) -> Job:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
         return Job(name, job_dir, UNREADABLE, error=f"cannot read {METRICS_FILE}: {_first_line(error)}", **fields)
-    if "overrides" in metrics and not is_record_of(metrics, overrides):
+    if metrics.get("overrides") is not None and (hydra_dir / "overrides.yaml").is_file() and not is_record_of(metrics, overrides):
         # a sweep rerun with other values into this folder: the job of .hydra/ has not claimed it yet
         return Job(name, job_dir, MISSING, error=f"{METRICS_FILE} is another configuration's, "
                                                   f"{' '.join(metrics['overrides'] or []) or '(defaults)'}: not started yet", **fields)

@@ -120,6 +120,14 @@ def job_source(setting: str, out_dir: Path, overrides: list[str], identity: str)
     return path
 
 
+def forget_earlier_run(out_dir: Path) -> None:
+    """Remove the folder's `last.pt` of an earlier run (one started over, or another job's) for a
+    job that does not continue it: otherwise, stopped before it writes its own, the job would
+    later resume that run (with a best.pt that no longer matches it), or refuse to run at all
+    when the run was another configuration's."""
+    (Path(out_dir) / LAST).unlink(missing_ok=True)
+
+
 def belongs_to(path: Path, identity: str) -> bool:
     """Whether the `last.pt` at `path` is readable and was written by the job `identity`."""
     try:

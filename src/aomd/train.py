@@ -79,7 +79,10 @@ def train(cfg: DictConfig) -> float:
     runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
     # the data before the networks: a wrong dataset.root is reported before any weight download
     data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
-    claim_record(out_dir, overrides)  # after the checks of bad input, which leave the folder as it was
+    # after the checks of bad input, which leave the folder as it was
+    claim_record(out_dir, overrides, continues=resume_from is not None)
+    if resume_from is None:
+        resume.forget_earlier_run(out_dir)
     runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
