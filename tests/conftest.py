@@ -84,12 +84,11 @@ def assert_histories_close(ours: list[dict], theirs: list[dict], rel: float, abs
             assert mine[key] == pytest.approx(value, rel=rel, abs=abs), key
 
 
-def fit_records(data, run_dir: Path, *overrides: str) -> list[dict]:
-    """The epoch records of `aomd.engine.fit` run in this process on `data` with the TINY recipe
-    and `overrides` (a student-only loss: no teacher), on the runtime the config resolves to."""
+def student_job(*overrides: str):
+    """(cfg, runtime, student, objective) of a job with the TINY recipe and `overrides` (a
+    student-only loss: no teacher), seeded, on the runtime the config resolves to."""
     from aomd.build import build_objective
     from aomd.config import validate
-    from aomd.engine import fit
     from aomd.models import EmbeddingNet
     from aomd.runtime import Runtime
 
@@ -97,7 +96,14 @@ def fit_records(data, run_dir: Path, *overrides: str) -> list[dict]:
     runtime = Runtime.from_train(cfg.train)
     runtime.seed_everything(0)
     student = EmbeddingNet("resnet18", cfg.embedding_size, cfg.l2normalize, False)
-    objective = build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
+    return cfg, runtime, student, build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
+
+
+def fit_records(data, run_dir: Path, *overrides: str) -> list[dict]:
+    """The epoch records of `aomd.engine.fit` run in this process on `data` (`student_job`)."""
+    from aomd.engine import fit
+
+    cfg, runtime, student, objective = student_job(*overrides)
     records = []
     fit(student, objective, data, cfg.train, cfg.eval, runtime, run_dir, lambda record, is_best: records.append(record))
     return records

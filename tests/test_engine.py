@@ -10,7 +10,7 @@ from aomd.engine import fit
 from aomd.models import EmbeddingNet
 from aomd.build import build_objective
 from aomd.runtime import Runtime
-from conftest import TINY, assert_histories_close, compose, fit_records, strip_timing
+from conftest import TINY, assert_histories_close, compose, fit_records, strip_timing, student_job
 
 CPU = Runtime.resolve("cpu")
 
@@ -47,23 +47,20 @@ def test_best_can_be_chosen_among_trained_epochs_only(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["metrics"]["epoch"] == best["epoch"]
 
 
-def tiny_student_job(tmp_path):
-    cfg = validate(compose(*TINY, "logger=none"))
-    data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
-    student = EmbeddingNet("resnet18", 16, True, False)
-    return cfg, data, student, build_objective(cfg.loss, cfg.sampler, student, None, cfg.dataset.image_size)
+def tiny_data(tmp_path):
+    return load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
 
 
 def test_a_loss_that_becomes_nan_stops_the_job_in_one_sentence(tmp_path, monkeypatch):
     from aomd.engine import TrainingDiverged
     from aomd.errors import UserError
 
-    cfg, data, student, objective = tiny_student_job(tmp_path)
+    cfg, runtime, student, objective = student_job("train.device=cpu")
     forward = type(objective).forward
     monkeypatch.setattr(type(objective), "forward", lambda self, outputs: (
         lambda total, terms: (total * float("nan"), terms))(*forward(self, outputs)))
     with pytest.raises(TrainingDiverged, match=r"^The training loss became nan in epoch 1; lower train.lr or the loss ratios.$") as error:
-        fit(student, objective, data, cfg.train, cfg.eval, CPU, tmp_path, lambda record, is_best: None)
+        fit(student, objective, tiny_data(tmp_path), cfg.train, cfg.eval, runtime, tmp_path, lambda record, is_best: None)
     assert isinstance(error.value, UserError)  # one line from the entrypoints; in a sweep, a failed job
 
 
@@ -74,13 +71,13 @@ def test_running_out_of_device_memory_names_the_batch_size_to_lower(tmp_path, mo
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    cfg, data, student, objective = tiny_student_job(tmp_path)
+    cfg, runtime, student, objective = student_job("train.device=cpu")
     monkeypatch.setattr(TrainStep, "__call__", out_of_memory) if during == "training" else \
         monkeypatch.setattr(EmbeddingNet, "forward", out_of_memory)
     setting = batch_key.split("=")[0]
     with pytest.raises(OutOfDeviceMemory, match=rf"^cpu ran out of memory during {during} with {batch_key} \(fp32\); "
                                                 rf"lower {setting}, or train.precision=bf16 to halve the activations.$"):
-        fit(student, objective, data, cfg.train, cfg.eval, CPU, tmp_path, lambda record, is_best: None)
+        fit(student, objective, tiny_data(tmp_path), cfg.train, cfg.eval, runtime, tmp_path, lambda record, is_best: None)
 
 
 @pytest.mark.parametrize("saved_fused", [True, False])

@@ -13,7 +13,7 @@ from aomd.data.synthetic import load_synthetic
 from aomd.engine import TrainStep, fit, learning_rate
 from aomd.models import EmbeddingNet
 from aomd.runtime import Runtime
-from conftest import TINY, compose, run_module, train
+from conftest import TINY, compose, run_module, student_job, train
 from wandb_files import read_offline_run
 
 CPU = Runtime.resolve("cpu")
@@ -141,13 +141,10 @@ def test_the_wandb_run_holds_what_was_logged_and_labels_the_selected_last_and_va
 def test_select_last_selects_the_last_epoch(tmp_path):
     from aomd.metrics import selection_metric
 
-    cfg = validate(compose(*TINY, "train.epochs=2", "eval.select=last", "logger=none"))
-    student = EmbeddingNet("resnet18", 16, True, False)
-    objective = build_objective(cfg.loss, cfg.sampler, student, None, 32)
+    cfg, runtime, student, objective = student_job("train.epochs=2", "eval.select=last")
     data = load_synthetic(num_classes=12, images_per_class=8, base_size=40, image_size=32, cache_dir=tmp_path)
     chosen = []
-    best = fit(student, objective, data, cfg.train, cfg.eval, Runtime.resolve("cpu"), tmp_path,
-               lambda record, is_best: chosen.append(is_best))
+    best = fit(student, objective, data, cfg.train, cfg.eval, runtime, tmp_path, lambda record, is_best: chosen.append(is_best))
     assert chosen == [True, True, True] and best["epoch"] == 2  # each epoch replaces the one before
     assert selection_metric(cfg.eval.recall_k, "last") == "recall@1"
 

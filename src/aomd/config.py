@@ -260,7 +260,7 @@ def check_before_start(argv: list[str], config_name: str = "train") -> None:
         composed = compose(overrides, config_name)
         if first_error is not False:
             try:
-                OmegaConf.resolve(composed.copy())
+                OmegaConf.resolve(composed)  # here, not in validate: a failure here is no value error
             except OmegaConfBaseException:  # ${hydra:...}, or an ${oc.env:...} of the job's environment
                 first_error = False  # values only the job can resolve: the job checks them
                 continue

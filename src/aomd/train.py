@@ -72,7 +72,8 @@ def train(cfg: DictConfig) -> float:
             log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
                      "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
             return previous["best"][metric]
-    resume_from = resume.job_source(cfg.train.resume, out_dir, overrides, job_identity(cfg))
+    identity = job_identity(cfg)
+    resume_from = resume.job_source(cfg.train.resume, out_dir, overrides, identity)
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
@@ -104,7 +105,7 @@ def train(cfg: DictConfig) -> float:
             log.warning(warning)
     best = train_network(data, student, objective, runtime, OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.eval),
                          out_dir, "student", run_info(cfg), teacher, teacher_metrics,
-                         identity=job_identity(cfg), resume_from=resume_from)
+                         identity=identity, resume_from=resume_from)
     return best[metric]
 
 
