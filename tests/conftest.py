@@ -31,8 +31,14 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One dataset cache and teachers directory for the whole test session."""
-    return tmp_path_factory.mktemp("aomd-cache")
+    """One dataset cache and teachers directory for the whole test session, shared by the
+    processes of a parallel session (pytest-xdist, as `scripts/gpu_check.sh` runs the gpu tier) so
+    that each managed teacher trains once: the caches build under file locks."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp("aomd-cache")
+    shared = tmp_path_factory.getbasetemp().parent / "aomd-cache"  # the workers' base folders' parent
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(autouse=True)

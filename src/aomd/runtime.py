@@ -337,7 +337,7 @@ def from_host(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tenso
     wait for the device to finish what it was given before)."""
     if device.type != "cuda":
         return tuple(t.to(device) for t in tensors)
-    return tuple(t if t.device == device else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return tuple(t.to(device) if t.is_cuda else (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
                  for t in tensors)
 
 

@@ -95,7 +95,7 @@ def to_device(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torc
     while upcoming is not None:
         compute_stream.wait_stream(copy_stream)
         for tensor in upcoming:
-            if tensor.device == device:
+            if tensor.is_cuda:  # not the labels, kept on the host
                 tensor.record_stream(compute_stream)  # its memory is not reused before the step is done
         current, upcoming = upcoming, None
         yield current
