@@ -1,10 +1,13 @@
 """The synthetic dataset and its cache, class-balanced batches and tensor-op augmentation."""
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from aomd.data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from aomd.data import cache
 from aomd.data.cache import cache_file
+from aomd.data.errors import DatasetError
 from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.data.synthetic import generate, load_synthetic
 
@@ -46,10 +49,29 @@ def test_a_partial_or_stale_cache_is_rebuilt(tmp_path):
     assert np.array_equal(load_synthetic(**kwargs).train.images, reference)
 
 
-def test_cache_key_separates_settings(tmp_path):
+def test_cache_key_separates_settings(tmp_path, monkeypatch):
     a = cache_file(tmp_path, "synthetic", {"seed": 0, "size": 72})
     assert a == cache_file(tmp_path, "synthetic", {"size": 72, "seed": 0})
     assert a != cache_file(tmp_path, "synthetic", {"seed": 1, "size": 72})
+    assert a.name == "synthetic-df71ad39cb59.h5"  # format 1's name, as before the version was part of it
+    monkeypatch.setattr(cache, "FORMAT_VERSION", 2)  # two versions of the code never rebuild each other's file
+    assert cache_file(tmp_path, "synthetic", {"seed": 0, "size": 72}).name == "synthetic-v2-df71ad39cb59.h5"
+
+
+def test_a_complete_cache_is_read_where_its_lock_cannot_be_taken(tmp_path, monkeypatch):
+    """A cache prepared ahead in a folder the job's user may only read (a group's shared cache):
+    complete, it is read without the lock; to build, a one-line error names what to change."""
+    kwargs = dict(num_classes=4, images_per_class=4, base_size=36, image_size=32, cache_dir=tmp_path)
+    built = load_synthetic(**kwargs).train.images
+
+    def unwritable_folder(path, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(cache, "FileLock", unwritable_folder)
+    assert np.array_equal(load_synthetic(**kwargs).train.images, built)
+    with pytest.raises(DatasetError, match=f"Cannot build the dataset cache in {tmp_path} .Permission denied.; "
+                                           r"point paths.cache_dir \(or AOMD_CACHE_DIR\) to a folder this user can write"):
+        load_synthetic(**{**kwargs, "num_classes": 6})
 
 
 def test_class_balanced_batches_follow_the_recipe():

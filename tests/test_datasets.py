@@ -590,3 +590,21 @@ def test_prepare_builds_and_verifies_the_cache(tmp_path):
     assert "Stanford_Online_Products.zip" in out and "MISMATCH" in out
     assert "train 6 classes / 18 images" in out and "verified" in out
     assert len(list((tmp_path / "cache").glob("sop-*.h5"))) == 1
+
+
+def test_prepare_accepts_a_folder_dataset_with_a_class_in_train_and_test(tmp_path, caplog, capsys):
+    """Training warns and goes on where train/ and test/ name one class; aomd.prepare does the same."""
+    from aomd.config import compose
+    from aomd.prepare import prepare
+
+    root = tmp_path / "explicit"
+    for split, names in (("train", ["a", "b"]), ("test", ["a", "c", "d"])):
+        for name in names:
+            for k in range(3):
+                write_jpeg(root / split / name / f"{k}.png", ord(name) + k)
+    caplog.set_level(logging.INFO)
+    prepare(compose(["dataset=folder", f"dataset.root={root}", f"dataset.base_size={BASE}", f"dataset.image_size={CROP}",
+                     f"paths.cache_dir={tmp_path / 'cache'}", "eval.recall_k=[1,2]", "train.progress=false",
+                     "logger=none"]))
+    assert "1 classes are in both train/ and test/" in caplog.text
+    assert "folder is ready:\n  train 2 classes / 6 images, test 3 classes / 9 images" in capsys.readouterr().out

@@ -83,6 +83,11 @@ def test_validation_classes_are_held_out_of_the_train_split(tiny_data):
     assert train | val == set(np.unique(tiny_data.train.labels).tolist())
     assert len(data.train) + len(data.val) == len(tiny_data.train)
     assert data.summary()["val_classes"] == 2
+    # both read the training split's images, which are not copied (SOP's are 11.8 GB in memory)
+    assert all(split.images.images is tiny_data.train.images for split in (data.train, data.val))
+    for split in (data.train, data.val):
+        (positions,) = np.nonzero(np.isin(tiny_data.train.labels, np.unique(split.labels)))
+        assert np.array_equal(split.take([2, 0, 2]), tiny_data.train.images[positions[[2, 0, 2]]])
 
 
 def test_a_small_training_split_holds_out_two_validation_classes_by_default():

@@ -30,8 +30,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
+from aomd.data.errors import DatasetError
 from aomd.data.splits import ImageSplit, RetrievalData
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,12 @@ PackedSplits = Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str] | None]]
 
 
 def cache_file(cache_dir: str | Path, name: str, key: Mapping) -> Path:
-    """Path of the cache file for dataset `name` built from `key` (root, size, format, ...)."""
+    """Path of the cache file for dataset `name` built from `key` (root, size, format, ...) in
+    this code's `FORMAT_VERSION`: two versions of the code never build the same file (the
+    files of format 1 keep the names they had before the version was part of them)."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"{name}-{digest}.h5"
+    version = "" if FORMAT_VERSION == 1 else f"-v{FORMAT_VERSION}"
+    return Path(cache_dir).expanduser() / f"{name}{version}-{digest}.h5"
 
 
 def is_complete(path: Path, key: Mapping) -> bool:
@@ -59,8 +63,14 @@ def is_complete(path: Path, key: Mapping) -> bool:
                 and int(h5.attrs.get("format_version", -1)) == FORMAT_VERSION
                 and json.loads(h5.attrs.get("key", "null")) == json.loads(json.dumps(key))
             )
-    except OSError:  # truncated or not an HDF5 file at all
-        return False
+    except PermissionError as error:
+        raise DatasetError(f"Cannot read the dataset cache {path} ({error.strerror}); give this user read access "
+                           f"to it, or point paths.cache_dir (or AOMD_CACHE_DIR) to a folder of your own.") from error
+    except OSError as error:
+        if "lock" in str(error).lower():  # HDF5's own file locking, which some network file systems lack
+            raise DatasetError(f"HDF5 cannot lock the dataset cache {path} on this file system ({error}); "
+                               f"set HDF5_USE_FILE_LOCKING=FALSE in the job's environment.") from error
+        return False  # truncated, or not an HDF5 file at all
 
 
 def write_split(
@@ -159,9 +169,24 @@ def build_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) -> 
 
 
 def ensure_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) -> Path:
-    """Return `path` once it holds a complete cache for `key`, building it (once, under a lock) if not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    """Return `path` once it holds a complete cache for `key`, building it (once, under a lock) if not.
+
+    A complete cache is read without the lock, so a cache prepared ahead in a folder this user may
+    only read (a group's shared `paths.cache_dir`) serves every job."""
+    if is_complete(path, key):  # renamed into place complete: no build of this key replaces it
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock", mode=0o666)  # a lock file the group's other users can take too
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("Waiting for another job to finish building the dataset cache %s.", path)
+            lock.acquire()
+    except PermissionError as error:
+        raise DatasetError(f"Cannot build the dataset cache in {path.parent} ({error.strerror}); point "
+                           f"paths.cache_dir (or AOMD_CACHE_DIR) to a folder this user can write.") from error
+    try:
         # holding the lock, no other build is running: a temporary file left now is from a build
         # that was killed, and may be gigabytes
         for leftover in path.parent.glob(f"{path.name}.tmp-*"):
@@ -173,6 +198,8 @@ def ensure_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) ->
             else:
                 log.info("Building the dataset cache %s (once).", path)
             build_cache(path, key, fill)
+    finally:
+        lock.release()
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -64,11 +65,13 @@ class DecodedChunk:
     failed: list[tuple[int, str]]
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork starts workers in milliseconds and they only run PIL; spawn would re-import the
-    # entrypoint (torch, Hydra) in every worker. Platforms without fork use their default.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How the data's worker processes start (the decode pool's, the loaders'): by fork on Linux,
+    whatever Python's default there (forkserver from Python 3.14). A fork starts in milliseconds
+    and shares the parent's memory, images held in memory included; forkserver and spawn would
+    pickle those into every worker and re-import the entrypoint (torch, Hydra) in each. Elsewhere
+    the platform's default (spawn on macOS, where fork is unsafe)."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
 
 
 def decode_all(
@@ -97,7 +100,7 @@ def decode_all(
                 yield _chunk(start, len(chunk), *_decode_chunk(chunk, size))
                 bar.update(len(chunk))
             return
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context())
         pending: deque[tuple[int, int, Future]] = deque()
 
         def submit(start: int) -> None:

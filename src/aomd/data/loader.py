@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aomd.data.images import worker_context
 from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.data.splits import ImageSplit
 from aomd.preemption import ignore_in_worker
@@ -41,7 +42,8 @@ def _loader(split: ImageSplit, batches, num_workers: int, pin_memory: bool) -> D
     batches: a small test split read in one batch needs one, not the eight of a CUDA job's
     default on a 16-core host (each a fork of a process that holds the card)."""
     num_workers = min(num_workers, len(batches))
-    workers = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+    workers = ({"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": worker_context()}
+               if num_workers > 0 else {})
     return DataLoader(_BatchReader(split), sampler=batches, batch_size=None, num_workers=num_workers,
                       pin_memory=pin_memory, worker_init_fn=ignore_in_worker, generator=torch.Generator(), **workers)
 

@@ -34,24 +34,34 @@ class ImageSplit:
     def subset(self, indices: np.ndarray) -> "ImageSplit":
         """The images at `indices` (sorted) as a split of their own."""
         indices = np.asarray(indices, dtype=np.int64)
-        images = self.images[indices] if isinstance(self.images, np.ndarray) else _IndexedImages(self.images, indices)
+        # not a copy: a validation split held out of a training split in memory would double it
+        images = _IndexedImages(self.images, indices)
         paths = None if self.paths is None else [self.paths[i] for i in indices]
         return ImageSplit(images, self.labels[indices], paths)
 
     def take(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Images at `indices` (any order, repeats allowed) as uint8 [len(indices), H, W, 3]."""
         indices = np.asarray(indices, dtype=np.int64)
-        if isinstance(self.images, np.ndarray):
+        if _in_memory(self.images):
             return self.images[indices]
         # HDF5 reads want sorted unique indices; reading those once also serves repeats
         unique, inverse = np.unique(indices, return_inverse=True)
         return np.asarray(self.images[unique])[inverse]
 
 
+def _in_memory(images: Any) -> bool:
+    """Whether a split's images are an array in memory (or some images of one), where any index
+    reads at once; an on-demand reader wants sorted unique indices."""
+    return isinstance(images, np.ndarray) or (isinstance(images, _IndexedImages) and _in_memory(images.images))
+
+
 class _IndexedImages:
-    """Some images of an on-demand reader, re-indexed from 0 (reads go to the reader)."""
+    """Some images of another split's images (an array in memory or an on-demand reader),
+    re-indexed from 0; reads go to those images."""
 
     def __init__(self, images: Any, indices: np.ndarray):
+        if isinstance(images, _IndexedImages):  # a subset of a subset reads the images it came from
+            images, indices = images.images, images.indices[indices]
         self.images, self.indices = images, indices
         self.shape = (len(indices), *images.shape[1:])
 
@@ -95,8 +105,8 @@ class RetrievalData:
 def hold_out_validation(data: RetrievalData, num_classes: int, seed: int = 0) -> RetrievalData:
     """`data` with `num_classes` of its training classes (drawn with `seed`) moved to a validation
     split: train, validation and test are class-disjoint, as on held-out classes the model
-    selection of Musgrave et al. (2020) is done. The images are not copied when held in memory
-    as a view would be; an on-demand reader is shared by both splits."""
+    selection of Musgrave et al. (2020) is done. The images are not copied: both splits read the
+    training split's images (in memory or on demand)."""
     classes = np.unique(data.train.labels)
     assert 1 <= num_classes < len(classes), "the validation split needs some classes and must leave some to train"
     held_out = np.sort(np.random.default_rng(seed).choice(classes, size=num_classes, replace=False))
