@@ -67,7 +67,7 @@ def is_complete(path: Path, key: Mapping) -> bool:
         raise DatasetError(f"Cannot read the dataset cache {path} ({error.strerror}); give this user read access "
                            f"to it, or point paths.cache_dir (or AOMD_CACHE_DIR) to a folder of your own.") from error
     except OSError as error:
-        if "lock" in str(error).lower():  # HDF5's own file locking, which some network file systems lack
+        if "unable to lock file" in str(error).lower():  # HDF5's own file locking, which some network file systems lack
             raise DatasetError(f"HDF5 cannot lock the dataset cache {path} on this file system ({error}); "
                                f"set HDF5_USE_FILE_LOCKING=FALSE in the job's environment.") from error
         return False  # truncated, or not an HDF5 file at all
