@@ -1,6 +1,7 @@
 """A killed job continues from its last.pt and ends exactly as if it had never stopped (CPU)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_module, signalled_at_step, strip_timing, train
+from aomd import resume
+from aomd.config import validate
+from aomd.train import job_identity
+from conftest import REPO, TINY, compose, run_module, signalled_at_step, strip_timing, train
 from test_config import assert_one_line_error
 from wandb_files import read_offline_run
 
@@ -49,6 +53,63 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
         for key, value in first[name].items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, second[name][key]), (name, key)
+
+
+def leave_run(folder: Path, status: str | None, overrides: list[str], identity: str | None) -> Path:
+    """A folder as an earlier job left it: its metrics.json (`status`, `overrides`) and a last.pt
+    written by the job `identity` (none where None)."""
+    if status is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps({"status": status, "overrides": overrides}))
+    if identity is not None:
+        (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+        torch.save({"architecture": {}, "model": {}, "training": {"identity": identity}}, folder / "checkpoints" / "last.pt")
+    return folder / "checkpoints" / "last.pt"
+
+
+EARLIER, NOW = ["train.lr=0.001", "train.num_workers=0"], ["train.lr=0.0005", "eval.recall_k=[1,2]", "eval.batch_size=64"]
+
+
+@pytest.mark.parametrize("status, identity, message", [
+    ("interrupted", "earlier", "holds an interrupted run of another configuration (train.lr: 0.001 -> 0.0005, "
+                               "eval.recall_k: default -> [1,2]); pass train.resume=never to replace it, or another hydra.run.dir"),
+    ("finished", None, "holds a finished run of another configuration (train.lr: 0.001 -> 0.0005, "
+                       "eval.recall_k: default -> [1,2]); pass train.resume=never to replace it, or another hydra.run.dir"),
+    (None, "earlier", "holds an unfinished run of another configuration (its last.pt was written by another job)"),
+])
+def test_a_job_does_not_discard_another_configurations_run(status, identity, message, tmp_path, caplog):
+    """A single job pointed (hydra.run.dir) to another configuration's run stops before any work,
+    saying what differs; a sweep job (a sweep rerun with other values into the same folders)
+    starts over there, with a warning."""
+    leave_run(tmp_path, status, EARLIER, identity)
+    with pytest.raises(resume.ResumeError, match=re.escape(f"{tmp_path} {message}")):
+        resume.job_source("auto", tmp_path, NOW, "now", sweep_job=False)
+    assert resume.job_source("auto", tmp_path, NOW, "now", sweep_job=True) is None
+    assert f"{tmp_path} held {message.removeprefix('holds ').split('; pass')[0]}; this job starts over there" in caplog.text
+
+
+def test_a_job_continues_its_run_whatever_changed_that_it_does_not_learn_from(tmp_path):
+    """The same last.pt identity (what the job learns from) continues, whatever the record's
+    overrides (precision, device); a run of another configuration with nothing to lose (failed
+    before its first save) is replaced without a word; the evaluation's batch size does not
+    identify a job."""
+    last = leave_run(tmp_path / "same", "interrupted", ["train.precision=fp32"], "now")
+    assert resume.job_source("auto", tmp_path / "same", NOW, "now", sweep_job=False) == last
+    leave_run(tmp_path / "failed", "failed", EARLIER, None)
+    assert resume.job_source("auto", tmp_path / "failed", NOW, "now", sweep_job=False) is None
+    assert leave_run(tmp_path / "mine", "interrupted", ["eval.batch_size=256", *NOW], "now") \
+        == resume.job_source("auto", tmp_path / "mine", NOW, "now", sweep_job=False)
+    composed = [validate(compose(*TINY, f"eval.batch_size={size}", f"eval.chunk_size={size}")) for size in (64, 128)]
+    assert job_identity(composed[0]) == job_identity(composed[1])
+    assert job_identity(composed[0]) != job_identity(validate(compose(*TINY, "train.lr=0.0005")))
+
+
+def test_a_run_continued_from_another_folder_is_checked_before_any_work(tmp_path):
+    """train.resume=<run folder> of another job: refused by job_source (before data, teacher,
+    networks), naming what differs."""
+    leave_run(tmp_path / "earlier", "interrupted", EARLIER, "earlier")
+    with pytest.raises(resume.ResumeError, match=re.escape("it belongs to another job (train.lr: 0.001 -> 0.0005, ")):
+        resume.job_source(str(tmp_path / "earlier"), tmp_path / "now", NOW, "now", sweep_job=False)
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +210,16 @@ def test_a_run_started_over_and_killed_before_its_first_save_does_not_resume_the
 def test_a_job_that_failed_after_claiming_another_jobs_folder_runs_when_started_again(uninterrupted, tmp_path):
     """The first try fails after the job took the folder over (its teachers' folder cannot be made):
     the earlier job's last.pt must not be taken for this job's on the next try."""
-    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
-    distil = [*TINY, "logger=none", "loss=sp", "teacher.backbone=resnet18", "teacher.embedding_size=32",
-              "teacher.train.epochs=1", "teacher.train.iters_per_epoch=2", f"hydra.run.dir={tmp_path}"]
+    job = tmp_path / "0"  # job 0 of a sweep rerun with other values into the folders of another
+    shutil.copytree(uninterrupted, job)
+    distil = ["-m", *TINY, "logger=none", "loss=sp", "teacher.backbone=resnet18", "teacher.embedding_size=32",
+              "teacher.train.epochs=1", "teacher.train.iters_per_epoch=2", f"hydra.sweep.dir={tmp_path}"]
     result = run_module("aomd.train", *distil, "paths.teachers_dir=/dev/null/teachers")
-    assert result.returncode != 0 and not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert result.returncode == 1 and not (job / "checkpoints" / "last.pt").exists()
+    assert "held a finished run of another configuration" in result.stdout + result.stderr
     result = run_module("aomd.train", *distil, f"paths.teachers_dir={tmp_path / 'teachers'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "finished"
+    assert json.loads((job / "metrics.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.slow
@@ -174,7 +237,15 @@ def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(uninterrupted, tm
     (other / "checkpoints").mkdir(parents=True)
     shutil.copy(uninterrupted / "checkpoints" / "last.pt", other / "checkpoints" / "last.pt")
     result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={other}")
-    assert_one_line_error(result, "Cannot resume", "another job", "train.resume=never")
+    assert_one_line_error(result, "holds an unfinished run of another configuration", "written by another job",
+                          "train.resume=never")
+    (other / "metrics.json").write_text(json.dumps({**json.loads((uninterrupted / "metrics.json").read_text()),
+                                                    "status": "interrupted"}))
+    result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={other}")
+    assert_one_line_error(result, "holds an interrupted run of another configuration (train.epochs: 4 -> 1, "
+                                  "train.iters_per_epoch: 4 -> 2, train.lr_decay_epochs: [3] -> default, "
+                                  "train.lr: default -> 0.005)")
+    (other / "metrics.json").unlink()
     (other / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={other}")
     assert_one_line_error(result, "Cannot resume", "Delete it", "train.resume=never")
@@ -186,12 +257,14 @@ def test_a_foreign_or_truncated_last_pt_is_refused_in_one_line(uninterrupted, tm
 def test_a_sweep_rerun_with_other_values_starts_over_in_a_folder_another_configuration_left(uninterrupted, tmp_path):
     """Job N of a sweep rerun into the same hydra.sweep.dir with other values finds job N of the
     first sweep unfinished there: its record and its last.pt are another configuration's."""
-    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    job = tmp_path / "0"
+    shutil.copytree(uninterrupted / "checkpoints", job / "checkpoints")
     record = json.loads((uninterrupted / "metrics.json").read_text())
-    (tmp_path / "metrics.json").write_text(json.dumps({**record, "status": "interrupted"}))
-    result = run_module("aomd.train", *TINY, "logger=none", "train.lr=0.005", f"hydra.run.dir={tmp_path}")
+    (job / "metrics.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    result = run_module("aomd.train", "-m", *TINY, "logger=none", "train.lr=0.005", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0 and "Resuming" not in result.stdout + result.stderr, result.stderr[-3000:]
-    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert "held an interrupted run of another configuration (train.epochs: 4 -> 1" in result.stdout + result.stderr
+    record = json.loads((job / "metrics.json").read_text())
     assert record["status"] == "finished" and "train.lr=0.005" in record["overrides"]
     assert [r["epoch"] for r in record["history"]] == [0, 1]
 

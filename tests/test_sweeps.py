@@ -10,10 +10,10 @@ from wandb_files import read_offline_run
 
 
 
-def sweep(sweep_dir: Path, *overrides: str, logger="logger=none", timeout=900):
+def sweep(sweep_dir: Path, *overrides: str, logger="logger=none", timeout=900, returncode=0):
     """Run `python -m aomd.train -m ...` into `sweep_dir`; return {job number: metrics.json}."""
     result = run_module("aomd.train", "-m", *TINY, logger, f"hydra.sweep.dir={sweep_dir}", *overrides, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == returncode, result.stderr[-3000:]
     jobs = {int(p.parent.name): json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
     return jobs, result
 
@@ -23,7 +23,7 @@ def offline_runs(sweep_dir: Path) -> dict[int, dict]:
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    jobs, result = sweep(tmp_path, "train.lr=-1,1e-3")  # the job after the failed one runs
+    jobs, result = sweep(tmp_path, "train.lr=-1,1e-3", returncode=1)  # the job after the failed one runs; exit status 1
     assert jobs[0]["status"] == "failed" and "train.lr must be positive" in jobs[0]["error"]
     assert jobs[1]["status"] == "finished"
     assert "1 of 2 jobs finished" in result.stdout and "job 0 failed" in result.stdout

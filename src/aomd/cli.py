@@ -104,7 +104,8 @@ def check_group_options(argv: list[str], config_path: str, program: str) -> None
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a sweep, say how many jobs finished and which failed."""
+    """Hydra callback: at the end of a sweep, say how many jobs finished and which did not; a
+    sweep with a job that did not finish exits with status 1, so a script can tell."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -116,3 +117,5 @@ class SweepSummary(Callback):
             why = state.get("error") or ("ended without updating its metrics.json" if state else "no metrics.json")
             print(f"  job {name} {status}: {why}", flush=True)
         print(f"Compare the jobs with: python -m aomd.report {sweep_dir}", flush=True)
+        if unfinished:
+            sys.exit(1)

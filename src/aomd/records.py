@@ -43,12 +43,15 @@ VALIDATION_PREFIX = "val/"
 
 # What identifies a job: its overrides, less those that change neither its data nor what it
 # learns (logging, launching, skipping, where data and teachers are kept, how many processes read
-# the data, the preset's name: a preset's values are overrides too). Precision, device and compile
-# stay: they move the results a little; so do the evaluation's batch and chunk sizes, which the
-# identity of a job's last.pt (train.job_identity) covers too.
+# the data, how many images the evaluation embeds or compares at once, the preset's name: a
+# preset's values are overrides too). Precision, device and compile stay: they move the results a
+# little (a job's last.pt continues under another, `train.job_identity`). The evaluation's batch and
+# chunk sizes change only the float rounding of its embeddings and distances, and a job stopped by
+# an evaluation that ran out of memory continues with smaller ones.
 SEED_KEY = "train.seed"
 NOT_IDENTITY_KEYS = ("preset", "skip_finished", "logger", "train.progress", "train.num_workers", "train.pin_memory",
-                     "train.resume", "dataset.in_memory", "dataset.decode_workers", "eval.keep_crops")
+                     "train.resume", "dataset.in_memory", "dataset.decode_workers", "eval.keep_crops", "eval.batch_size",
+                     "eval.chunk_size")
 NOT_IDENTITY_PREFIXES = ("logger.", "hydra.", "hydra/", "paths.")
 
 

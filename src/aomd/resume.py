@@ -16,6 +16,7 @@ is not trained again), `never` (start over), or a run folder or `last.pt` to con
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ import torch
 from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.errors import UserError
 from aomd.models import CheckpointError, read_checkpoint
-from aomd.records import FINISHED, is_record_of, read_record
+from aomd.records import FINISHED, identity_overrides, is_record_of, override_key, read_record
+
+log = logging.getLogger(__name__)
 
 LAST = Path("checkpoints") / "last.pt"
 # a managed teacher resumes whatever `train.resume` says: deleting the file is what starts it over
@@ -107,17 +110,53 @@ def source(setting: str, out_dir: Path) -> Path | None:
     return path
 
 
-def job_source(setting: str, out_dir: Path, overrides: list[str], identity: str) -> Path | None:
+def job_source(setting: str, out_dir: Path, overrides: list[str], identity: str, sweep_job: bool) -> Path | None:
     """The `last.pt` the job of `overrides` and `identity` continues from, in `out_dir`, under
-    `train.resume` = `setting`. With `auto`, this job's unfinished run there (killed, preempted,
-    requeued) continues; a finished run does not, nor another configuration's (a sweep rerun
-    with other values into the same folders: its record and its last.pt are another job's)."""
+    `train.resume` = `setting`; checked before any work.
+
+    With `auto`, this job's unfinished run there (killed, preempted, requeued) continues, also when
+    only settings that do not change what it learns differ (the device, the precision, the
+    evaluation's batch size). A finished run does not continue. A run of another configuration
+    (its record's overrides and its `last.pt` are another job's) is never continued: a sweep job
+    (`sweep_job`: a sweep rerun with other values into the same folders) starts over in its place
+    with a warning, and a single job stops with one line saying what differs, rather than discard
+    a run the user may have pointed `hydra.run.dir` to by mistake."""
     path = source(setting, out_dir)
+    if setting != "auto":
+        if path is not None:
+            read_state(path, identity, overrides)  # another job's or damaged: said now, not after a teacher trains
+        return path
     record = read_record(out_dir)
-    if setting == "auto" and path is not None and record is not None and (
-            record.get("status") == FINISHED or not is_record_of(record, overrides) and not belongs_to(path, identity)):
+    finished = record is not None and record.get("status") == FINISHED
+    same_overrides = record is None or is_record_of(record, overrides)
+    if path is not None and not finished and belongs_to(path, identity):
+        return path
+    if not same_overrides and (finished or path is not None) or record is None and path is not None and readable(path):
+        status = (record or {}).get("status")
+        what = f"{status} run" if status in (FINISHED, "interrupted", "failed") else "unfinished run"
+        what = f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
+        difference = changes(record["overrides"], overrides) if record is not None and record.get("overrides") is not None \
+            else "its last.pt was written by another job"
+        if not sweep_job:
+            raise ResumeError(f"{out_dir} holds {what} of another configuration ({difference}); pass train.resume=never "
+                              f"to replace it, or another hydra.run.dir.")
+        log.warning("%s held %s of another configuration (%s); this job starts over there.", out_dir, what, difference)
         return None
-    return path
+    if path is not None and not finished:
+        read_state(path, identity, overrides)  # this job's run, but a damaged last.pt or another code's: said now
+    return None if finished else path
+
+
+def changes(earlier: list[str], overrides: list[str]) -> str:
+    """What the identifying overrides `overrides` change against `earlier`, for a message:
+    "train.lr: 0.001 -> 0.0005, eval.recall_k: default -> [1,2]"."""
+    def values(items: list[str]) -> dict[str, str]:
+        return {override_key(o): o.split("=", 1)[1] if "=" in o else "deleted" for o in identity_overrides(items)}
+
+    before, after = values(earlier), values(overrides)
+    keys = [*before, *(key for key in after if key not in before)]
+    return ", ".join(f"{key}: {before.get(key, 'default')} -> {after.get(key, 'default')}"
+                     for key in keys if before.get(key) != after.get(key)) or "the same overrides"
 
 
 def forget_earlier_run(out_dir: Path) -> None:
@@ -126,6 +165,14 @@ def forget_earlier_run(out_dir: Path) -> None:
     later resume that run (with a best.pt that no longer matches it), or refuse to run at all
     when the run was another configuration's."""
     (Path(out_dir) / LAST).unlink(missing_ok=True)
+
+
+def readable(path: Path) -> bool:
+    """Whether `path` is a checkpoint with a training state (not a damaged file, which read_state reports)."""
+    try:
+        return isinstance(read_checkpoint(path).get("training"), dict)
+    except CheckpointError:
+        return False
 
 
 def belongs_to(path: Path, identity: str) -> bool:
@@ -137,8 +184,9 @@ def belongs_to(path: Path, identity: str) -> bool:
     return isinstance(training, dict) and training.get("identity") == identity
 
 
-def read_state(path: Path, identity: str) -> dict[str, Any]:
-    """The checkpoint at `path` with its `training` state, checked to belong to the job `identity`."""
+def read_state(path: Path, identity: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The checkpoint at `path` with its `training` state, checked to belong to the job `identity`
+    (a refusal names the settings that differ from the `overrides` of the run that wrote it)."""
     try:
         payload = read_checkpoint(path)
     except CheckpointError as error:
@@ -147,6 +195,8 @@ def read_state(path: Path, identity: str) -> dict[str, Any]:
     if not isinstance(training, dict):
         raise ResumeError(f"Cannot resume from {path}: it holds no training state (written by an older aomd). {START_OVER}")
     if training.get("identity") != identity:
-        raise ResumeError(f"Cannot resume from {path}: it belongs to another job ({training.get('identity')!r}, this "
-                          f"job is {identity!r}). {START_OVER}")
+        record = read_record(path.parent.parent) if path.parent.name == "checkpoints" else None
+        difference = (changes(record["overrides"], overrides) if overrides is not None and record
+                      and record.get("overrides") is not None else f"{training.get('identity')!r}, this job is {identity!r}")
+        raise ResumeError(f"Cannot resume from {path}: it belongs to another job ({difference}). {START_OVER}")
     return payload

@@ -54,6 +54,8 @@ def job_identity(cfg: DictConfig) -> str:
     sampler, recipe, data, selection and teacher."""
     parts = {key: OmegaConf.to_container(cfg[key], resolve=True)
              for key in ("backbone", "loss", "sampler", "train", "dataset", "eval", "teacher")}
+    for how_many_at_once in ("batch_size", "chunk_size"):  # the evaluation's: not what the job learns or reports
+        parts["eval"].pop(how_many_at_once, None)
     return "student-" + content_digest({**parts, "embedding_size": cfg.embedding_size, "l2normalize": cfg.l2normalize})
 
 
@@ -73,7 +75,7 @@ def train(cfg: DictConfig) -> float:
                      "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
             return previous["best"][metric]
     identity = job_identity(cfg)
-    resume_from = resume.job_source(cfg.train.resume, out_dir, overrides, identity)
+    resume_from = resume.job_source(cfg.train.resume, out_dir, overrides, identity, sweep_job=in_multirun())
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
