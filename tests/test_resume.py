@@ -145,7 +145,7 @@ def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly
     # step 7 of 4 x 4: the third step of epoch 2; the step finishes, then the job saves and stops
     result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={tmp_path}", env=signalled_at_step("SIGTERM", 7))
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
-    assert "SIGTERM in epoch 2 after step 3 of 4: saved checkpoints/last.pt" in result.stdout + result.stderr
+    assert f"SIGTERM in epoch 2 after step 3 of 4: saved {tmp_path / 'checkpoints' / 'last.pt'}" in result.stdout + result.stderr
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "interrupted"
     assert record["error"].startswith("stopped by SIGTERM in epoch 2 after step 3 of 4")
@@ -163,7 +163,7 @@ def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly
     # job stops in the epoch or in that evaluation
     ("SIGUSR2", "7", 1, "in epoch 2 after step 3 of 4", "Resuming in epoch 2 of 4 after step 3 of 4"),
     ("SIGINT", "7", 0, "in epoch 2 after step 3 of 4", "Resuming in epoch 2 of 4 after step 3 of 4"),
-    ("SIGTERM", "8", 0, "in epoch 2 after step 4 of 4", "Resuming in epoch 2 of 4 after step 4 of 4"),
+    ("SIGUSR1", "8", 0, "in epoch 2 after step 4 of 4", "Resuming in epoch 2 of 4 after step 4 of 4"),  # #SBATCH --signal=USR1@90
     ("SIGTERM", "eval3", 1, "after epoch 2", "Resuming after epoch 2 of 4"),
     ("SIGTERM", "eval3", 0, "after epoch 2", "Resuming after epoch 2 of 4"),
     ("SIGTERM", "eval1", 0, "after the evaluation before training", "Resuming after epoch 0 of 4"),
@@ -176,7 +176,7 @@ def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, 
     if signal_name == "SIGINT":  # Ctrl-C: a line, not a traceback
         assert f"interrupted; the same command with hydra.run.dir={tmp_path} continues it" in result.stderr
         assert "Traceback" not in result.stderr
-    assert f"{signal_name} {where}: saved checkpoints/last.pt" in result.stdout + result.stderr
+    assert f"{signal_name} {where}: saved {tmp_path / 'checkpoints' / 'last.pt'}" in result.stdout + result.stderr
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
     assert_resumes_to(uninterrupted, tmp_path, args, resumed)
 

@@ -197,7 +197,7 @@ def test_a_requeued_job_resumes_and_ends_as_if_never_stopped(cluster, uninterrup
     jobs = read_jobs(sweep_dir)
     assert all(job["status"] == "finished" for job in jobs.values()), {n: job.get("error") for n, job in jobs.items()}
     logs = job_log(sweep_dir, 0)
-    assert "saved checkpoints/last.pt" in logs and "SIGTERM" in logs
+    assert f"saved {sweep_dir / '0' / 'checkpoints' / 'last.pt'}" in logs and "SIGTERM" in logs
     assert "Resuming" in logs, "job 0 was not resumed from its last.pt after the requeue"
     for number in (0, 1):
         assert strip_timing(jobs[number]["history"]) == strip_timing(uninterrupted[number]["history"])
@@ -231,7 +231,7 @@ def test_a_preempted_job_saves_its_epoch_is_requeued_and_ends_as_if_never_stoppe
                                      launcher=[*CPU_ONLY, "hydra.launcher.timeout_min=60"])
     assert code == 0, output[-3000:]
     logs = job_log(sweep_dir, 0)
-    assert "SIGUSR2" in logs and "saved checkpoints/last.pt" in logs  # after the step (or evaluation) in progress
+    assert "SIGUSR2" in logs and f"saved {sweep_dir / '0' / 'checkpoints' / 'last.pt'}" in logs  # after the step (or evaluation) in progress
     assert "this job is preempted" in logs and "Requeued job" in logs  # submitit's words
     assert "Resuming" in logs
     jobs = read_jobs(sweep_dir)

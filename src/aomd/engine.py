@@ -330,7 +330,7 @@ def fit(
         except Exception as error:  # noqa: BLE001 - a full disk: the signal still acts, or the job is not requeued
             log.error("Could not write %s (%s: %s); the job stops as asked and continues from the last one written "
                       "before.", checkpoints / "last.pt", type(error).__name__, error)
-        stop.stop(where)
+        stop.stop(where, str(checkpoints / "last.pt"))
 
     def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
         nonlocal best

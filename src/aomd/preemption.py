@@ -1,10 +1,11 @@
 """Stopping a training job on a signal without losing the steps it trained.
 
 A job can be asked to stop by SIGTERM (`kill`; SLURM's `scancel`, `scontrol requeue`, time limit
-and, by default, preemption), SIGINT (Ctrl-C) or the preemption signal SIGUSR2 (what SLURM sends
+and, by default, preemption), SIGINT (Ctrl-C), the preemption signal SIGUSR2 (what SLURM sends
 `signal_delay_s` before the time limit, on preemption where the cluster sets
 `PreemptParameters=send_user_signal`, or with `scancel --signal=USR2`; submitit's
-`SUBMITIT_PREEMPT_SIGNAL` names another). While `StopSignals` is active these signals only set
+`SUBMITIT_PREEMPT_SIGNAL` names another) or SIGUSR1 (what many SLURM scripts of one's own ask for,
+`#SBATCH --signal=USR1@90`). While `StopSignals` is active these signals only set
 `requested`: the training loop finishes the step in progress (or the evaluation), writes
 `checkpoints/last.pt` (an exact mid-epoch state, `aomd.engine.fit`) and calls `stop()`, which then
 does what the signal would have done without the guard:
@@ -43,8 +44,8 @@ def preemption_signal() -> int | None:
 
 
 def stop_signals() -> list[int]:
-    """SIGTERM, SIGINT, SIGUSR2 and submitit's preemption signal, where the platform has them."""
-    found = {getattr(signal, name, None) for name in ("SIGTERM", "SIGINT", "SIGUSR2")} | {preemption_signal()}
+    """SIGTERM, SIGINT, SIGUSR1, SIGUSR2 and submitit's preemption signal, where the platform has them."""
+    found = {getattr(signal, name, None) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")} | {preemption_signal()}
     return sorted(found - {None})
 
 
@@ -110,8 +111,9 @@ class StopSignals:
         _act(self._previous.get(urgent, signal.SIG_DFL), urgent, frame)
         self.requested = pending  # its handler let the job go on
 
-    def stop(self, where: str) -> None:
-        """Act on the requested signal; the caller has saved its state, which `where` describes.
+    def stop(self, where: str, saved: str = "checkpoints/last.pt") -> None:
+        """Act on the requested signal; the caller has saved its state (in the file `saved`), which
+        `where` describes.
         Returns only if the signal's own handler lets the job go on (a SIGUSR2 handler that
         returns); otherwise raises SystemExit, KeyboardInterrupt or what that handler raises."""
         global last_stop
@@ -119,8 +121,8 @@ class StopSignals:
         signum, self.requested = self.requested, None
         name = signal.Signals(signum).name
         last_stop = f"stopped by {name} {where}; the job run again in the same folder continues from there"
-        log.warning("%s %s: saved checkpoints/last.pt; the job run again in the same folder (train.resume=auto) "
-                    "continues from it.", name, where)
+        log.warning("%s %s: saved %s; the job run again in the same folder (train.resume=auto) "
+                    "continues from it.", name, where, saved)
         # while it acts, the previous handlers take the signals that come (SLURM's SIGTERM after
         # submitit requeued the job)
         previous = self._uninstall()
