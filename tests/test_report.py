@@ -239,6 +239,20 @@ def test_short_labels_leave_out_common_overrides(sweep: Path):
     assert labels[rows[5].key] == "loss=triplet"
 
 
+def test_jobs_that_selected_on_validation_classes_rank_by_them_with_short_labels(tmp_path: Path):
+    """An Optuna sweep (eval.select=val): rows ranked by the validation Recall@1 the sweeper tuned
+    on, shown first in the table, not by the test Recall@1; its drawn floats shown to 4 digits."""
+    for num, (ratio, val, test) in enumerate([(125.20653814999464, 0.40, 0.70), (3.0000000000000004, 0.60, 0.50)]):
+        write_job(tmp_path, str(num), ["preset=optuna_aomd", f"loss.aomd_ratio={ratio}"], loss="aomd_mode2",
+                  aomd_ratio=ratio, metrics={**m(test, test, 0.2), "val/recall@1": val})
+    rows = aggregate(read_sweep(tmp_path))
+    assert [row.label for row in rows] == ["loss.aomd_ratio=3", "loss.aomd_ratio=125.2"]
+    assert rows[0].key == ("loss.aomd_ratio=3.0000000000000004",)  # the label only is shortened
+    text = write_report(tmp_path).markdown
+    assert "| # | configuration | n | val Recall@1 | Recall@1 | Recall@2 | MAP@R |" in text and "best val Recall@1 first" in text
+    assert table_rows(text)["loss.aomd_ratio=3"][3:5] == ["60.00", "50.00"]
+
+
 # --------------------------------------------------------------------------------------------
 # the report: table values equal metrics.json, unfinished jobs listed, plots
 

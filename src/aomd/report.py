@@ -266,20 +266,41 @@ def selection_keys(rows: Sequence[ConfigRow]) -> list[str]:
 
 
 def primary_metric(rows: Iterable[ConfigRow]) -> str:
-    """What rows are ranked and plotted by: recall@1, or the smallest recall@K the jobs evaluated."""
+    """What rows are plotted by: recall@1, or the smallest recall@K the jobs evaluated."""
     recalls = [key for key in metric_keys(rows) if key.startswith("recall@")]
     return recalls[0] if recalls else "recall@1"
 
 
+def ranking_metric(rows: Sequence[ConfigRow]) -> str:
+    """What rows are ranked by: the primary metric on the held-out validation classes when the jobs
+    selected their epoch on them (`eval.select=val`: what a sweeper tuned on, so that the ranking
+    does not choose on the test classes), else the test one."""
+    primary = primary_metric(rows)
+    validation = VALIDATION_PREFIX + primary
+    return validation if any(validation in row.mean for row in rows) else primary
+
+
+def display_override(override: str) -> str:
+    """An override as a label shows it: a float value to 4 significant digits
+    ("loss.aomd_ratio=125.20653814999464" -> "loss.aomd_ratio=125.2", as a sweeper draws them)."""
+    key, equals, value = override.partition("=")
+    if equals and "." in value and len(value) > 6:
+        try:
+            return f"{key}={float(value):.4g}"
+        except ValueError:
+            pass
+    return override
+
+
 def aggregate(jobs: Iterable[Job]) -> list[ConfigRow]:
     """Group jobs into configurations (same overrides apart from `train.seed`) and average the
-    finished jobs' best metrics over seeds. Rows come best first by `primary_metric` (mean), then
+    finished jobs' best metrics over seeds. Rows come best first by `ranking_metric` (mean), then
     the rows without a finished job; ties by label."""
     rows: dict[tuple[str, ...], ConfigRow] = {}
     for job in jobs:
         row = rows.get(job.config_key)
         if row is None:
-            label = " ".join(job.config_overrides) or job.loss or "(defaults)"
+            label = " ".join(map(display_override, job.config_overrides)) or job.loss or "(defaults)"
             row = rows[job.config_key] = ConfigRow(job.config_key, label, job.config_overrides, job.loss,
                                                    job.aomd_ratio, job.mode)
         row.jobs.append(job)
@@ -297,10 +318,10 @@ def aggregate(jobs: Iterable[Job]) -> list[ConfigRow]:
         # is not finite (statistics.stdev fails on NaN)
         row.std = {key: (statistics.stdev(v) if all(map(math.isfinite, v)) else math.nan) if len(v) > 1 else 0.0
                    for key, v in values.items()}
-    primary = primary_metric(rows.values())
+    ranked_by = ranking_metric(list(rows.values()))
 
     def rank(row: ConfigRow) -> tuple:
-        value = row.mean.get(primary)
+        value = row.mean.get(ranked_by)
         missing = value is None or math.isnan(value)
         return (missing, 0.0 if missing else -value, row.label)
 
@@ -321,7 +342,7 @@ def short_labels(rows: Sequence[ConfigRow]) -> dict[tuple[str, ...], str]:
     common = set(common_overrides(rows))
     labels = {}
     for row in rows:
-        rest = [o for o in row.overrides if o not in common]
+        rest = [display_override(o) for o in row.overrides if o not in common]
         labels[row.key] = " ".join(rest) or row.loss or "(defaults)"
     return labels
 
@@ -392,7 +413,8 @@ def render_table(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], str] |
     """The Markdown table: rank, configuration, n (finished seeds; "2 of 3" when some job of the
     configuration did not finish), then each metric as mean ± std in percent."""
     labels = labels or {row.key: row.label for row in rows}
-    keys = metric_keys(rows)
+    ranked_by = ranking_metric(rows)
+    keys = [ranked_by] * ranked_by.startswith(VALIDATION_PREFIX) + metric_keys(rows)  # what ranks the rows, first
     header = ["#", "configuration", "n", *map(metric_title, keys)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:", ":---", "---:"] + ["---:"] * len(keys)) + "|"]
     for rank, row in enumerate(rows, 1):
@@ -455,11 +477,12 @@ def render_report(sweep_dir: Path, jobs: Sequence[Job], rows: Sequence[ConfigRow
     status_text = ", ".join(f"{count} {'without metrics.json' if status == MISSING else status}"
                             for status, count in sorted(counts.items(), key=lambda s: (s[0] != FINISHED, s[0])))
     primary = metric_title(primary_metric(rows))
+    ranked_by = metric_title(ranking_metric(rows))
     parts = [f"# Sweep report: {sweep_dir}", "",
              f"{len(jobs)} jobs ({status_text}) in {len(rows)} configurations.",
              f"Values are the test metrics of each job's selected epoch ({_selection_text(jobs)}) in percent, "
              f"mean ± sample std over the seeds (`{SEED_KEY}`; n = finished seeds, the mean alone for n = 1), "
-             f"best {primary} first. Below the table, the selected epoch's test {primary} beside the last "
+             f"best {ranked_by} first. Below the table, the selected epoch's test {primary} beside the last "
              f"epoch's and, when the epoch was selected on held-out training classes, their {primary} (val).", ""]
     common = common_overrides(rows)
     if common:
