@@ -65,3 +65,9 @@ def test_result_types():
     recall = recall_at_k(e, y, [1, 2])
     assert all(isinstance(k, int) and isinstance(v, float) and 0 <= v <= 1 for k, v in recall.items())
     assert isinstance(map_at_r(e, y), float)
+
+
+def test_a_k_the_images_cannot_give_is_refused_in_one_sentence():
+    embeddings, labels = torch.randn(16, 4), torch.arange(16) // 4
+    with pytest.raises(ValueError, match=r"^Recall@32 of 16 images: K must be between 1 and 15 \(the other images of a query\)\.$"):
+        recall_at_k(embeddings, labels, [1, 32])

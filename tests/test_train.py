@@ -36,6 +36,8 @@ def test_short_run_writes_metrics_checkpoints_and_config(short_run):
         payload = torch.load(run_dir / "checkpoints" / name, weights_only=True)
         assert payload["architecture"] == {"backbone": "resnet18", "embedding_size": 128, "l2normalize": True}
         assert payload["aomd_version"] == aomd.__version__ and "recall@1" in payload["metrics"]
+        assert payload["input"] == {"dataset": "synthetic", "base_size": 72, "image_size": 64,
+                                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["metrics"]["epoch"] == 1
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "recall@1" in stdout and "best" in stdout  # the console summary table
@@ -52,22 +54,44 @@ def test_evaluate_reproduces_the_checkpoint_metrics(short_run, tmp_path):
     stored = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)["metrics"]
     for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
         assert evaluated[key] == pytest.approx(stored[key], abs=1e-6)
-    assert "recall@1" in result.stdout
+    assert "recall@1" in result.stdout and "was trained on" not in result.stdout + result.stderr
+    # other crops than the network was trained on: said, and evaluated as asked
+    result = run_module("aomd.evaluate", f"checkpoint={run_dir}/checkpoints/best.pt", f"output={out}", "dataset.image_size=56",
+                        f"hydra.run.dir={tmp_path}", "train.progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "was trained on synthetic images of 72 px cropped to 64 px; this evaluation reads synthetic at 72 px cropped " \
+           "to 56 px" in result.stdout + result.stderr
 
 
-def test_load_model_embeds_a_batch(short_run):
+def test_load_model_embeds_a_batch_of_image_files(short_run, tmp_path):
+    """What a user of aomd.load_model does: files -> aomd.preprocess at the sizes the checkpoint
+    records -> embeddings; the batch is the evaluation's (resize, centre crop, normalisation)."""
+    from PIL import Image
+
+    from aomd.data.augment import eval_transform
+
     run_dir, _ = short_run
     model = aomd.load_model(run_dir / "checkpoints" / "best.pt")
-    embeddings = model(torch.randn(4, 3, 64, 64))
-    assert embeddings.shape == (4, 128)
-    assert torch.allclose(embeddings.norm(dim=1), torch.ones(4), atol=1e-5)
+    sizes = {key: model.input[key] for key in ("base_size", "image_size")}
+    assert sizes == {"base_size": 72, "image_size": 64} and model.input["dataset"] == "synthetic"
+    stored = torch.randint(0, 256, (3, 72, 72, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(stored[0].numpy()).save(tmp_path / "a.png")
+    images = [tmp_path / "a.png", *(Image.fromarray(image.numpy()) for image in stored[1:])]
+    batch = aomd.preprocess(images, **sizes)
+    assert torch.equal(batch, eval_transform(stored, 64))  # images already at base_size: only the crop and normalisation
+    assert aomd.preprocess([Image.fromarray(stored[0].numpy()).resize((100, 80))], **sizes).shape == (1, 3, 64, 64)
+    with torch.no_grad():
+        embeddings = model(batch)
+    assert embeddings.shape == (3, 128)
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
 def test_teacher_checkpoint_of_another_architecture_is_refused(short_run, tmp_path):
     run_dir, _ = short_run
     result = run_module("aomd.train", *TINY, "loss=aomd_mode2", f"teacher.checkpoint={run_dir}/checkpoints/best.pt",
                         "logger=none", f"hydra.run.dir={tmp_path}")
-    assert_one_line_error(result, "resnet18", "resnet50")
+    assert_one_line_error(result, "holds a resnet18-128 but the configuration asks for a resnet50-512; pass a matching "
+                                  "checkpoint, or teacher.backbone=resnet18 teacher.embedding_size=128 to use this one.")
 
 
 @pytest.mark.slow

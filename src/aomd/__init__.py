@@ -9,4 +9,11 @@ def load_model(path, device="cpu"):
     return _load(path, device)
 
 
-__all__ = ["__version__", "load_model"]
+def preprocess(images, base_size=256, image_size=224):
+    """Image files or PIL images as a network's input batch (see `aomd.data.augment.preprocess`)."""
+    from aomd.data.augment import preprocess as _preprocess
+
+    return _preprocess(images, base_size, image_size)
+
+
+__all__ = ["__version__", "load_model", "preprocess"]

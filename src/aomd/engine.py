@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from aomd.data import RetrievalData
-from aomd.data.augment import centre_crop, normalise, train_transform
+from aomd.data.augment import centre_crop, input_spec, normalise, train_transform
 from aomd.data.loader import eval_loader, to_device, train_loader
 from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.data.splits import ImageSplit
@@ -307,6 +307,7 @@ def fit(
     evaluator = evaluator_of(data.test)
     validator = evaluator_of(data.val) if eval_spec.select == "val" else None
     checkpoints = Path(out_dir) / "checkpoints"
+    network_input = input_spec(data.name, data.base_size, data.image_size)  # what aomd.load_model's users must feed
     selected_by = selection_metric(eval_spec.recall_k, eval_spec.select)
 
     best_from_epoch = min(best_from_epoch, train.epochs)
@@ -322,7 +323,7 @@ def fit(
                     "scaler": scaler.state_dict(), "best": best, "history": history, "partial": partial,
                     "random": resume_state.random_states(sampler_state, step.augment_rng), **(checkpoint_extra or {})}
         writer.save(checkpoints / "last.pt", student, metrics=history[-1] if history else None,
-                    objective=objective.state_dict(), training=training)
+                    objective=objective.state_dict(), training=training, input=network_input)
 
     def stop_after_saving(where: str) -> None:
         try:
@@ -341,7 +342,7 @@ def fit(
             best is None or eval_spec.select == "last" or record[selected_by] > best[selected_by])
         if is_best:
             best = record
-            writer.save(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict())
+            writer.save(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict(), input=network_input)
         history.append(record)
         on_epoch(record, is_best)
         return record

@@ -29,6 +29,13 @@ def evaluate(cfg: DictConfig) -> float:
     runtime = Runtime.from_train(cfg.train)
     model = load_model(cfg.checkpoint, runtime.device)  # fails early, before any data is read, on a bad checkpoint
     data = load_data(cfg.dataset, None, cfg.eval)
+    trained_on = model.input or {}
+    expected = {"dataset": data.name, "base_size": data.base_size, "image_size": data.image_size}
+    if trained_on and any(trained_on.get(key) != value for key, value in expected.items()):
+        # another dataset may be the point (transfer); other sizes rarely are
+        log.warning("%s was trained on %s images of %d px cropped to %d px; this evaluation reads %s at %d px cropped "
+                    "to %d px (dataset.base_size, dataset.image_size).", cfg.checkpoint, trained_on.get("dataset"),
+                    trained_on.get("base_size"), trained_on.get("image_size"), *expected.values())
     metrics = evaluate_split(model, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
     output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "evaluation.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ DEFAULT_CHUNK = 1024
 def _nearest(embeddings: torch.Tensor, k: int, chunk_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """For each block of queries, the indices [chunk, k] of its k nearest other embeddings."""
     n = embeddings.shape[0]
-    assert 0 < k < n, "k must leave at least one other image"
+    if not 0 < k < n:  # a public function: the caller's ks (or the largest class) against the images given
+        raise ValueError(f"Recall@{k} of {n} images: K must be between 1 and {n - 1} (the other images of a query).")
     embeddings = embeddings.float()
     for start in range(0, n, chunk_size):
         block = slice(start, min(start + chunk_size, n))

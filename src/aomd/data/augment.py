@@ -5,9 +5,14 @@ Eval: the centre crop. Both end with ImageNet mean/std normalisation (docs/metho
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Sequence
+
 import numpy as np
 import torch
+from PIL import Image
 
+from aomd.data.images import decode
 from aomd.runtime import from_host
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,3 +93,21 @@ def centre_crop(images: torch.Tensor, image_size: int) -> torch.Tensor:
 def eval_transform(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """Centre crop of uint8 [B, S, S, 3] -> float [B, 3, image_size, image_size]."""
     return normalise(centre_crop(images, image_size))
+
+
+def input_spec(dataset: str, base_size: int, image_size: int) -> dict[str, Any]:
+    """What a network trained on `dataset` was fed, as its checkpoints record it (`input`): images
+    resized to `base_size` (bilinear), centre `image_size` crops (random ones in training),
+    normalised with the ImageNet mean and std."""
+    return {"dataset": dataset, "base_size": base_size, "image_size": image_size,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def preprocess(images: Sequence[str | Path | Image.Image], base_size: int = 256, image_size: int = 224) -> torch.Tensor:
+    """Image files or PIL images -> float [N, 3, image_size, image_size], as the evaluation of
+    `aomd.train` feeds a network: resized to `base_size` x `base_size` (bilinear), centre crop,
+    ImageNet normalisation. A trained network's sizes are in its checkpoint (`model.input` of
+    `aomd.load_model`)."""
+    if image_size > base_size:
+        raise ValueError(f"image_size {image_size} is larger than base_size {base_size}; the crop is cut from the resized image.")
+    return eval_transform(torch.from_numpy(np.stack([decode(image, base_size) for image in images])), image_size)

@@ -67,7 +67,7 @@ def list_folder(root: str | Path | None, train_fraction: float = 0.5) -> Dataset
         train_classes, test_classes = classes[:n_train], classes[n_train:]
         names = [name for name, _ in classes]
         source = "class folders"
-        rule = f"the first {n_train} of {len(classes)} classes by name (dataset.train_fraction={train_fraction})"
+        rule = f"the first {n_train} of {len(classes)} classes by name, dataset.train_fraction={train_fraction}"
         log.info("folder: train classes %s .. %s, test classes %s .. %s (%s).", names[0], names[n_train - 1],
                  names[n_train], names[-1], rule)
     label_of = {name: label for label, name in enumerate(names)}

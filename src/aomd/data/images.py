@@ -30,8 +30,11 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def decode(path: str | Path, size: int) -> np.ndarray:
-    """The image at `path` as uint8 [size, size, 3]; raises (OSError, ValueError, ...) on a bad file."""
+def decode(path: str | Path | Image.Image, size: int) -> np.ndarray:
+    """The image at `path` (or a PIL image) as uint8 [size, size, 3]; raises (OSError, ValueError,
+    ...) on a bad file."""
+    if isinstance(path, Image.Image):
+        return np.asarray(path.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
     with Image.open(path) as image:
         # convert() forces the full decode, so a truncated file raises here rather than later
         rgb = image.convert("RGB")

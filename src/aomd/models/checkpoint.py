@@ -186,13 +186,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> EmbeddingNet:
     """The embedding network stored at `path`, in eval mode on `device`, ready to embed a batch.
 
-    Input: images [N, 3, H, W] normalised as in `aomd.data.augment` (ImageNet mean/std).
-    Rebuilt without downloading weights, with the recorded preprocessing (GoogLeNet's
-    transform_input), so it computes what the trained network computed.
+    Input: float images [N, 3, H, W] normalised as in `aomd.data.augment` (ImageNet mean/std;
+    `aomd.preprocess` makes them from files). `model.input` is what the network was trained on,
+    as its checkpoint records it: `dataset`, `base_size`, `image_size`, `mean`, `std` (None for a
+    checkpoint written before aomd recorded it). Rebuilt without downloading weights, with the
+    recorded preprocessing (GoogLeNet's transform_input), so it computes what the trained network
+    computed.
     """
     payload = read_checkpoint(path)
     model = EmbeddingNet(**payload["architecture"], pretrained=False)
     model.load_state_dict(payload["model"])
+    model.input = payload.get("input")
     return model.to(device).eval()
 
 
@@ -200,7 +204,14 @@ def check_architecture(payload: dict, expected: Architecture, what: str, path: s
     """Raise a clear error when a checkpoint's architecture is not `expected`."""
     found = Architecture(**payload["architecture"])
     if found != expected:
+        def described(architecture: Architecture) -> str:
+            norm = "" if architecture.l2normalize else ", not l2-normalised"
+            return f"{architecture.backbone}-{architecture.embedding_size}{norm}"
+
+        settings = [f"{what}.backbone={found.backbone}"] * (found.backbone != expected.backbone) + \
+            [f"{what}.embedding_size={found.embedding_size}"] * (found.embedding_size != expected.embedding_size)
         raise CheckpointError(
-            f"The {what} checkpoint {path} is a {found} but the configuration asks for {expected}; "
-            f"pass a matching checkpoint or change the configuration to match it."
+            f"The {what} checkpoint {path} holds a {described(found)} but the configuration asks for a "
+            f"{described(expected)}; pass a matching checkpoint"
+            + (f", or {' '.join(settings)} to use this one." if settings else ".")
         )
