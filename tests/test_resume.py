@@ -175,7 +175,10 @@ def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, 
     assert result.returncode == 128 + getattr(signal, signal_name), result.stderr[-3000:]
     if signal_name == "SIGINT":  # Ctrl-C: a line, not a traceback
         assert f"interrupted; the same command with hydra.run.dir={tmp_path} continues it" in result.stderr
-        assert "Traceback" not in result.stderr
+    else:  # the job's folder is timestamped by default: the line says which one continues it
+        assert f"aomd.train: stopped by {signal_name} {where}; the same command with hydra.run.dir={tmp_path} continues it " \
+               "(train.resume=auto)." in result.stderr
+    assert "Traceback" not in result.stderr
     assert f"{signal_name} {where}: saved {tmp_path / 'checkpoints' / 'last.pt'}" in result.stdout + result.stderr
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
     assert_resumes_to(uninterrupted, tmp_path, args, resumed)

@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from aomd import preemption
 from aomd.config import check_before_start, chooses_other_configs, config_dir
 from aomd.errors import UserError
 from aomd.records import FINISHED, RUNNING, read_record, record_failure
@@ -33,6 +34,11 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
         print(f"{program}: interrupted; the same command with {continuation_override()} continues it "
               f"(train.resume=auto).", file=sys.stderr, flush=True)
         sys.exit(130)
+    except SystemExit:  # a stop signal acted after the job saved (aomd.preemption): where to continue it
+        if preemption.last_stop:
+            print(f"{program}: {preemption.last_stop.split(';')[0]}; the same command with {continuation_override()} "
+                  f"continues it (train.resume=auto).", file=sys.stderr, flush=True)
+        raise
     except Exception as error:
         if in_multirun():
             job_dir = Path(HydraConfig.get().runtime.output_dir)
