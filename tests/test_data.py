@@ -1,4 +1,6 @@
 """The synthetic dataset and its cache, class-balanced batches and tensor-op augmentation."""
+import errno
+
 import h5py
 import numpy as np
 import pytest
@@ -66,6 +68,8 @@ def test_a_complete_cache_is_read_where_its_lock_cannot_be_taken(tmp_path, monke
     kwargs = dict(num_classes=4, images_per_class=4, base_size=36, image_size=32, cache_dir=tmp_path)
     built = load_synthetic(**kwargs).train.images
 
+    real_lock = cache.FileLock
+
     def unwritable_folder(path, **kwargs):
         raise PermissionError(13, "Permission denied", path)
 
@@ -73,6 +77,14 @@ def test_a_complete_cache_is_read_where_its_lock_cannot_be_taken(tmp_path, monke
     assert np.array_equal(load_synthetic(**kwargs).train.images, built)
     with pytest.raises(DatasetError, match=f"Cannot build the dataset cache in {tmp_path} .Permission denied.; "
                                            r"point paths.cache_dir \(or AOMD_CACHE_DIR\) to a folder this user can write"):
+        load_synthetic(**{**kwargs, "num_classes": 6})
+
+    def read_only_mount(path, *args):  # the lock file exists and is taken; writing the cache is not allowed
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(cache, "FileLock", real_lock)
+    monkeypatch.setattr(cache, "build_cache", read_only_mount)
+    with pytest.raises(DatasetError, match=f"Cannot build the dataset cache in {tmp_path} .Read-only file system."):
         load_synthetic(**{**kwargs, "num_classes": 6})
 
 

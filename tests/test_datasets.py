@@ -608,3 +608,31 @@ def test_prepare_accepts_a_folder_dataset_with_a_class_in_train_and_test(tmp_pat
                      "logger=none"]))
     assert "1 classes are in both train/ and test/" in caplog.text
     assert "folder is ready:\n  train 2 classes / 6 images, test 3 classes / 9 images" in capsys.readouterr().out
+
+
+def test_a_teacher_in_a_folder_this_user_may_only_read_is_used_and_one_to_train_there_is_refused(tmp_path, monkeypatch):
+    """A group's shared teachers' folder, read-only for this user: its finished teacher is used
+    without taking the lock; a teacher that would have to be trained there is one line."""
+    import errno
+
+    from aomd import teachers
+    from aomd.runtime import Runtime
+    from conftest import compose
+
+    root = make_folder(tmp_path, classes=6)
+    cfg = compose("dataset=folder", f"dataset.root={root}", f"paths.teachers_dir={tmp_path / 'teachers'}")
+    data = load_folder(root, train_fraction=0.5, **options(tmp_path))
+
+    def read_only_mount(path, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(teachers, "FileLock", read_only_mount)
+    with pytest.raises(ConfigError, match=f"^Cannot train the teacher in {tmp_path / 'teachers'} .Read-only file system.; "
+                                          "point paths.teachers_dir to a folder this user can write, or pass "
+                                          r"teacher.checkpoint=<path>\.$"):
+        teachers.teacher_checkpoint(cfg, data, Runtime.resolve("cpu"))
+    finished = teachers.default_teacher_dir(cfg, data.files_digest)
+    (finished / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (finished / "checkpoints" / "best.pt").write_bytes(b"")
+    (finished / "metrics.json").write_text('{"status": "finished"}')
+    assert teachers.teacher_checkpoint(cfg, data, Runtime.resolve("cpu")) == finished / "checkpoints" / "best.pt"

@@ -71,3 +71,5 @@ def test_a_k_the_images_cannot_give_is_refused_in_one_sentence():
     embeddings, labels = torch.randn(16, 4), torch.arange(16) // 4
     with pytest.raises(ValueError, match=r"^Recall@32 of 16 images: K must be between 1 and 15 \(the other images of a query\)\.$"):
         recall_at_k(embeddings, labels, [1, 32])
+    with pytest.raises(ValueError, match=r"^Retrieval needs at least 2 images, got 1\.$"):
+        recall_at_k(embeddings[:1], labels[:1], [1])

@@ -251,6 +251,12 @@ def test_jobs_that_selected_on_validation_classes_rank_by_them_with_short_labels
     text = write_report(tmp_path).markdown
     assert "| # | configuration | n | val Recall@1 | Recall@1 | Recall@2 | MAP@R |" in text and "best val Recall@1 first" in text
     assert table_rows(text)["loss.aomd_ratio=3"][3:5] == ["60.00", "50.00"]
+    # a job that selected on test in the same folder: ranked by the test Recall@1, which all have
+    write_job(tmp_path, "2", ["loss.aomd_ratio=125.20653814999999"], loss="aomd_mode2", metrics=m(0.65, 0.65, 0.2))
+    rows = aggregate(read_sweep(tmp_path))
+    assert report.ranking_metric(rows) == "recall@1" and [row.mean["recall@1"] for row in rows] == [0.70, 0.65, 0.50]
+    assert sorted(report.short_labels(rows).values()) == [  # two values that round alike keep their digits
+        "loss.aomd_ratio=125.20653814999464", "loss.aomd_ratio=125.20653814999999", "loss.aomd_ratio=3.0000000000000004"]
 
 
 # --------------------------------------------------------------------------------------------

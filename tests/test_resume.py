@@ -14,7 +14,8 @@ import torch
 
 from aomd import resume
 from aomd.config import validate
-from aomd.train import job_identity
+from aomd.records import FINISHED, finished_record
+from aomd.train import job_identities, job_identity
 from conftest import REPO, TINY, compose, run_module, signalled_at_step, strip_timing, train
 from test_config import assert_one_line_error
 from wandb_files import read_offline_run
@@ -75,7 +76,8 @@ EARLIER, NOW = ["train.lr=0.001", "train.num_workers=0"], ["train.lr=0.0005", "e
                                "eval.recall_k: default -> [1,2]); pass train.resume=never to replace it, or another hydra.run.dir"),
     ("finished", None, "holds a finished run of another configuration (train.lr: 0.001 -> 0.0005, "
                        "eval.recall_k: default -> [1,2]); pass train.resume=never to replace it, or another hydra.run.dir"),
-    (None, "earlier", "holds an unfinished run of another configuration (its last.pt was written by another job)"),
+    (None, "earlier", "holds an unfinished run of another configuration (its last.pt was written by another job, and it "
+                      "has no metrics.json)"),
 ])
 def test_a_job_does_not_discard_another_configurations_run(status, identity, message, tmp_path, caplog):
     """A single job pointed (hydra.run.dir) to another configuration's run stops before any work,
@@ -97,11 +99,24 @@ def test_a_job_continues_its_run_whatever_changed_that_it_does_not_learn_from(tm
     assert resume.job_source("auto", tmp_path / "same", NOW, "now", sweep_job=False) == last
     leave_run(tmp_path / "failed", "failed", EARLIER, None)
     assert resume.job_source("auto", tmp_path / "failed", NOW, "now", sweep_job=False) is None
-    assert leave_run(tmp_path / "mine", "interrupted", ["eval.batch_size=256", *NOW], "now") \
-        == resume.job_source("auto", tmp_path / "mine", NOW, "now", sweep_job=False)
+    leave_run(tmp_path / "mine", FINISHED, ["eval.batch_size=256", "eval.chunk_size=64", *NOW], None)
+    assert finished_record(tmp_path / "mine", [f"+{NOW[0]}", *NOW[1:]])  # the same job ("+key" or not): skipped as finished
     composed = [validate(compose(*TINY, f"eval.batch_size={size}", f"eval.chunk_size={size}")) for size in (64, 128)]
     assert job_identity(composed[0]) == job_identity(composed[1])
     assert job_identity(composed[0]) != job_identity(validate(compose(*TINY, "train.lr=0.0005")))
+
+
+def test_a_run_saved_under_the_earlier_identity_rule_continues(tmp_path):
+    """A last.pt written before the evaluation's sizes stopped identifying a job (a SLURM job
+    requeued across the upgrade) continues; one of other defaults is refused, saying so."""
+    cfg = validate(compose(*TINY))
+    current, earlier = job_identities(cfg)
+    assert current != earlier and current == job_identity(cfg)
+    last = leave_run(tmp_path, "interrupted", NOW, earlier)
+    assert resume.job_source("auto", tmp_path, NOW, (current, earlier), sweep_job=False) == last
+    with pytest.raises(resume.ResumeError, match=re.escape("it belongs to another job (the same overrides, but other "
+                                                           "defaults: written by another aomd version")):
+        resume.job_source("auto", tmp_path, NOW, current, sweep_job=False)
 
 
 def test_a_run_continued_from_another_folder_is_checked_before_any_work(tmp_path):

@@ -138,3 +138,34 @@ def test_distilled_and_triplet_students_end_above_the_untrained_student(tmp_path
     for number, job in jobs.items():
         untrained, final = job["history"][0]["recall@1"], job["history"][-1]["recall@1"]
         assert final > untrained, (number, untrained, final)
+
+
+def test_the_summary_counts_the_jobs_of_this_sweep_only(tmp_path, capsys):
+    """A sweep rerun into the folder of a larger one: the earlier sweep's job it did not run again
+    (here 1, left unfinished) is not one of its jobs, so the sweep exits 0; its own unfinished job
+    makes it exit 1."""
+    import os
+    import time
+
+    from omegaconf import OmegaConf
+
+    from aomd.cli import SweepSummary
+
+    def job(number: int, status: str, age: float = 0.0) -> None:
+        (tmp_path / str(number) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(number) / ".hydra" / "overrides.yaml").write_text(f"- train.seed={number}\n")
+        (tmp_path / str(number) / "metrics.json").write_text(json.dumps({"status": status}))
+        if age:
+            os.utime(tmp_path / str(number) / ".hydra" / "overrides.yaml", (time.time() - age,) * 2)
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    summary = SweepSummary()
+    job(1, "interrupted", age=3600)
+    summary.on_multirun_start(config)
+    job(0, "finished")
+    summary.on_multirun_end(config)
+    assert f"Sweep {tmp_path}: 1 of 1 jobs finished." in capsys.readouterr().out
+    job(2, "failed")
+    with pytest.raises(SystemExit) as stopped:
+        summary.on_multirun_end(config)
+    assert stopped.value.code == 1 and "1 of 2 jobs finished" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -110,12 +111,20 @@ def check_group_options(argv: list[str], config_path: str, program: str) -> None
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a sweep, say how many jobs finished and which did not; a
-    sweep with a job that did not finish exits with status 1, so a script can tell."""
+    """Hydra callback: at the end of a sweep, say how many of its jobs finished and which did not;
+    a sweep with a job that did not finish exits with status 1, so a script can tell. Its jobs are
+    the folders whose Hydra files this sweep wrote: job folders of an earlier sweep into the same
+    directory that this one did not run again are not its own."""
+
+    started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time() - 2  # coarse file-system clocks
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        states = {job.parent.name: read_record(job.parent) for job in sorted(sweep_dir.glob("*/.hydra"))}
+        states = {job.parent.name: read_record(job.parent) for job in sorted(sweep_dir.glob("*/.hydra"))
+                  if (job / "overrides.yaml").is_file() and (job / "overrides.yaml").stat().st_mtime >= self.started}
         unfinished = {name: s or {} for name, s in states.items() if (s or {}).get("status") != FINISHED}
         print(f"\nSweep {sweep_dir}: {len(states) - len(unfinished)} of {len(states)} jobs finished.", flush=True)
         for name, state in unfinished.items():

@@ -275,7 +275,7 @@ def fit(
     `checkpoints/best.pt` (the selected epoch) and `checkpoints/last.pt` under `out_dir`, from a
     background thread while training goes on (`CheckpointWriter`); both are on disk when fit returns.
 
-    A stop signal (SIGTERM, SIGINT, SLURM's SIGUSR2: `aomd.preemption`) waits for the step in
+    A stop signal (SIGTERM, SIGINT, SIGUSR1, SLURM's SIGUSR2: `aomd.preemption`) waits for the step in
     progress (or the evaluation), then `last.pt` is written with the place in the epoch
     (`partial`) and the signal takes effect; resuming from it skips the batches already trained on.
     """

@@ -1,4 +1,5 @@
 """Errors that mean the user asked for something impossible; the entrypoints print them as one line."""
+import errno
 
 
 class UserError(Exception):
@@ -8,3 +9,8 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """The configuration has a wrong type or an impossible value."""
+
+
+def cannot_write(error: OSError) -> bool:
+    """Whether `error` says this user may not write there (permissions, a read-only mount)."""
+    return error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -11,7 +11,7 @@ from aomd.engine import fit
 from aomd.losses.objective import Objective
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
-from aomd.resume import read_state
+from aomd.resume import Identity, current_identity, read_state
 from aomd.runtime import Runtime
 from aomd.schema import EvalSchema, TrainSchema
 from aomd.tracking import RunInfo, Tracker
@@ -20,7 +20,7 @@ from aomd.tracking import RunInfo, Tracker
 def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective, runtime: Runtime,
                   recipe: TrainSchema, eval_spec: EvalSchema, out_dir: Path, job_type: str, run: RunInfo,
                   teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
-                  best_from_epoch: int = 0, identity: str = "", resume_from: Path | None = None) -> dict[str, Any]:
+                  best_from_epoch: int = 0, identity: Identity = "", resume_from: Path | None = None) -> dict[str, Any]:
     """Fit `model` with `recipe` on `runtime` and track the job (job record, W&B run, console
     table); the best record. With `resume_from` (a `last.pt` of the job `identity`) the job
     continues where it stopped, in the same W&B run."""
@@ -34,7 +34,7 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
         if teacher_metrics is not None:
             tracker.log_teacher(teacher_metrics)
         best = fit(model, objective, data, recipe, eval_spec, runtime, out_dir, tracker.log_epoch, teacher,
-                   best_from_epoch, identity=identity, resume=state, on_restore=tracker.restore,
+                   best_from_epoch, identity=current_identity(identity), resume=state, on_restore=tracker.restore,
                    checkpoint_extra={"wandb_run_id": tracker.run_id})
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal (preemption, time limit, Ctrl-C): resumable
         tracker.interrupt(preemption.last_stop or f"stopped by {type(stop).__name__}")

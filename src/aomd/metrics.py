@@ -17,7 +17,8 @@ def _nearest(embeddings: torch.Tensor, k: int, chunk_size: int) -> Iterator[tupl
     """For each block of queries, the indices [chunk, k] of its k nearest other embeddings."""
     n = embeddings.shape[0]
     if not 0 < k < n:  # a public function: the caller's ks (or the largest class) against the images given
-        raise ValueError(f"Recall@{k} of {n} images: K must be between 1 and {n - 1} (the other images of a query).")
+        raise ValueError(f"Recall@{k} of {n} images: K must be between 1 and {n - 1} (the other images of a query)."
+                         if n > 1 else f"Retrieval needs at least 2 images, got {n}.")
     embeddings = embeddings.float()
     for start in range(0, n, chunk_size):
         block = slice(start, min(start + chunk_size, n))

@@ -4,8 +4,9 @@ A job can be asked to stop by SIGTERM (`kill`; SLURM's `scancel`, `scontrol requ
 and, by default, preemption), SIGINT (Ctrl-C), the preemption signal SIGUSR2 (what SLURM sends
 `signal_delay_s` before the time limit, on preemption where the cluster sets
 `PreemptParameters=send_user_signal`, or with `scancel --signal=USR2`; submitit's
-`SUBMITIT_PREEMPT_SIGNAL` names another) or SIGUSR1 (what many SLURM scripts of one's own ask for,
-`#SBATCH --signal=USR1@90`). While `StopSignals` is active these signals only set
+`SUBMITIT_PREEMPT_SIGNAL` names another) or SIGUSR1 (what many SLURM scripts of one's own ask for:
+`#SBATCH --signal=B:USR1@90` with `exec python -m aomd.train ...`, or `--signal=USR1@90` for a job
+started by `srun`). While `StopSignals` is active these signals only set
 `requested`: the training loop finishes the step in progress (or the evaluation), writes
 `checkpoints/last.pt` (an exact mid-epoch state, `aomd.engine.fit`) and calls `stop()`, which then
 does what the signal would have done without the guard:

@@ -118,7 +118,11 @@ def is_record_of(record: dict[str, Any], overrides: Iterable[str]) -> bool:
     """Whether `record` was written by the job of these overrides, in any order. The record's list
     is filtered by today's rule too, so records written under an earlier rule still match their job."""
     written = record.get("overrides")
-    return written is not None and sorted(identity_overrides(written)) == sorted(identity_overrides(overrides))
+
+    def normal(items: Iterable[str]) -> list[str]:  # "+key=value" sets what "key=value" sets
+        return sorted(o.lstrip("+") for o in identity_overrides(items))
+
+    return written is not None and normal(written) == normal(overrides)
 
 
 def finished_record(job_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
@@ -277,7 +277,9 @@ def ranking_metric(rows: Sequence[ConfigRow]) -> str:
     does not choose on the test classes), else the test one."""
     primary = primary_metric(rows)
     validation = VALIDATION_PREFIX + primary
-    return validation if any(validation in row.mean for row in rows) else primary
+    with_values = [row for row in rows if primary in row.mean]
+    # every configuration with a result selected on validation classes: jobs of both kinds in one folder rank by test
+    return validation if with_values and all(validation in row.mean for row in with_values) else primary
 
 
 def display_override(override: str) -> str:
@@ -340,11 +342,14 @@ def short_labels(rows: Sequence[ConfigRow]) -> dict[tuple[str, ...], str]:
     """Row key -> its label without the overrides common to all rows (they are listed once in the
     report), so the table and plots show what differs; the loss option when nothing is left."""
     common = set(common_overrides(rows))
-    labels = {}
-    for row in rows:
-        rest = [display_override(o) for o in row.overrides if o not in common]
-        labels[row.key] = " ".join(rest) or row.loss or "(defaults)"
-    return labels
+
+    def labelled(show: Callable[[str], str]) -> dict[tuple[str, ...], str]:
+        return {row.key: " ".join(show(o) for o in row.overrides if o not in common) or row.loss or "(defaults)"
+                for row in rows}
+
+    labels = labelled(display_override)
+    # two values that round alike (0.012341 and 0.012344) keep their digits
+    return labels if len(set(labels.values())) == len(labels) else labelled(str)
 
 
 def teachers(jobs: Iterable[Job]) -> list[tuple[dict[str, Any], int]]:
@@ -582,8 +587,8 @@ def plot_recall_vs_ratio(rows: Sequence[ConfigRow], path: Path) -> str | None:
 
 
 def plot_configurations(rows: Sequence[ConfigRow], path: Path) -> str | None:
-    """Recall@1 of each configuration with a finished job as horizontal bars (std error bars),
-    best on top; AOMD configurations (non-zero aomd_ratio) in another colour than the baselines.
+    """Recall@1 of each configuration with a finished job as horizontal bars (std error bars), in
+    the table's order (best on top; by validation Recall@1 when the jobs selected on it); AOMD configurations (non-zero aomd_ratio) in another colour than the baselines.
     Writes `path` and returns None, or returns why there is nothing to plot."""
     metric = primary_metric(rows)
     shown = [row for row in rows if _plottable(row, metric)]

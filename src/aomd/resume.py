@@ -1,7 +1,7 @@
 """Resuming an interrupted job from its `checkpoints/last.pt`.
 
 `last.pt` is written atomically after every epoch, and in the middle of an epoch when the job is
-asked to stop by a signal (SIGTERM, SIGINT, SLURM's SIGUSR2: `aomd.preemption`). Beyond the model
+asked to stop by a signal (SIGTERM, SIGINT, SIGUSR1, SLURM's SIGUSR2: `aomd.preemption`). Beyond the model
 it holds, under `training`, what an exact continuation needs: the objective (adapters,
 regressors), the optimiser and the gradient scaler, the last finished epoch, the selected
 (`best`) record and the metrics history, the class-balanced sampler's and the augmentation's
@@ -12,7 +12,8 @@ run skips the batches already trained on). A job resumed from it on the CPU ends
 history and the same `best.pt` as one that was never interrupted.
 
 `train.resume`: `auto` (the default: continue the job folder's own unfinished run; a finished one
-is not trained again), `never` (start over), or a run folder or `last.pt` to continue from.
+is not trained again; another configuration's run stops a single job and is replaced by a sweep
+job: `job_source`), `never` (start over), or a run folder or `last.pt` to continue from.
 """
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 LAST = Path("checkpoints") / "last.pt"
 # a managed teacher resumes whatever `train.resume` says: deleting the file is what starts it over
 START_OVER = "Delete it to start over (a student job: or pass train.resume=never; or train.resume=<the right run folder>)."
+
+
+# a job's identity, or its identities under the rules of this and earlier versions (the first is
+# what this version writes): a run saved before a rule changed still continues
+Identity = str | tuple[str, ...]
+OTHER_DEFAULTS = ("the same overrides, but other defaults: written by another aomd version, or with other "
+                  "configuration files")
 
 
 class ResumeError(UserError, ValueError):
@@ -110,7 +118,7 @@ def source(setting: str, out_dir: Path) -> Path | None:
     return path
 
 
-def job_source(setting: str, out_dir: Path, overrides: list[str], identity: str, sweep_job: bool) -> Path | None:
+def job_source(setting: str, out_dir: Path, overrides: list[str], identity: Identity, sweep_job: bool) -> Path | None:
     """The `last.pt` the job of `overrides` and `identity` continues from, in `out_dir`, under
     `train.resume` = `setting`; checked before any work.
 
@@ -135,8 +143,12 @@ def job_source(setting: str, out_dir: Path, overrides: list[str], identity: str,
         status = (record or {}).get("status")
         what = f"{status} run" if status in (FINISHED, "interrupted", "failed") else "unfinished run"
         what = f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
-        difference = changes(record["overrides"], overrides) if record is not None and record.get("overrides") is not None \
-            else "its last.pt was written by another job"
+        if record is None:
+            difference = "its last.pt was written by another job, and it has no metrics.json"
+        elif record.get("overrides") is None:
+            difference = "its metrics.json names no overrides"
+        else:
+            difference = changes(record["overrides"], overrides)
         if not sweep_job:
             raise ResumeError(f"{out_dir} holds {what} of another configuration ({difference}); pass train.resume=never "
                               f"to replace it, or another hydra.run.dir.")
@@ -156,7 +168,7 @@ def changes(earlier: list[str], overrides: list[str]) -> str:
     before, after = values(earlier), values(overrides)
     keys = [*before, *(key for key in after if key not in before)]
     return ", ".join(f"{key}: {before.get(key, 'default')} -> {after.get(key, 'default')}"
-                     for key in keys if before.get(key) != after.get(key)) or "the same overrides"
+                     for key in keys if before.get(key) != after.get(key)) or OTHER_DEFAULTS
 
 
 def forget_earlier_run(out_dir: Path) -> None:
@@ -175,16 +187,27 @@ def readable(path: Path) -> bool:
         return False
 
 
-def belongs_to(path: Path, identity: str) -> bool:
+def current_identity(identity: Identity) -> str:
+    """The identity this version writes into a job's `last.pt`."""
+    return identity if isinstance(identity, str) else identity[0]
+
+
+def is_written_by(training: Any, identity: Identity) -> bool:
+    """Whether a `last.pt`'s training state was written by the job `identity` (its identity, or
+    one of the identities it had under earlier rules: `Identity`)."""
+    accepted = {identity} if isinstance(identity, str) else set(identity)
+    return isinstance(training, dict) and training.get("identity") in accepted
+
+
+def belongs_to(path: Path, identity: Identity) -> bool:
     """Whether the `last.pt` at `path` is readable and was written by the job `identity`."""
     try:
-        training = read_checkpoint(path).get("training")
+        return is_written_by(read_checkpoint(path).get("training"), identity)
     except CheckpointError:
         return False
-    return isinstance(training, dict) and training.get("identity") == identity
 
 
-def read_state(path: Path, identity: str, overrides: list[str] | None = None) -> dict[str, Any]:
+def read_state(path: Path, identity: Identity, overrides: list[str] | None = None) -> dict[str, Any]:
     """The checkpoint at `path` with its `training` state, checked to belong to the job `identity`
     (a refusal names the settings that differ from the `overrides` of the run that wrote it)."""
     try:
@@ -194,9 +217,10 @@ def read_state(path: Path, identity: str, overrides: list[str] | None = None) ->
     training = payload.get("training")
     if not isinstance(training, dict):
         raise ResumeError(f"Cannot resume from {path}: it holds no training state (written by an older aomd). {START_OVER}")
-    if training.get("identity") != identity:
+    if not is_written_by(training, identity):
         record = read_record(path.parent.parent) if path.parent.name == "checkpoints" else None
         difference = (changes(record["overrides"], overrides) if overrides is not None and record
-                      and record.get("overrides") is not None else f"{training.get('identity')!r}, this job is {identity!r}")
+                      and record.get("overrides") is not None
+                      else f"{training.get('identity')!r}, this job is {current_identity(identity)!r}")
         raise ResumeError(f"Cannot resume from {path}: it belongs to another job ({difference}). {START_OVER}")
     return payload

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from aomd import resume
 from aomd.build import build_objective
 from aomd.data import RetrievalData
-from aomd.errors import ConfigError
+from aomd.errors import ConfigError, cannot_write
 from aomd.jobs import train_network
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
@@ -100,8 +100,18 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
         return Path(cfg.teacher.checkpoint).expanduser()
     out_dir = default_teacher_dir(cfg, data.files_digest)
     path = out_dir / "checkpoints" / "best.pt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir) + ".lock"):
+    if finished_teacher(out_dir):  # read without the lock: a group's shared teachers' folder may be read-only
+        return path
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(out_dir) + ".lock", mode=0o666)  # a lock file the group's other users can take too
+        lock.acquire()
+    except OSError as error:
+        if not cannot_write(error):
+            raise
+        raise ConfigError(f"Cannot train the teacher in {out_dir.parent} ({error.strerror}); point paths.teachers_dir "
+                          f"to a folder this user can write, or pass teacher.checkpoint=<path>.") from error
+    try:
         if not finished_teacher(out_dir):  # absent, or an interrupted training: (re)train
             earlier = earlier_version_teacher(cfg, data.files_digest)
             hint = (f" A teacher that an earlier version trained without recording the dataset's files is at "
@@ -113,6 +123,8 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
             if earlier:
                 log.warning("Training a new teacher into %s.%s", out_dir, hint)
             train_teacher(cfg, data, out_dir, runtime)
+    finally:
+        lock.release()
     return path
 
 

@@ -23,7 +23,7 @@ from aomd.losses.terms import distils
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd import preemption, resume
-from aomd.records import claim_record, content_digest, finished_record, record_interruption
+from aomd.records import NOT_IDENTITY_KEYS, claim_record, content_digest, finished_record, record_interruption
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
 from aomd.tracking import RunInfo, run_name, swept_keys
@@ -49,14 +49,24 @@ def run_info(cfg: DictConfig) -> RunInfo:
     return RunInfo(cfg.logger, OmegaConf.to_container(cfg, resolve=True), name, tags, overrides)
 
 
-def job_identity(cfg: DictConfig) -> str:
+def job_identity(cfg: DictConfig, evaluation_sizes_identify: bool = False) -> str:
     """What a resumed `last.pt` must have been written by: this student's network, objective,
-    sampler, recipe, data, selection and teacher."""
+    sampler, recipe, data, selection and teacher. The evaluation's keys that do not identify a
+    job (`aomd.records.NOT_IDENTITY_KEYS`) are left out, unless `evaluation_sizes_identify` (the
+    rule of aomd 0.1.0 before the evaluation's batch and chunk sizes stopped identifying a job)."""
     parts = {key: OmegaConf.to_container(cfg[key], resolve=True)
              for key in ("backbone", "loss", "sampler", "train", "dataset", "eval", "teacher")}
-    for how_many_at_once in ("batch_size", "chunk_size"):  # the evaluation's: not what the job learns or reports
-        parts["eval"].pop(how_many_at_once, None)
+    if not evaluation_sizes_identify:
+        for key in NOT_IDENTITY_KEYS:
+            if key.startswith("eval."):
+                parts["eval"].pop(key.removeprefix("eval."), None)
     return "student-" + content_digest({**parts, "embedding_size": cfg.embedding_size, "l2normalize": cfg.l2normalize})
+
+
+def job_identities(cfg: DictConfig) -> tuple[str, ...]:
+    """The job's identity, then the one it had under the earlier rule, so that a run saved before
+    (a SLURM job requeued across an upgrade) continues."""
+    return job_identity(cfg), job_identity(cfg, evaluation_sizes_identify=True)
 
 
 def train(cfg: DictConfig) -> float:
@@ -74,7 +84,7 @@ def train(cfg: DictConfig) -> float:
             log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
                      "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
             return previous["best"][metric]
-    identity = job_identity(cfg)
+    identity = job_identities(cfg)
     resume_from = resume.job_source(cfg.train.resume, out_dir, overrides, identity, sweep_job=in_multirun())
     if in_multirun() and cfg.logger.group is None:
         cfg.logger.group = "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])

@@ -108,6 +108,8 @@ def preprocess(images: Sequence[str | Path | Image.Image], base_size: int = 256,
     `aomd.train` feeds a network: resized to `base_size` x `base_size` (bilinear), centre crop,
     ImageNet normalisation. A trained network's sizes are in its checkpoint (`model.input` of
     `aomd.load_model`)."""
+    if not images:
+        raise ValueError("preprocess got no images; pass a list of image files or PIL images.")
     if image_size > base_size:
         raise ValueError(f"image_size {image_size} is larger than base_size {base_size}; the crop is cut from the resized image.")
     return eval_transform(torch.from_numpy(np.stack([decode(image, base_size) for image in images])), image_size)

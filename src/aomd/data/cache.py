@@ -34,6 +34,7 @@ from filelock import FileLock, Timeout
 
 from aomd.data.errors import DatasetError
 from aomd.data.splits import ImageSplit, RetrievalData
+from aomd.errors import cannot_write
 
 log = logging.getLogger(__name__)
 
@@ -183,23 +184,25 @@ def ensure_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) ->
         except Timeout:
             log.info("Waiting for another job to finish building the dataset cache %s.", path)
             lock.acquire()
-    except PermissionError as error:
+        try:
+            # holding the lock, no other build is running: a temporary file left now is from a build
+            # that was killed, and may be gigabytes
+            for leftover in path.parent.glob(f"{path.name}.tmp-*"):
+                log.warning("Removing %s, left by an interrupted cache build.", leftover)
+                leftover.unlink(missing_ok=True)
+            if not is_complete(path, key):
+                if path.exists():
+                    log.warning("Cache %s is stale or incomplete; rebuilding it.", path)
+                else:
+                    log.info("Building the dataset cache %s (once).", path)
+                build_cache(path, key, fill)
+        finally:
+            lock.release()
+    except OSError as error:
+        if not cannot_write(error):
+            raise
         raise DatasetError(f"Cannot build the dataset cache in {path.parent} ({error.strerror}); point "
                            f"paths.cache_dir (or AOMD_CACHE_DIR) to a folder this user can write.") from error
-    try:
-        # holding the lock, no other build is running: a temporary file left now is from a build
-        # that was killed, and may be gigabytes
-        for leftover in path.parent.glob(f"{path.name}.tmp-*"):
-            log.warning("Removing %s, left by an interrupted cache build.", leftover)
-            leftover.unlink(missing_ok=True)
-        if not is_complete(path, key):
-            if path.exists():
-                log.warning("Cache %s is stale or incomplete; rebuilding it.", path)
-            else:
-                log.info("Building the dataset cache %s (once).", path)
-            build_cache(path, key, fill)
-    finally:
-        lock.release()
     return path
 
 
