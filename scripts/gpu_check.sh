@@ -52,22 +52,37 @@ for pass in "$not_yet_on_a_card" "not ($not_yet_on_a_card)"; do
     | tee -a "$out/tests.log"
 done
 lap "gpu test tier"
+# Each benchmark stops at its share of what is left of the check's budget (AOMD_GPU_CHECK_SECONDS, 560:
+# within a lease's 10-minute command, so that the summary is always written), keeping `reserve` seconds
+# for the parts after it. A part out of time is skipped and says so.
+budget="${AOMD_GPU_CHECK_SECONDS:-560}"
+bench() {  # bench <name> <cap s> <reserve s> <log> <command...>: run a benchmark within its limit
+  local name="$1" cap="$2" reserve="$3" log="$4"; shift 4
+  local left=$((budget - SECONDS - reserve))
+  [ "$left" -lt "$cap" ] && cap="$left"
+  if [ "$cap" -le 10 ]; then
+    echo "$name: skipped, out of the check's time (AOMD_GPU_CHECK_SECONDS=$budget)" | tee "$out/$log"; status=1; return
+  fi
+  timeout "$cap" "$@" 2>&1 | tee "$out/$log"
+  local code="${PIPESTATUS[0]}"
+  [ "$code" -eq 0 ] || status=1
+  [ "$code" -eq 124 ] && echo "$name: stopped at its limit of $cap s" | tee -a "$out/$log"
+  return 0
+}
 # each precision in a process of its own, its rows in 3 interleaved rounds (the script's docstring); the
 # rows the targets read (the floors, AOMD) and triplet, the student alone: the gpu tier trains every
 # loss option in every precision, and `python benchmarks/train_step.py` times them all
-python benchmarks/train_step.py --losses triplet,aomd_mode1,aomd_mode2 --precisions fp32,bf16 \
-  --rounds 3 --steps 6 --warmup 2 --json "$out/train_step.json" 2>&1 | tee "$out/train_step.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+bench train_step.py 240 120 train_step.md python benchmarks/train_step.py --losses triplet,aomd_mode1,aomd_mode2 \
+  --precisions fp32,bf16 --rounds 3 --steps 6 --warmup 2 --json "$out/train_step.json"
 lap "train_step.py"
 step_rates=()  # the bf16 AOMD step's rate, which the data path must exceed 1.5 times (without it, no verdict)
 [ -f "$out/train_step.json" ] && step_rates=(--train-step-json "$out/train_step.json")
-python benchmarks/data_loading.py --to-device --seconds 5 ${step_rates[@]+"${step_rates[@]}"} \
-  --json "$out/data_path.json" 2>&1 | tee "$out/data_path.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+bench data_loading.py 90 90 data_path.md python benchmarks/data_loading.py --to-device --seconds 5 \
+  ${step_rates[@]+"${step_rates[@]}"} --json "$out/data_path.json"
 lap "data_loading.py --to-device"
 # a fresh inductor cache: the recipe's warm-up epoch compiles AOMD's fused adapters as a first job would
-TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" python benchmarks/recipe_epoch.py --json "$out/recipe.json" 2>&1 | tee "$out/recipe.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+bench recipe_epoch.py 200 0 recipe.md env TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" python benchmarks/recipe_epoch.py \
+  --json "$out/recipe.json"
 lap "recipe_epoch.py"
 
 python - "$out" "$SECONDS" <<'PY' | tee "$out/summary.md"
@@ -81,11 +96,14 @@ print("# GPU check\n")
 step = read("train_step.json")
 print(f"device: {step['device'] if step else 'unknown'}\n")
 print(f"gpu test tier (first the tests of what no card has run yet): {'; '.join(tests) if tests else 'no result (see tests.log)'}\n")
-for name, title in (("train_step.json", "training step"), ("data_path.json", "data path"), ("recipe.json", "reference recipe")):
+for name, log, title in (("train_step.json", "train_step.md", "training step"), ("data_path.json", "data_path.md", "data path"),
+                         ("recipe.json", "recipe.md", "reference recipe")):
     result = read(name)
     lines = (result or {}).get("verdicts") or [(result or {}).get("verdict")] + (result or {}).get("lines", [])
+    if (out / log).is_file():  # a part skipped or stopped at its limit says so in its log
+        lines += [l for l in (out / log).read_text().splitlines() if "out of the check's time" in l or "stopped at its limit" in l]
     print(f"## {title}\n")
-    print("\n".join(f"- {line}" for line in lines if line) or "- no result", end="\n\n")
+    print("\n".join(f"- {line}" for line in lines if line) or f"- no result (see {log})", end="\n\n")
 print("## time\n")
 for line in (out / "times.tsv").read_text().splitlines():
     part, seconds = line.split("\t")
