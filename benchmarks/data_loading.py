@@ -114,10 +114,23 @@ def device_path_rate(split: ImageSplit, runtime: Runtime, batch_size: int, secon
 def main_to_device(args) -> int:
     workers = args.workers or "auto"
     runtime = Runtime.resolve(args.device, num_workers=workers if workers == "auto" else int(workers))
-    step_rate = None
+    step_rate, notes = None, []
     if args.train_step_json:
-        results = json.loads(Path(args.train_step_json).read_text())["results"]
-        step_rate = max(results.get("bf16", {}).get(mode, {}).get("images_per_second", 0) for mode in ("aomd_mode1", "aomd_mode2")) or None
+        try:
+            step = json.loads(Path(args.train_step_json).read_text())
+        except (OSError, ValueError) as error:
+            step = None
+            notes.append(f"no ratio: {args.train_step_json} could not be read ({error})")
+        if step is not None and step.get("device") != device_description(runtime.device):
+            notes.append(f"no ratio: {args.train_step_json} was measured on {step.get('device')}, not on this device")
+        elif step is not None:
+            results = step.get("results", {})
+            step_rate = max(results.get("bf16", {}).get(mode, {}).get("images_per_second", 0)
+                            for mode in ("aomd_mode1", "aomd_mode2")) or None
+            if step_rate is None:
+                notes.append(f"no ratio: {args.train_step_json} holds no bf16 AOMD step")
+    for note in notes:
+        print(note, flush=True)
     with tempfile.TemporaryDirectory(prefix="aomd-bench-") as tmp:
         started = time.perf_counter()
         on_demand = noise_dataset(tmp, args.images, 64, 50, BASE_SIZE, IMAGE_SIZE, in_memory=False).train
@@ -137,7 +150,8 @@ def main_to_device(args) -> int:
         print(verdict)
     write_json(args.json, {"device": device_description(runtime.device), "workers": runtime.num_workers,
                            "batch_size": args.batch_size, "images_per_second": rates, "step_rate": step_rate,
-                           "verdict": verdict})
+                           "verdict": verdict,
+                           "lines": [f"{name}: {rate:,.0f} images/s" for name, rate in rates.items()] + notes})
     return 0
 
 

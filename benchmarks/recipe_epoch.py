@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="eval.keep_crops (null: the job's default, kept on CUDA)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be 2 or more: the first epoch is a warm-up, the later ones are extrapolated")
 
     num_workers = args.num_workers if args.num_workers == "auto" else int(args.num_workers)
     channels_last = {"null": None, "true": True, "false": False}[args.channels_last]
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.to_device = untimed_to_device
         compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
-    evaluation, later = durations[0], durations[2:] or durations[1:]
+    evaluation, later = durations[0], durations[2:]
     per_epoch = sum(later) / len(later)
     # the warm-up epoch counts as it ran: compiling is part of a compiled job's time
     recipe_seconds = evaluation + durations[1] + (RECIPE_EPOCHS - 1) * per_epoch
@@ -161,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"reference recipe ({RECIPE_EPOCHS} x {RECIPE_ITERS} x {RECIPE_BATCH} at 224 px, evaluation after every epoch): "
                      f"{recipe_seconds / 60:.1f} min extrapolated (target <= 6 min: {'OK' if recipe_seconds <= 360 else 'MISSED'}); "
                      f"the reference script at {REFERENCE_IMAGES_PER_SECOND} images/s: {reference_seconds / 60:.1f} min, "
-                     f"{reference_seconds / recipe_seconds:.1f}x slower (target >= 8x)")
+                     f"{reference_seconds / recipe_seconds:.1f}x slower (target >= 8x read as wall time: "
+                     f"{'OK' if reference_seconds >= 8 * recipe_seconds else 'MISSED'}); not counted: the job's start "
+                     f"(imports, packing the cache once, loading the teacher) and the last epoch's checkpoint flush")
         # the "8x the reference's 618 img/s" read as a rate: the reference's figure is its
         # training rate, without its evaluation, so this compares like with like
         lines.append(f"training rate, batch waits included: {training_rate:,.0f} images/s, "
