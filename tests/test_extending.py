@@ -104,6 +104,11 @@ def test_a_plugin_term_is_validated(plugin, tmp_path):
     assert_one_line_error(run_module("aomd.train", *common, "loss=toy", "loss.toy_scale=0", env=env),
                           "loss.toy_scale must be positive")
     assert_one_line_error(run_module("aomd.train", *common, "loss.toy_ratio=1"), "loss.toy_ratio", "not a key")
+    # the two steps of the README's recipe, each forgotten: the one-line error names it
+    assert_one_line_error(run_module("aomd.train", *common, "dataset=toy"), "Could not load 'schema/dataset/toy'",
+                          "name its module in AOMD_PLUGINS")
+    assert_one_line_error(run_module("aomd.train", *TINY, "logger=none", "dataset=toy", env=env),
+                          "unknown dataset option 'toy'", "add its folder with hydra.searchpath=[file:///<folder>]")
 
 
 def test_a_plugin_term_dataset_and_backbone_are_swept_and_trained(plugin, tmp_path):

@@ -409,3 +409,12 @@ def test_report_of_a_real_sweep(tmp_path: Path):
     assert cells[3:] == [expected_cell([b[k] for b in bests]) for k in ("recall@1", "recall@2", "map@r", "r_precision")]
     assert "| # | configuration | n | Recall@1 | Recall@2 | MAP@R | R-Precision |" in result.markdown
     assert (sweep / "baselines.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_selection_lines_name_the_selected_epochs_and_the_untrained_one(tmp_path: Path):
+    """A short pilot run can select epoch 0, the network before training: the report says so."""
+    write_job(tmp_path, "0", ["loss=sp", "train.seed=0"], loss="sp", metrics={**m(0.375, 0.5, 0.1), "epoch": 0})
+    write_job(tmp_path, "1", ["loss=sp", "train.seed=1"], loss="sp", seed=1, metrics=m(0.425, 0.5, 0.1))
+    text = write_report(tmp_path).markdown
+    assert "2 jobs (2 finished) in 1 configuration." in text
+    assert "- `loss=sp`: Recall@1 40.00 ± 3.54 at the selected epochs (0, before training, 3); " in text

@@ -123,8 +123,10 @@ def test_a_run_continued_from_another_folder_is_checked_before_any_work(tmp_path
     """train.resume=<run folder> of another job: refused by job_source (before data, teacher,
     networks), naming what differs."""
     leave_run(tmp_path / "earlier", "interrupted", EARLIER, "earlier")
-    with pytest.raises(resume.ResumeError, match=re.escape("it belongs to another job (train.lr: 0.001 -> 0.0005, ")):
+    with pytest.raises(resume.ResumeError, match=re.escape("it belongs to another job (train.lr: 0.001 -> 0.0005, ")) as error:
         resume.job_source(str(tmp_path / "earlier"), tmp_path / "now", NOW, "now", sweep_job=False)
+    # the run named is not this job's to delete
+    assert "Delete it" not in str(error.value) and str(error.value).endswith(resume.OTHER_SOURCE)
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +361,17 @@ def test_random_states_saved_where_more_cards_were_visible_restore_on_the_cards_
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device: state}))
     restore_random_states(states, sampler, torch.Generator())
     assert list(restored) == [0] and torch.equal(restored[0], states["cuda"][0])
+
+
+def test_a_job_starting_over_removes_the_earlier_runs_last_pt_and_its_wandb_files_only(tmp_path):
+    """`wandb sync <folder>/wandb/offline-run-*` would otherwise upload the replaced run beside the new one."""
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"architecture": {}, "model": {}, "training": {"identity": "earlier", "wandb_run_id": "abc123"}},
+               tmp_path / "checkpoints" / "last.pt")
+    replaced, other = (tmp_path / "wandb" / f"offline-run-20261127_070000-{run_id}" for run_id in ("abc123", "xyz789"))
+    for files in (replaced, other):
+        files.mkdir(parents=True)
+        (files / f"run-{files.name[-6:]}.wandb").write_bytes(b"")
+    resume.forget_earlier_run(tmp_path)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists() and not replaced.exists() and other.is_dir()
+    resume.forget_earlier_run(tmp_path)  # nothing left to forget

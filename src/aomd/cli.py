@@ -105,7 +105,8 @@ def check_group_options(argv: list[str], config_path: str, program: str) -> None
         options = sorted({p.stem for group in groups for p in group.glob("*.yaml")})
         for option in value.split(","):
             if option not in options and option != "null":
-                print(f"{program}: error: unknown {key} option {option!r}; choose one of: {', '.join(options)}.",
+                print(f"{program}: error: unknown {key} option {option!r}; choose one of: {', '.join(options)} (an option "
+                      f"of your own: add its folder with hydra.searchpath=[file:///<folder>], README: Extending).",
                       file=sys.stderr, flush=True)
                 sys.exit(2)
 

@@ -90,7 +90,11 @@ def _composition_error(error: BaseException) -> str:
         if "not in struct" in reason or "is not in" in reason or "Key '" in reason and "not" in reason:
             return f"`{key}` is not a key of this configuration; check its spelling (`--cfg job` shows every key)."
         return f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file."
-    return str(error).strip().splitlines()[0].rstrip(".") + "."
+    first = str(error).strip().splitlines()[0].rstrip(".")
+    if "Could not load 'schema/" in first:  # a config file of one's own whose schema a plugin registers
+        return (f"{first}: the schema it names is registered by a plugin of your own; name its module in "
+                f"AOMD_PLUGINS (README: Extending).")
+    return first + "."
 
 
 def _unknown_keys(node, prefix: str = "") -> list[str]:

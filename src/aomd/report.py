@@ -409,8 +409,12 @@ def render_selection(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], st
     lines = []
     for row in rows:
         if row.n:
+            epochs = [job.best.get("epoch") for job in row.finished]
+            # epoch 0 is the network before training: a short pilot run can select it
+            which = ", ".join("0, before training" if epoch == 0 else str(epoch) for epoch in epochs)
             values = [f"{metric_title(key).replace('last-epoch ', 'last epoch ')} {format_cell(row, key)}" for key in keys[1:]]
-            lines.append(f"- {_code(labels[row.key])}: selected epoch {format_cell(row, keys[0])}; " + "; ".join(values))
+            lines.append(f"- {_code(labels[row.key])}: {metric_title(keys[0])} {format_cell(row, keys[0])} at the selected "
+                         f"epoch{'s' if len(epochs) > 1 else ''} ({which}); " + "; ".join(values))
     return "\n".join(lines)
 
 
@@ -484,7 +488,7 @@ def render_report(sweep_dir: Path, jobs: Sequence[Job], rows: Sequence[ConfigRow
     primary = metric_title(primary_metric(rows))
     ranked_by = metric_title(ranking_metric(rows))
     parts = [f"# Sweep report: {sweep_dir}", "",
-             f"{len(jobs)} jobs ({status_text}) in {len(rows)} configurations.",
+             f"{len(jobs)} job{'s' * (len(jobs) != 1)} ({status_text}) in {len(rows)} configuration{'s' * (len(rows) != 1)}.",
              f"Values are the test metrics of each job's selected epoch ({_selection_text(jobs)}) in percent, "
              f"mean ± sample std over the seeds (`{SEED_KEY}`; n = finished seeds, the mean alone for n = 1), "
              f"best {ranked_by} first. Below the table, the selected epoch's test {primary} beside the last "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 LAST = Path("checkpoints") / "last.pt"
 # a managed teacher resumes whatever `train.resume` says: deleting the file is what starts it over
 START_OVER = "Delete it to start over (a student job: or pass train.resume=never; or train.resume=<the right run folder>)."
+# a run named by train.resume=<folder> is left alone: it may be a run the user keeps
+OTHER_SOURCE = ("Pass train.resume=<a run folder of this configuration>, or train.resume=never to start over; a run "
+                "continues only with what it learns unchanged (a longer or otherwise changed recipe is a new run).")
 
 
 # a job's identity, or its identities under the rules of this and earlier versions (the first is
@@ -131,8 +135,8 @@ def job_source(setting: str, out_dir: Path, overrides: list[str], identity: Iden
     a run the user may have pointed `hydra.run.dir` to by mistake."""
     path = source(setting, out_dir)
     if setting != "auto":
-        if path is not None:
-            read_state(path, identity, overrides)  # another job's or damaged: said now, not after a teacher trains
+        if path is not None:  # another job's or damaged: said now, not after a teacher trains
+            read_state(path, identity, overrides, advice=OTHER_SOURCE)
         return path
     record = read_record(out_dir)
     finished = record is not None and record.get("status") == FINISHED
@@ -175,8 +179,18 @@ def forget_earlier_run(out_dir: Path) -> None:
     """Remove the folder's `last.pt` of an earlier run (one started over, or another job's) for a
     job that does not continue it: otherwise, stopped before it writes its own, the job would
     later resume that run (with a best.pt that no longer matches it), or refuse to run at all
-    when the run was another configuration's."""
-    (Path(out_dir) / LAST).unlink(missing_ok=True)
+    when the run was another configuration's. The earlier run's W&B files go too (those of its
+    run id only): `wandb sync` of the folder would otherwise upload the replaced run beside this one."""
+    last = Path(out_dir) / LAST
+    try:
+        training = read_checkpoint(last).get("training") if last.is_file() else None
+    except CheckpointError:
+        training = None
+    run_id = training.get("wandb_run_id") if isinstance(training, dict) else None
+    if run_id:
+        for files in (Path(out_dir) / "wandb").glob(f"*run-*-{run_id}"):
+            shutil.rmtree(files, ignore_errors=True)
+    last.unlink(missing_ok=True)
 
 
 def readable(path: Path) -> bool:
@@ -207,20 +221,21 @@ def belongs_to(path: Path, identity: Identity) -> bool:
         return False
 
 
-def read_state(path: Path, identity: Identity, overrides: list[str] | None = None) -> dict[str, Any]:
+def read_state(path: Path, identity: Identity, overrides: list[str] | None = None, advice: str = START_OVER) -> dict[str, Any]:
     """The checkpoint at `path` with its `training` state, checked to belong to the job `identity`
-    (a refusal names the settings that differ from the `overrides` of the run that wrote it)."""
+    (a refusal names the settings that differ from the `overrides` of the run that wrote it, then
+    `advice`)."""
     try:
         payload = read_checkpoint(path)
     except CheckpointError as error:
-        raise ResumeError(f"Cannot resume from {path}: {error} {START_OVER}") from None
+        raise ResumeError(f"Cannot resume from {path}: {error} {advice}") from None
     training = payload.get("training")
     if not isinstance(training, dict):
-        raise ResumeError(f"Cannot resume from {path}: it holds no training state (written by an older aomd). {START_OVER}")
+        raise ResumeError(f"Cannot resume from {path}: it holds no training state (written by an older aomd). {advice}")
     if not is_written_by(training, identity):
         record = read_record(path.parent.parent) if path.parent.name == "checkpoints" else None
         difference = (changes(record["overrides"], overrides) if overrides is not None and record
                       and record.get("overrides") is not None
                       else f"{training.get('identity')!r}, this job is {current_identity(identity)!r}")
-        raise ResumeError(f"Cannot resume from {path}: it belongs to another job ({difference}). {START_OVER}")
+        raise ResumeError(f"Cannot resume from {path}: it belongs to another job ({difference}). {advice}")
     return payload
