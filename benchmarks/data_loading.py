@@ -121,8 +121,13 @@ def main_to_device(args) -> int:
         except (OSError, ValueError) as error:
             step = None
             notes.append(f"no ratio: {args.train_step_json} could not be read ({error})")
-        if step is not None and step.get("device") != device_description(runtime.device):
-            notes.append(f"no ratio: {args.train_step_json} was measured on {step.get('device')}, not on this device")
+        measured_on = str(step.get("device", "an unnamed device")) if isinstance(step, dict) else None
+        if step is not None and not isinstance(step, dict):
+            step = None
+            notes.append(f"no ratio: {args.train_step_json} is not train_step.py's results")
+        # the card's (or CPU's) name, the description's first part; the rest (threads, versions) may differ
+        elif step is not None and measured_on.split(",")[0] != device_description(runtime.device).split(",")[0]:
+            notes.append(f"no ratio: {args.train_step_json} was measured on {measured_on}, not on this device")
         elif step is not None:
             results = step.get("results", {})
             step_rate = max(results.get("bf16", {}).get(mode, {}).get("images_per_second", 0)

@@ -12,6 +12,9 @@
 # logs (tests.log, train_step.md, data_path.md, recipe.md) and the benchmarks' JSON results. Exits 1 when a test or
 # a benchmark failed, 2 when there is no CUDA device.
 set -uo pipefail
+for limit in "${AOMD_GPU_CHECK_SECONDS:-560}" "${AOMD_GPU_TESTS_TIMEOUT:-240}"; do
+  [[ "$limit" =~ ^[0-9]+$ ]] || { echo "gpu_check: AOMD_GPU_CHECK_SECONDS and AOMD_GPU_TESTS_TIMEOUT are whole seconds, got '$limit'" >&2; exit 2; }
+done
 out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)" || exit 2
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -44,7 +47,7 @@ for pass in "$not_yet_on_a_card" "not ($not_yet_on_a_card)"; do
     echo "stopped by the tier's limit of $tier_limit s (AOMD_GPU_TESTS_TIMEOUT) before -k \"$pass\"" | tee -a "$out/tests.log"
     status=1; continue
   fi
-  timeout "$left" python -m pytest tests/test_gpu.py -m gpu -k "$pass" -q -rs -p no:cacheprovider --durations=8 \
+  timeout -k 20 "$left" python -m pytest tests/test_gpu.py -m gpu -k "$pass" -q -rs -p no:cacheprovider --durations=8 \
     ${parallel[@]+"${parallel[@]}"} 2>&1 | tee -a "$out/tests.log"
   tier_status="${PIPESTATUS[0]}"
   [ "$tier_status" -eq 0 ] || status=1
@@ -54,7 +57,8 @@ done
 lap "gpu test tier"
 # Each benchmark stops at its share of what is left of the check's budget (AOMD_GPU_CHECK_SECONDS, 560:
 # within a lease's 10-minute command, so that the summary is always written), keeping `reserve` seconds
-# for the parts after it. A part out of time is skipped and says so.
+# for the parts after it (the recipe, last, absorbs what the others overran). A part out of time is
+# skipped and says so.
 budget="${AOMD_GPU_CHECK_SECONDS:-560}"
 bench() {  # bench <name> <cap s> <reserve s> <log> <command...>: run a benchmark within its limit
   local name="$1" cap="$2" reserve="$3" log="$4"; shift 4
@@ -63,10 +67,10 @@ bench() {  # bench <name> <cap s> <reserve s> <log> <command...>: run a benchmar
   if [ "$cap" -le 10 ]; then
     echo "$name: skipped, out of the check's time (AOMD_GPU_CHECK_SECONDS=$budget)" | tee "$out/$log"; status=1; return
   fi
-  timeout "$cap" "$@" 2>&1 | tee "$out/$log"
+  timeout -k 20 "$cap" "$@" 2>&1 | tee "$out/$log"  # a job's loop saves before it stops: KILL 20 s later
   local code="${PIPESTATUS[0]}"
   [ "$code" -eq 0 ] || status=1
-  [ "$code" -eq 124 ] && echo "$name: stopped at its limit of $cap s" | tee -a "$out/$log"
+  { [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; } && echo "$name: stopped at its limit of $cap s" | tee -a "$out/$log"
   return 0
 }
 # each precision in a process of its own, its rows in 3 interleaved rounds (the script's docstring); the
@@ -81,7 +85,7 @@ bench data_loading.py 90 90 data_path.md python benchmarks/data_loading.py --to-
   ${step_rates[@]+"${step_rates[@]}"} --json "$out/data_path.json"
 lap "data_loading.py --to-device"
 # a fresh inductor cache: the recipe's warm-up epoch compiles AOMD's fused adapters as a first job would
-bench recipe_epoch.py 200 0 recipe.md env TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" python benchmarks/recipe_epoch.py \
+bench recipe_epoch.py 200 30 recipe.md env TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" python benchmarks/recipe_epoch.py \
   --json "$out/recipe.json"
 lap "recipe_epoch.py"
 

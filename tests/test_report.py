@@ -417,4 +417,4 @@ def test_the_selection_lines_name_the_selected_epochs_and_the_untrained_one(tmp_
     write_job(tmp_path, "1", ["loss=sp", "train.seed=1"], loss="sp", seed=1, metrics=m(0.425, 0.5, 0.1))
     text = write_report(tmp_path).markdown
     assert "2 jobs (2 finished) in 1 configuration." in text
-    assert "- `loss=sp`: Recall@1 40.00 ± 3.54 at the selected epochs (0, before training, 3); " in text
+    assert "- `loss=sp`: Recall@1 40.00 ± 3.54 at the selected epochs 0, 3 (0: before training); " in text

@@ -364,7 +364,8 @@ def test_random_states_saved_where_more_cards_were_visible_restore_on_the_cards_
 
 
 def test_a_job_starting_over_removes_the_earlier_runs_last_pt_and_its_wandb_files_only(tmp_path):
-    """`wandb sync <folder>/wandb/offline-run-*` would otherwise upload the replaced run beside the new one."""
+    """`wandb sync <folder>/wandb/offline-run-*` would otherwise upload the replaced run beside the new
+    one; another configuration's W&B files stay (perhaps not uploaded yet)."""
     (tmp_path / "checkpoints").mkdir()
     torch.save({"architecture": {}, "model": {}, "training": {"identity": "earlier", "wandb_run_id": "abc123"}},
                tmp_path / "checkpoints" / "last.pt")
@@ -372,6 +373,10 @@ def test_a_job_starting_over_removes_the_earlier_runs_last_pt_and_its_wandb_file
     for files in (replaced, other):
         files.mkdir(parents=True)
         (files / f"run-{files.name[-6:]}.wandb").write_bytes(b"")
-    resume.forget_earlier_run(tmp_path)
+    resume.forget_earlier_run(tmp_path, its_own=False)  # another configuration's run: its W&B files may be all there is
+    assert not (tmp_path / "checkpoints" / "last.pt").exists() and replaced.is_dir() and other.is_dir()
+    torch.save({"architecture": {}, "model": {}, "training": {"identity": "earlier", "wandb_run_id": "abc123"}},
+               tmp_path / "checkpoints" / "last.pt")
+    resume.forget_earlier_run(tmp_path, its_own=True)  # this configuration's, started over
     assert not (tmp_path / "checkpoints" / "last.pt").exists() and not replaced.exists() and other.is_dir()
-    resume.forget_earlier_run(tmp_path)  # nothing left to forget
+    resume.forget_earlier_run(tmp_path, its_own=True)  # nothing left to forget

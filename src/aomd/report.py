@@ -409,12 +409,13 @@ def render_selection(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], st
     lines = []
     for row in rows:
         if row.n:
-            epochs = [job.best.get("epoch") for job in row.finished]
+            epochs = [job.best.get("epoch") for job in row.finished if job.best.get("epoch") is not None]
             # epoch 0 is the network before training: a short pilot run can select it
-            which = ", ".join("0, before training" if epoch == 0 else str(epoch) for epoch in epochs)
+            which = (f" at the selected epoch{'s' * (len(epochs) > 1)} {', '.join(map(str, epochs))}"
+                     f"{' (0: before training)' if 0 in epochs else ''}" if epochs else "")
             values = [f"{metric_title(key).replace('last-epoch ', 'last epoch ')} {format_cell(row, key)}" for key in keys[1:]]
-            lines.append(f"- {_code(labels[row.key])}: {metric_title(keys[0])} {format_cell(row, keys[0])} at the selected "
-                         f"epoch{'s' if len(epochs) > 1 else ''} ({which}); " + "; ".join(values))
+            lines.append(f"- {_code(labels[row.key])}: {metric_title(keys[0])} {format_cell(row, keys[0])}{which}; "
+                         + "; ".join(values))
     return "\n".join(lines)
 
 

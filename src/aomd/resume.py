@@ -175,21 +175,25 @@ def changes(earlier: list[str], overrides: list[str]) -> str:
                      for key in keys if before.get(key) != after.get(key)) or OTHER_DEFAULTS
 
 
-def forget_earlier_run(out_dir: Path) -> None:
+def forget_earlier_run(out_dir: Path, its_own: bool) -> None:
     """Remove the folder's `last.pt` of an earlier run (one started over, or another job's) for a
     job that does not continue it: otherwise, stopped before it writes its own, the job would
     later resume that run (with a best.pt that no longer matches it), or refuse to run at all
-    when the run was another configuration's. The earlier run's W&B files go too (those of its
-    run id only): `wandb sync` of the folder would otherwise upload the replaced run beside this one."""
+    when the run was another configuration's. When the earlier run was this configuration's
+    (`its_own`: started over), its W&B files go too (those of its run id only): `wandb sync` of
+    the folder would otherwise upload the replaced run beside this one. Another configuration's
+    W&B files stay: they may be the only copy of a result not yet uploaded."""
     last = Path(out_dir) / LAST
     try:
-        training = read_checkpoint(last).get("training") if last.is_file() else None
+        training = read_checkpoint(last).get("training") if its_own and last.is_file() else None
     except CheckpointError:
         training = None
     run_id = training.get("wandb_run_id") if isinstance(training, dict) else None
     if run_id:
-        for files in (Path(out_dir) / "wandb").glob(f"*run-*-{run_id}"):
-            shutil.rmtree(files, ignore_errors=True)
+        for files in (Path(out_dir) / "wandb").glob("*run-*"):
+            if files.is_dir() and files.name.rsplit("-", 1)[-1] == run_id:
+                log.info("Removing %s, the W&B files of the run this job replaces.", files)
+                shutil.rmtree(files, ignore_errors=True)
     last.unlink(missing_ok=True)
 
 

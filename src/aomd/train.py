@@ -23,7 +23,8 @@ from aomd.losses.terms import distils
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd import preemption, resume
-from aomd.records import NOT_IDENTITY_KEYS, claim_record, content_digest, finished_record, record_interruption
+from aomd.records import (NOT_IDENTITY_KEYS, claim_record, content_digest, finished_record, is_record_of, read_record,
+                          record_interruption)
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
 from aomd.tracking import RunInfo, run_name, swept_keys
@@ -93,9 +94,10 @@ def train(cfg: DictConfig) -> float:
     # the data before the networks: a wrong dataset.root is reported before any weight download
     data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
     # after the checks of bad input, which leave the folder as it was
+    earlier = read_record(out_dir)
     claim_record(out_dir, overrides, continues=resume_from is not None)
     if resume_from is None:
-        resume.forget_earlier_run(out_dir)
+        resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides))
     runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
