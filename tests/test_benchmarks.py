@@ -123,6 +123,7 @@ case "$1" in
   -) exec {real} "$@" ;;
   *) json=; previous=
      for arg in "$@"; do [ "$previous" = --json ] && json=$arg; previous=$arg; done
+     [ "$(basename "$1")" = "${{SLOW:-}}" ] && sleep 60  # a benchmark that overruns its limit
      echo "| a row of $(basename "$1") |"
      # each script's own key: train_step.py and step_anatomy.py "verdicts", data_loading.py "verdict",
      # recipe_epoch.py "lines"
@@ -173,6 +174,16 @@ def test_a_gpu_check_out_of_time_skips_its_benchmarks_and_says_so(tmp_path):
                         ("recipe_epoch.py", "recipe.md")):
         assert f"- {script}: skipped, out of the check's time (AOMD_GPU_CHECK_SECONDS=0)" in summary
         assert "verdict of" not in (tmp_path / "out" / log).read_text()
+
+
+def test_a_gpu_check_benchmark_past_its_limit_is_stopped_and_the_others_still_run(tmp_path):
+    """A budget of 150 s leaves train_step.py 30 s (120 kept for the parts after it): past them it
+    is stopped, the summary says so, and the other benchmarks still give their verdicts."""
+    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, AOMD_GPU_CHECK_SECONDS="150",
+                                               SLOW="train_step.py")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "- train_step.py: stopped at its limit of 30 s" in summary and "verdict of train_step.py" not in summary
+    assert "- verdict of data_loading.py" in summary and "- verdict of recipe_epoch.py" in summary
 
 
 def test_the_gpu_experiments_summary_has_each_benchmark_s_table(tmp_path):
