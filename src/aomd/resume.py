@@ -141,9 +141,10 @@ def job_source(setting: str, out_dir: Path, overrides: list[str], identity: Iden
     record = read_record(out_dir)
     finished = record is not None and record.get("status") == FINISHED
     same_overrides = record is None or is_record_of(record, overrides)
-    if path is not None and not finished and belongs_to(path, identity):
+    training = training_state(path) if path is not None else None  # read once: the file may be large
+    if path is not None and not finished and is_written_by(training, identity):
         return path
-    if not same_overrides and (finished or path is not None) or record is None and path is not None and readable(path):
+    if not same_overrides and (finished or path is not None) or record is None and training is not None:
         status = (record or {}).get("status")
         what = f"{status} run" if status in (FINISHED, "interrupted", "failed") else "unfinished run"
         what = f"{'an' if what[0] in 'aeiou' else 'a'} {what}"
@@ -184,11 +185,8 @@ def forget_earlier_run(out_dir: Path, its_own: bool) -> None:
     the folder would otherwise upload the replaced run beside this one. Another configuration's
     W&B files stay: they may be the only copy of a result not yet uploaded."""
     last = Path(out_dir) / LAST
-    try:
-        training = read_checkpoint(last).get("training") if its_own and last.is_file() else None
-    except CheckpointError:
-        training = None
-    run_id = training.get("wandb_run_id") if isinstance(training, dict) else None
+    training = training_state(last) if its_own and last.is_file() else None
+    run_id = training.get("wandb_run_id") if training is not None else None
     if run_id:
         for files in (Path(out_dir) / "wandb").glob("*run-*"):
             if files.is_dir() and files.name.rsplit("-", 1)[-1] == run_id:
@@ -197,12 +195,14 @@ def forget_earlier_run(out_dir: Path, its_own: bool) -> None:
     last.unlink(missing_ok=True)
 
 
-def readable(path: Path) -> bool:
-    """Whether `path` is a checkpoint with a training state (not a damaged file, which read_state reports)."""
+def training_state(path: Path) -> dict[str, Any] | None:
+    """The `training` state of the checkpoint at `path`, or None when it is damaged or holds
+    none (which `read_state` reports)."""
     try:
-        return isinstance(read_checkpoint(path).get("training"), dict)
+        training = read_checkpoint(path).get("training")
     except CheckpointError:
-        return False
+        return None
+    return training if isinstance(training, dict) else None
 
 
 def current_identity(identity: Identity) -> str:
@@ -215,14 +215,6 @@ def is_written_by(training: Any, identity: Identity) -> bool:
     one of the identities it had under earlier rules: `Identity`)."""
     accepted = {identity} if isinstance(identity, str) else set(identity)
     return isinstance(training, dict) and training.get("identity") in accepted
-
-
-def belongs_to(path: Path, identity: Identity) -> bool:
-    """Whether the `last.pt` at `path` is readable and was written by the job `identity`."""
-    try:
-        return is_written_by(read_checkpoint(path).get("training"), identity)
-    except CheckpointError:
-        return False
 
 
 def read_state(path: Path, identity: Identity, overrides: list[str] | None = None, advice: str = START_OVER) -> dict[str, Any]:

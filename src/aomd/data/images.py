@@ -34,10 +34,11 @@ def decode(path: str | Path | Image.Image, size: int) -> np.ndarray:
     """The image at `path` (or a PIL image) as uint8 [size, size, 3]; raises (OSError, ValueError,
     ...) on a bad file."""
     if isinstance(path, Image.Image):
-        return np.asarray(path.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    with Image.open(path) as image:
-        # convert() forces the full decode, so a truncated file raises here rather than later
-        rgb = image.convert("RGB")
+        rgb = path.convert("RGB")
+    else:
+        with Image.open(path) as image:
+            # convert() forces the full decode, so a truncated file raises here rather than later
+            rgb = image.convert("RGB")
     return np.asarray(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
