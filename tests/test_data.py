@@ -62,6 +62,27 @@ def test_cache_key_separates_settings(tmp_path, monkeypatch):
     assert cache_file(tmp_path, "synthetic", {"seed": 0, "size": 72}).name == "synthetic-v2-df71ad39cb59.h5"
 
 
+def test_building_a_cache_names_the_other_caches_of_its_dataset(tmp_path, monkeypatch, caplog):
+    """Jobs never delete a cache (another job or code version may read it); a build says which
+    others of the same dataset lie beside it, and how large, so a user can reclaim the space."""
+    kwargs = dict(num_classes=4, images_per_class=4, base_size=36, image_size=32, cache_dir=tmp_path)
+    load_synthetic(**kwargs)
+    (first,) = tmp_path.glob("synthetic-*.h5")
+    (tmp_path / "synthetic_crops-0123456789ab.h5").write_bytes(b"another dataset's")
+    monkeypatch.setattr(cache, "FORMAT_VERSION", 2)
+    with caplog.at_level("INFO", logger="aomd.data.cache"):
+        load_synthetic(**kwargs)
+    (second,) = tmp_path.glob("synthetic-v2-*.h5")
+    assert cache.other_caches(second) == [first]
+    (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Other caches")]
+    assert message == (f"Other caches of this dataset in {tmp_path}: {first.name} ({first.stat().st_size / 1e9:.1f} GB); "
+                       "delete those no job reads any more.")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="aomd.data.cache"):
+        load_synthetic(**kwargs)  # read, not built: nothing said
+    assert not [r for r in caplog.records if r.getMessage().startswith("Other caches")]
+
+
 def test_a_complete_cache_is_read_where_its_lock_cannot_be_taken(tmp_path, monkeypatch):
     """A cache prepared ahead in a folder the job's user may only read (a group's shared cache):
     complete, it is read without the lock; to build, a one-line error names what to change."""

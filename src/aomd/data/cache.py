@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -195,6 +196,7 @@ def ensure_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) ->
                     log.warning("Cache %s is stale or incomplete; rebuilding it.", path)
                 else:
                     log.info("Building the dataset cache %s (once).", path)
+                    _mention_other_caches(path)
                 build_cache(path, key, fill)
         finally:
             lock.release()
@@ -204,6 +206,23 @@ def ensure_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) ->
         raise DatasetError(f"Cannot build the dataset cache in {path.parent} ({error.strerror}); point "
                            f"paths.cache_dir (or AOMD_CACHE_DIR) to a folder this user can write.") from error
     return path
+
+
+def other_caches(path: Path) -> list[Path]:
+    """The complete cache files beside `path` of the same dataset, built with other settings
+    (another size or root) or by another format version."""
+    name = re.fullmatch(r"(.+?)(-v\d+)?-[0-9a-f]{12}\.h5", path.name).group(1)
+    pattern = re.compile(rf"{re.escape(name)}(-v\d+)?-[0-9a-f]{{12}}\.h5")
+    return sorted(p for p in path.parent.glob(f"{name}-*.h5") if p != path and pattern.fullmatch(p.name))
+
+
+def _mention_other_caches(path: Path) -> None:
+    """Caches are never removed by a job (another job or code version may still read them), so
+    building one says which older ones of the dataset take space beside it."""
+    others = other_caches(path)
+    if others:
+        sizes = ", ".join(f"{p.name} ({p.stat().st_size / 1e9:.1f} GB)" for p in others)
+        log.info("Other caches of this dataset in %s: %s; delete those no job reads any more.", path.parent, sizes)
 
 
 class H5Images:
