@@ -164,6 +164,19 @@ def test_a_sweep_whose_jobs_break_rules_of_their_own_starts_and_leaves_them_to_e
     start(["-m", "train.lr=1e-4,2e-4", "logger=wandb", "logger.group=${hydra:job.name}"], "train", "aomd.train")
 
 
+@pytest.mark.parametrize("module, first_line", [
+    ("aomd.train", "aomd.train: train an embedding network"),
+    ("aomd.evaluate", "aomd.evaluate: Recall@K, MAP@R and R-Precision of a saved checkpoint"),
+])
+def test_help_says_what_the_entrypoint_does_and_what_the_schema_groups_are(module, first_line):
+    result = run_module(module, "--help")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(first_line), lines[:3]
+    assert "loss: aomd_mode1, aomd_mode2," in result.stdout  # the groups, as Hydra lists them
+    assert "The schema/* groups are the types every option is checked against" in result.stdout
+
+
 def test_the_check_before_start_expands_a_preset_as_hydra_does():
     """The command line replaces a preset's param of the same key, as Hydra's BasicSweeper does."""
     from aomd.config import job_overrides
