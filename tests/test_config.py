@@ -99,6 +99,8 @@ def test_rkd_turns_off_l2_normalisation():
     ("train.lr=abc", "train.lr"),
     ("train.batch_size=6", "at least 2 x train.images_per_class"),
     ("train.epochs=two", "train.epochs"),
+    ("train.seed=-1", "train.seed must be between 0 and 2\\*\\*32 - 1"),
+    ("train.seed=4294967296", "train.seed must be between 0 and 2\\*\\*32 - 1"),
     ("eval.recall_k=[0]", "eval.recall_k"),
     ("logger.mode=sometimes", "logger.mode"),
     ("backbone.name=vgg", "backbone.name must be one of"),
@@ -145,6 +147,12 @@ def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
     (["logger.init_timeout=-1"], ["logger.init_timeout must be 0 or more"]),
     # a sweep stops before its first job when every job breaks a rule (a value they all share)
     (["-m", "train.seed=0,1", "train.lr=-1"], ["train.lr must be positive"]),
+    # a job folder named by its overrides must fit the file system (Hydra: a traceback at mkdir)
+    (["-m", "hydra.sweep.subdir=${hydra.job.override_dirname}", "train.seed=0,1",
+      *[f"loss.{key}=0.123456789" for key in ("margin", "global_weight", "local_weight", "sp_ratio", "at_ratio",
+                                             "dark_alpha", "dark_beta", "dist_ratio", "angle_ratio", "triplet_ratio")]],
+     ["hydra.sweep.subdir names job 0's folder with 292 characters (loss.angle_ratio=0.123456789,loss.at_rat",
+      "more than a file system allows (255)"]),
 ])
 def test_bad_input_stops_before_hydra_starts_with_one_line(overrides, fragments, capsys):
     from aomd.cli import start
@@ -162,6 +170,7 @@ def test_a_sweep_whose_jobs_break_rules_of_their_own_starts_and_leaves_them_to_e
     start(["-m", "train.lr=-1,1e-3", "logger=none"], "train", "aomd.train")  # one job can run: no stop
     # values only the job can resolve (Hydra's own, the job's environment) are the job's to check
     start(["-m", "train.lr=1e-4,2e-4", "logger=wandb", "logger.group=${hydra:job.name}"], "train", "aomd.train")
+    start(["-m", "train.lr=1e-4,2e-4", "logger=none", "hydra.sweep.subdir=${hydra.job.override_dirname}"], "train", "aomd.train")
 
 
 @pytest.mark.parametrize("module, first_line", [

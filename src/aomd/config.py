@@ -129,6 +129,7 @@ def check_train(train, prefix: str = "train") -> None:
     _require(train.batch_size >= 2 * train.images_per_class,
              f"{prefix}.batch_size ({train.batch_size}) must be at least 2 x {prefix}.images_per_class "
              f"({2 * train.images_per_class}) so that every batch holds negatives.")
+    _require(0 <= train.seed < 2**32, f"{prefix}.seed must be between 0 and 2**32 - 1 (NumPy's seeds), got {train.seed}.")
     _require(train.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", train.device) is not None,
              f"train.device must be auto, cpu, cuda or cuda:<index>, got {train.device!r}.")
     # train.precision and train.num_workers are checked where they are resolved, aomd.runtime.Runtime.resolve
@@ -275,3 +276,20 @@ def check_before_start(argv: list[str], config_name: str = "train") -> None:
                 first_error = first_error or error
     if first_error:
         raise first_error
+    if any(arg.startswith("hydra.sweep.subdir=") for arg in argv):
+        check_job_folder_names(jobs, config_name)
+
+
+def check_job_folder_names(jobs: list[list[str]], config_name: str) -> None:
+    """A job folder named by its overrides (`hydra.sweep.subdir=${hydra.job.override_dirname}`)
+    must fit the file system's 255 bytes per name; Hydra would fail there with a traceback."""
+    for number, overrides in enumerate(itertools.islice(jobs, MAX_JOBS_CHECKED)):
+        try:
+            subdir = str(compose(overrides, config_name, with_hydra=True).hydra.sweep.subdir)
+        except (ConfigError, OmegaConfBaseException):  # values only Hydra's running sweep resolves
+            return
+        for name in Path(subdir).parts:
+            if len(name.encode()) > 255:
+                raise ConfigError(f"hydra.sweep.subdir names job {number}'s folder with {len(name.encode())} characters "
+                                  f"({name[:40]}...), more than a file system allows (255); shorten the swept keys or "
+                                  f"values, or leave hydra.sweep.subdir at its default (the job's number).")
