@@ -217,6 +217,25 @@ def test_aggregate_groups_seeds_and_ranks_best_first(sweep: Path):
     assert sp.n == 1 and len(sp.jobs) == 2 and sp.std["recall@1"] == 0.0
 
 
+def test_a_seed_run_twice_counts_once_and_is_listed(tmp_path: Path, capsys):
+    """A parent folder of two copies of one sweep (or a sweep rerun into a folder that kept the
+    old job folders): n counts seeds, not runs, and the repeats are named."""
+    root = tmp_path / "sweeps"
+    for sweep_name, r1 in (("first", 0.50), ("second", 0.70)):
+        for seed in (0, 1):
+            write_job(root / sweep_name, str(seed), ["loss=sp", f"train.seed={seed}"], loss="sp", seed=seed,
+                      metrics=m(r1 + seed / 10, 0.8, 0.3))
+    (row,) = aggregate(read_sweep(root))
+    assert row.n == 2 and sorted(row.seeds) == [0, 1]
+    assert row.mean["recall@1"] == pytest.approx(0.55)  # the first sweep's two seeds
+    assert [(job.name, first.name) for job, first in row.repeats] == [("second/0", "first/0"), ("second/1", "first/1")]
+    assert main([str(root)]) == 0
+    report = (root / "report.md").read_text()
+    assert "## Jobs repeating a seed (2)" in report and "- job `second/1`: `loss=sp`, seed 1: repeats job `first/1`" in report
+    assert table_rows(report)["loss=sp"][2] == "2"  # n: two seeds, and no job reads as unfinished
+    assert "## Jobs repeating a seed (2)" in capsys.readouterr().out
+
+
 def test_metric_keys_order_recall_by_k_then_map():
     row = ConfigRow(("x",), "x", ("x",), "triplet", 0.0, 2,
                     mean={"map@r": 0.1, "recall@8": 0.4, "recall@16": 0.5, "recall@2": 0.3})

@@ -230,7 +230,26 @@ class ConfigRow:
 
     @property
     def finished(self) -> list[Job]:
-        return [job for job in self.jobs if job.status == FINISHED]
+        """The finished jobs the means count: one per seed, the first in job order (`repeats`)."""
+        return self._by_seed()[0]
+
+    @property
+    def repeats(self) -> list[tuple[Job, Job]]:
+        """(job, the earlier job of its seed): finished jobs of a seed this configuration already
+        has (a folder holding one sweep twice, or a parent folder of two sweeps); counting them
+        would make n count runs, not seeds, and shrink the std."""
+        return self._by_seed()[1]
+
+    def _by_seed(self) -> tuple[list[Job], list[tuple[Job, Job]]]:
+        counted: dict[str, Job] = {}
+        repeats = []
+        for job in self.jobs:
+            if job.status == FINISHED:
+                if str(job.seed) in counted:
+                    repeats.append((job, counted[str(job.seed)]))
+                else:
+                    counted[str(job.seed)] = job
+        return list(counted.values()), repeats
 
     @property
     def n(self) -> int:
@@ -399,7 +418,8 @@ def _code(text: str) -> str:
 
 
 def _n_cell(row: ConfigRow) -> str:
-    return str(row.n) if row.n == len(row.jobs) else f"{row.n} of {len(row.jobs)}"
+    jobs = len(row.jobs) - len(row.repeats)
+    return str(row.n) if row.n == jobs else f"{row.n} of {jobs}"
 
 
 def render_selection(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], str]) -> str:
@@ -464,6 +484,18 @@ def render_unfinished(jobs: Sequence[Job], labels: dict[tuple[str, ...], str] | 
     return "\n".join(lines)
 
 
+def render_repeats(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], str]) -> str:
+    """The Markdown list of finished jobs that repeat a configuration and seed: job, the job it repeats."""
+    repeats = [(row, job, first) for row in rows for job, first in row.repeats]
+    if not repeats:
+        return ""
+    lines = [f"## Jobs repeating a seed ({len(repeats)})", "",
+             "Each repeats the configuration and seed of an earlier job, which the means count instead.", ""]
+    for row, job, first in repeats:
+        lines.append(f"- job {_code(job.name)}: {_code(labels[row.key])}, seed {job.seed}: repeats job {_code(first.name)}")
+    return "\n".join(lines)
+
+
 def _selection_text(jobs: Sequence[Job]) -> str:
     """How the jobs chose their epoch, from their records ("best test Recall@1" for records
     written before the selection was recorded)."""
@@ -506,9 +538,9 @@ def render_report(sweep_dir: Path, jobs: Sequence[Job], rows: Sequence[ConfigRow
         values = ", ".join(f"{metric_title(k)} {percent(v)}" for k, v in teacher.items()
                            if is_metric(k) and isinstance(v, (int, float)))
         parts += [f"Teacher ({count} job{'s' if count > 1 else ''}): {values}", ""]
-    unfinished = render_unfinished(jobs, labels)
-    if unfinished:
-        parts += [unfinished, ""]
+    for section in (render_unfinished(jobs, labels), render_repeats(rows, labels)):
+        if section:
+            parts += [section, ""]
     parts += ["## Plots", ""]
     for name, title in ((RATIO_PLOT, f"{primary} against loss.aomd_ratio"), (BARS_PLOT, f"{primary} per configuration")):
         reason = plots.get(name, "not drawn")
@@ -695,9 +727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr, flush=True)
         return 2
     text = report.table
-    unfinished = render_unfinished(report.jobs, short_labels(report.rows))
-    if unfinished:
-        text += "\n\n" + unfinished
+    for section in (render_unfinished(report.jobs, short_labels(report.rows)),
+                    render_repeats(report.rows, short_labels(report.rows))):
+        if section:
+            text += "\n\n" + section
     common = common_overrides(report.rows)
     if common:
         text = "Overrides common to all configurations: " + " ".join(common) + "\n\n" + text
