@@ -36,13 +36,16 @@ def test_hard_takes_the_closest_negative_of_the_anchor():
     assert triplets(HardNegatives()) == [(0, 1, 2), (1, 0, 2), (2, 3, 0), (3, 2, 1)]
 
 
-def test_hard_negatives_follow_the_loss_distance():
+def test_the_l1_triplet_mines_by_l2_distances_as_the_reference():
     # from the anchor (0, 0): negative 2 is nearer in L2 (1.41 < 1.9), negative 3 in L1 (1.9 < 2)
     e = torch.tensor([[0.0, 0.0], [0.1, 0.0], [1.0, 1.0], [1.9, 0.0]])
     labels = torch.tensor([0, 0, 1, 2])
-    l2 = dict(((a, p), n) for a, p, n in zip(*(t.tolist() for t in HardNegatives()(e, labels))))
-    l1 = dict(((a, p), n) for a, p, n in zip(*(t.tolist() for t in HardNegatives()(e, labels, p=1))))
-    assert l2[(0, 1)] == 2 and l1[(0, 1)] == 3
+    chosen = []
+    sampler = HardNegatives()
+    sampler.register_forward_hook(lambda module, args, triplets: chosen.append(triplets))
+    TripletLoss(sampler, margin=0.2, p=1)(e, labels)  # the loss's distance is L1, its triplets' L2
+    a, p, n = (t.tolist() for t in chosen[0])
+    assert dict(zip(zip(a, p), n)) == {(0, 1): 2, (1, 0): 2}
 
 
 def test_semihard_takes_the_closest_negative_beyond_the_positive_else_the_farthest():
@@ -93,6 +96,38 @@ def test_distance_weighted_falls_back_to_uniform_when_every_negative_is_far():
     assert torch.allclose(weights, torch.tensor([[0, 0, 0.5, 0.5]] * 2 + [[0.5, 0.5, 0, 0]] * 2))
     a, p, n = DistanceWeightedNegatives()(e, labels)
     assert len(a) == 4 and all(labels[n] != labels[a])
+
+
+def test_distance_weighted_weights_underflow_as_the_reference_where_a_positive_is_far_closer():
+    """The row maximum of log w covers the anchor's positives (and itself, at distance 1): at
+    512-d, a positive at 0.5 and negatives beyond about 0.63 leave no negative any weight in
+    float32, so the anchor draws uniformly among all its negatives, as the reference's sampler
+    does; where the distances overlap the weights follow the formula."""
+    dim = 512
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    negative = labels[:, None] != labels[None, :]
+    dist = torch.full((6, 6), 0.9)
+    dist.fill_diagonal_(0.0)
+    dist[0, 1] = dist[1, 0] = 0.5            # class 0: its two images close together
+    dist[0, 2:] = dist[2:, 0] = torch.tensor([0.7, 0.8, 1.45, 1.2])  # every negative of image 0 far beyond its positive
+    dist[2, 3] = dist[3, 2] = 0.88             # class 1: positive and negatives overlap (image 2's nearest: image 0)
+    weights = DistanceWeightedNegatives().weights(dist, negative, dim)
+
+    def reference(row: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:  # float32, as the reference computes
+        s = row.clamp(min=0.5)
+        log_w = (2.0 - dim) * s.log() - ((dim - 3.0) / 2.0) * (1.0 - 0.25 * s * s).log()
+        w = (log_w - log_w.max()).exp() * allowed
+        return w / w.sum() if w.sum() > 0 else allowed.float() / allowed.sum()
+
+    assert torch.equal(weights[0], torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25]))  # uniform, the one >= 1.4 included
+    for a in range(1, 6):
+        row = dist[a].clone()
+        row[a] = 1.0
+        expected = reference(row, negative[a] & (dist[a] < 1.4))
+        if expected.sum() == 0:
+            expected = negative[a].float() / negative[a].sum()
+        assert torch.allclose(weights[a], expected, atol=1e-6), (a, weights[a], expected)
+    assert weights[2, 0] > 0.99  # overlapping distances: at 512-d the nearest negative (0.7) takes nearly all
 
 
 def test_distance_weighted_draws_follow_the_weights():

@@ -13,7 +13,8 @@ def _pair_distance(x: torch.Tensor, y: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class TripletLoss(nn.Module):
-    """mean over sampled triplets of max(0, d(a, p) - d(a, n) + margin), d = L2 (p=2) or L1 (p=1).
+    """mean over sampled triplets of max(0, d(a, p) - d(a, n) + margin), d = L2 (p=2) or L1 (p=1);
+    the sampler chooses the triplets by L2 distances either way, as the reference's does.
 
     embeddings: [N, D]; labels: [N]. Returns a scalar (0 when the batch holds no triplet).
     """
@@ -24,7 +25,7 @@ class TripletLoss(nn.Module):
         self.sampler, self.margin, self.p = sampler, margin, p
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        a, pos, neg = self.sampler(embeddings, labels, p=self.p)
+        a, pos, neg = self.sampler(embeddings, labels)
         if len(a) == 0:
             return embeddings.sum() * 0.0
         d_ap = _pair_distance(embeddings[a], embeddings[pos], self.p)

@@ -41,12 +41,13 @@ def labelled_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 class NegativeSampler(nn.Module, abc.ABC):
     """Base class: finds the anchor-positive pairs, subclasses choose negatives."""
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
-        """Triplets for a batch; `p` is the distance the loss uses (2: L2, 1: L1). The labels may
-        be on the host while the embeddings are on a card."""
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        """Triplets for a batch, chosen by L2 distances whatever distance the loss uses (the L1
+        triplet too, as the reference's samplers). The labels may be on the host while the
+        embeddings are on a card."""
         with torch.no_grad():
             pairs = from_host(embeddings.device, *labelled_pairs(labels))
-            dist = torch.cdist(embeddings.detach().float(), embeddings.detach().float(), p=p)
+            dist = torch.cdist(embeddings.detach().float(), embeddings.detach().float())
             return self.choose(dist, *pairs, embeddings.shape[1])
 
     @abc.abstractmethod
@@ -99,7 +100,10 @@ class DistanceWeightedNegatives(NegativeSampler):
     With s the anchor-negative distance clipped below at `cutoff` and d the embedding size,
     weight(n) ~ s^(2-d) * (1 - s^2/4)^((3-d)/2), i.e. the inverse of the density of distances
     between points uniform on the unit sphere; zero where s >= `nonzero_loss_cutoff`. Computed in
-    log space and normalised per anchor; an anchor with no weight left samples uniformly.
+    log space in float32 and normalised per anchor by the maximum of log w over the anchor's whole
+    row, positives included (the anchor itself at distance 1), as the reference does: where a
+    positive is much closer than every negative, every negative's weight underflows to 0. An
+    anchor with no weight left samples uniformly among its negatives.
     """
 
     def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4):
@@ -107,21 +111,25 @@ class DistanceWeightedNegatives(NegativeSampler):
         self.cutoff = cutoff
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
-        # the weights are defined for L2 distances between points on the unit sphere, whatever p
-        # and whether the network l2-normalises (RKD's students do not): off the sphere, every
-        # distance would pass nonzero_loss_cutoff and the draws fall back to uniform
-        return super().forward(F.normalize(embeddings.detach().float(), dim=1), labels, p=2)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
+        # the weights are defined for distances between points on the unit sphere, whether the
+        # network l2-normalises or not (RKD's students do not): off the sphere, every distance
+        # would pass nonzero_loss_cutoff and the draws fall back to uniform
+        return super().forward(F.normalize(embeddings.detach().float(), dim=1), labels)
 
     def weights(self, dist: torch.Tensor, negative_mask: torch.Tensor, dim: int) -> torch.Tensor:
         """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows)."""
-        s = dist.clamp(min=self.cutoff, max=1.999)  # the upper clamp keeps log(1 - s^2/4) finite
+        dist = dist.float()  # which weights underflow is part of the recipe: float32's, as the reference's
+        itself = torch.eye(len(dist), dtype=torch.bool, device=dist.device)
+        s = dist.masked_fill(itself, 1.0).clamp(min=self.cutoff, max=1.999)  # max: log(1 - s^2/4) stays finite
         log_w = (2.0 - dim) * s.log() + ((3.0 - dim) / 2.0) * (1.0 - s.pow(2) / 4.0).log()
-        allowed = negative_mask & (dist < self.nonzero_loss_cutoff)
-        log_w = log_w.masked_fill(~allowed, -math.inf)
-        # normalise per anchor in log space: subtract the row maximum before exponentiating
-        row_max = log_w.max(1, keepdim=True).values
-        weights = (log_w - row_max.masked_fill(~torch.isfinite(row_max), 0.0)).exp()
+        # The row maximum is taken before the mask, over positives too, as in the reference: an
+        # anchor whose positive is far closer than its nearest negative has no weight left, in
+        # float32, and samples uniformly. A maximum over the allowed negatives alone would give
+        # that anchor its nearest negative, nearly always at 512-d: hard-negative mining for the
+        # teacher, where the reference draws uniformly.
+        weights = (log_w - log_w.max(1, keepdim=True).values).exp()
+        weights = weights * (negative_mask & (dist < self.nonzero_loss_cutoff))
         empty = weights.sum(1, keepdim=True) == 0
         weights = torch.where(empty, negative_mask.float(), weights)  # no weight left: uniform over negatives
         return weights / weights.sum(1, keepdim=True).clamp(min=1e-30)
@@ -134,7 +142,7 @@ class AllNegatives(NegativeSampler):
     """Every (anchor, positive, negative) combination: the labels alone decide them, so they are
     found where the labels are, and no distance is computed."""
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, p: int = 2) -> Triplets:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
         with torch.no_grad():
             return from_host(embeddings.device, *self.choose(None, *labelled_pairs(labels), embeddings.shape[1]))
 
