@@ -93,6 +93,20 @@ def test_a_second_signal_acts_at_once_and_a_sigterm_does_not_cancel_the_requeue(
         stop.requested = None
 
 
+def test_the_preemption_signal_after_sigterm_makes_the_stop_a_requeue_after_the_save(restore_handlers):
+    """Submitit's preemption sends SIGTERM then SIGUSR2 at once: the job still saves first, then
+    submitit requeues it (acting at once would lose the epoch's steps since the last save)."""
+    calls = []
+    submitit_like_handlers(calls)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == [] and stop.requested == signal.SIGUSR2
+        with pytest.raises(Requeued):
+            stop.stop("in epoch 1 after step 2 of 4")
+    assert calls == [signal.SIGUSR2]
+
+
 def test_a_signal_after_the_last_check_acts_when_the_guard_exits(restore_handlers):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with pytest.raises(SystemExit):

@@ -23,17 +23,23 @@ from wandb_files import read_offline_run
 FOUR_EPOCHS = [*TINY, "train.epochs=4", "train.iters_per_epoch=4", "train.lr_decay_epochs=[3]", "logger=none"]
 
 
-def kill_when(run_dir: Path, args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:
-    """Start `python -m aomd.train <args>` into `run_dir` and SIGKILL it as soon as `ready()`."""
+def kill_when(run_dir: Path, args: list[str], ready, env: dict | None = None, timeout: float = 300,
+              whole_job: bool = False) -> None:
+    """Start `python -m aomd.train <args>` into `run_dir` and SIGKILL it as soon as `ready()`;
+    `whole_job`: every process it started too (W&B's service), as SLURM ends a job."""
     process = subprocess.Popen([sys.executable, "-m", "aomd.train", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                               env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=whole_job)
     deadline = time.monotonic() + timeout
     try:
         while not ready():
             assert process.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "the job did not get far enough in time"
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
+        if whole_job:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
 
@@ -315,6 +321,32 @@ def test_a_distillation_stopped_while_its_teacher_trains_resumes_exactly(stop, t
     assert strip_timing(resumed["history"]) == strip_timing(uninterrupted["history"])
     (teacher_a,), (teacher_b,) = ((tmp_path / c / "teachers").glob("*/checkpoints/best.pt") for c in ("cache-a", "cache-b"))
     assert_same_checkpoint(teacher_a, teacher_b)
+
+
+@pytest.mark.slow
+def test_a_job_killed_before_its_first_last_pt_starts_again_in_its_wandb_run(tmp_path):
+    """Killed outright after its epoch-0 evaluation, before any last.pt: run again, the job starts
+    over in the W&B run its metrics.json names (one run per job in the dashboard), and the earlier
+    attempt's offline folder, which `wandb sync` would upload beside it, is gone."""
+    args = [*FOUR_EPOCHS[:-1], "logger=wandb", "logger.mode=offline", "logger.project=aomd-test"]
+    env = {"WANDB_MODE": "offline"}
+    record = lambda: json.loads((tmp_path / "metrics.json").read_text()) if (tmp_path / "metrics.json").is_file() else {}
+    kill_when(tmp_path, args, lambda: len(record().get("history", [])) >= 1, env=env, whole_job=True)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    run_id = record()["wandb_run_id"]
+    (earlier,) = (tmp_path / "wandb").glob("offline-run-*")
+    result = run_module("aomd.train", *args, f"hydra.run.dir={tmp_path}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not earlier.exists()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert len(list(run.glob("run-*.wandb"))) == 1, sorted(p.relative_to(tmp_path) for p in (tmp_path / "wandb").rglob("*"))
+    logged = read_offline_run(run)
+    assert logged["id"] == record()["wandb_run_id"] == run_id
+    assert [h["epoch"] for h in logged["history"] if "test/recall@1" in h] == [0, 1, 2, 3, 4]
+    # started again with train.resume=never, a job is a new run
+    result = run_module("aomd.train", *args, "train.resume=never", f"hydra.run.dir={tmp_path}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert record()["wandb_run_id"] != run_id
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ from wandb_files import read_offline_run
 
 
 
-def sweep(sweep_dir: Path, *overrides: str, logger="logger=none", timeout=900, returncode=0):
+def sweep(sweep_dir: Path, *overrides: str, logger="logger=none", timeout=900, returncode=0, env=None):
     """Run `python -m aomd.train -m ...` into `sweep_dir`; return {job number: metrics.json}."""
-    result = run_module("aomd.train", "-m", *TINY, logger, f"hydra.sweep.dir={sweep_dir}", *overrides, timeout=timeout)
+    result = run_module("aomd.train", "-m", *TINY, logger, f"hydra.sweep.dir={sweep_dir}", *overrides, timeout=timeout,
+                        env=env)
     assert result.returncode == returncode, result.stderr[-3000:]
     jobs = {int(p.parent.name): json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
     return jobs, result
@@ -41,6 +42,11 @@ def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
     again, result = sweep(tmp_path, "loss=triplet_l1,contrastive")
     assert again == first and "Skipping" in result.stderr + result.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
+    # a SLURM requeue of a job that had finished (its time limit's signal came as it ended) skips it
+    # even where the sweep asked to run its jobs again
+    requeued, result = sweep(tmp_path, "loss=triplet_l1,contrastive", "skip_finished=false", env={"SLURM_RESTART_COUNT": "1"})
+    assert requeued == first and "a requeued SLURM job" in result.stderr + result.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
     rerun, _ = sweep(tmp_path, "loss=triplet_l1,contrastive", "skip_finished=false")
     assert stamps != {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
 
@@ -66,6 +72,8 @@ def test_baselines_preset_trains_every_loss_grouped_in_wandb(tmp_path):
     aomd_run = next(r for r in runs.values() if r["name"] == "loss=aomd_mode1")
     assert aomd_run["config"]["loss.aomd_ratio"] == 200 and aomd_run["config"]["loss.mode"] == 1
     assert {"loss:aomd_mode1", "mode:1", "dataset:synthetic"} <= set(aomd_run["tags"])
+    assert {n: r["config"]["choices.loss"] for n, r in runs.items()} == {n: r["name"][5:] for n, r in runs.items()}
+    assert aomd_run["config"]["choices.dataset"] == "synthetic" and "choices.schema" not in aomd_run["config"]
     term_names = {key for job in jobs.values() for key in job["history"][1] if key.startswith("loss/")}
     assert term_names == {f"loss/{t}" for t in ("triplet", "aomd", "sp", "at", "fitnet", "dark", "dist", "angle")}
     report = run_module("aomd.report", str(tmp_path))

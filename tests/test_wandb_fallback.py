@@ -88,3 +88,69 @@ def test_a_wandb_error_mid_run_continues_in_an_offline_run_with_the_same_id(tmp_
     assert offline["summary"]["best/recall@1"] == 0.3 and offline["summary"]["dataset/train_images"] == 4
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "finished" and [h["epoch"] for h in record["history"]] == [0, 1, 2]
+
+
+class FakeRun:
+    """What the tracker uses of a W&B run: its mode, whether W&B resumed it, log and summary."""
+
+    def __init__(self, offline: bool, resumed: bool):
+        self.offline, self.resumed, self.id = offline, resumed, "fake1234"
+        self.logged, self.summary = [], {}
+
+    def log(self, values, step):
+        self.logged.append(step)
+
+
+@pytest.mark.parametrize("offline, resumed, replayed", [
+    (False, True, False),   # W&B resumed the online run: it holds the earlier epochs
+    (False, False, True),   # an online run W&B did not know (the job ran offline before): they are logged again
+    (True, False, True),    # an offline folder replaces the run when synced: it needs them all
+])
+def test_a_resumed_job_logs_its_earlier_epochs_again_where_the_run_lacks_them(tmp_path, offline, resumed, replayed):
+    from types import SimpleNamespace
+
+    from aomd.tracking import RunInfo, Tracker
+
+    tracker = Tracker(RunInfo(SimpleNamespace(enabled=False), {}), tmp_path, "student", {"train_images": 4})
+    tracker.run = run = FakeRun(offline, resumed)
+    history = [{"epoch": 0, "recall@1": 0.1}, {"epoch": 1, "loss": 0.5, "recall@1": 0.2}]
+    tracker.restore(history, history[1])
+    assert run.logged == ([0, 1] if replayed else [])
+    assert run.summary["best/recall@1"] == run.summary["last/recall@1"] == 0.2
+
+
+def test_a_wandb_that_cannot_be_imported_leaves_the_job_running_without_it(tmp_path, monkeypatch, caplog):
+    import sys
+    from types import SimpleNamespace
+
+    from aomd.tracking import RunInfo, Tracker
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    logger = SimpleNamespace(enabled=True, mode="offline", init_timeout=5, project="aomd-test", entity=None, group=None,
+                             name=None, tags=[])
+    with caplog.at_level("WARNING", logger="aomd.tracking"):
+        tracker = Tracker(RunInfo(logger, {}), tmp_path, "student", {"train_images": 4})
+    assert tracker.run is None
+    assert "W&B cannot be imported (ModuleNotFoundError" in caplog.text and "logger=none turns W&B off" in caplog.text
+    tracker.log_epoch({"epoch": 0, "recall@1": 0.1}, True)
+    tracker.finish()
+    assert json.loads((tmp_path / "metrics.json").read_text())["best"]["recall@1"] == 0.1
+
+
+def test_online_mode_never_reaches_wandbs_login_prompt_without_a_key(tmp_path):
+    """No API key anywhere: the check asks W&B without a prompt, which on a terminal would wait
+    for an answer; with a key in the environment, online runs start as before."""
+    import subprocess
+    import sys
+
+    check = "import wandb; from aomd.tracking import _has_credentials; print(_has_credentials(wandb))"
+    env = {**offline_env(tmp_path, None), "NETRC": str(tmp_path / "no-netrc")}
+    for api_key, expected in ((None, "False"), ("0" * 40, "True")):
+        run_env = {**__import__("os").environ, **env}
+        run_env.pop("WANDB_API_KEY", None)
+        if api_key:
+            run_env["WANDB_API_KEY"] = api_key
+        result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=run_env,
+                                stdin=subprocess.DEVNULL, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == expected, result.stdout

@@ -20,16 +20,18 @@ from aomd.tracking import RunInfo, Tracker
 def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective, runtime: Runtime,
                   recipe: TrainSchema, eval_spec: EvalSchema, out_dir: Path, job_type: str, run: RunInfo,
                   teacher: EmbeddingNet | None = None, teacher_metrics: dict | None = None,
-                  best_from_epoch: int = 0, identity: Identity = "", resume_from: Path | None = None) -> dict[str, Any]:
+                  best_from_epoch: int = 0, identity: Identity = "", resume_from: Path | None = None,
+                  run_id: str | None = None) -> dict[str, Any]:
     """Fit `model` with `recipe` on `runtime` and track the job (job record, W&B run, console
     table); the best record. With `resume_from` (a `last.pt` of the job `identity`) the job
-    continues where it stopped, in the same W&B run."""
+    continues where it stopped, in the same W&B run; `run_id` is the W&B run of an earlier start
+    of this job that wrote no last.pt, which the job starts again in."""
     state = read_state(resume_from, identity) if resume_from is not None else None
     if state is not None:
         copy_best_checkpoint(resume_from.parent / "best.pt", out_dir / "checkpoints" / "best.pt")
     selection = {"select": eval_spec.select, "metric": selection_metric(eval_spec.recall_k, eval_spec.select)}
     tracker = Tracker(run, out_dir, job_type, data.summary(), runtime.describe(), selection,
-                      resume_id=(state or {}).get("training", {}).get("wandb_run_id"))
+                      resume_id=(state or {}).get("training", {}).get("wandb_run_id") or run_id)
     try:
         if teacher_metrics is not None:
             tracker.log_teacher(teacher_metrics)

@@ -19,7 +19,9 @@ does what the signal would have done without the guard:
   `finally` blocks run and the job's record says it was interrupted.
 
 A second signal while the first waits acts at once (the preemption signal first, whichever came
-first, so that submitit requeues the job from the last saved state).
+first, so that submitit requeues the job from the last saved state), except the preemption signal
+after SIGTERM (submitit's own preemption sends both at once): the stop becomes a requeue, after
+the save.
 A signal that comes after the loop's last check is acted on when the guard exits. Signals the
 process ignores stay ignored. DataLoader workers ignore the stop signals (`ignore_in_worker`): the
 training process decides, and a worker that died of SIGTERM would make PyTorch raise in the
@@ -102,6 +104,11 @@ class StopSignals:
         if os.getpid() != self._pid:  # a forked loader worker before its worker_init_fn ran
             return
         if self.requested is None:
+            self.requested = signum
+            return
+        if signum == preemption_signal() and self.requested == signal.SIGTERM:
+            # submitit's preemption (SIGTERM, then its signal at once) asks for a requeue, not for
+            # haste: the stop becomes a requeue, still after the save
             self.requested = signum
             return
         # asked twice: no waiting for the step to end. The preemption signal goes first (submitit

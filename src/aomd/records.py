@@ -11,6 +11,8 @@ metrics.json::
      "history": [record, ...] (one per evaluated epoch),
      "dataset": {"train_images", "test_images", "train_classes", "test_classes"},
      "teacher": the teacher's test metrics (distillation only),
+     "wandb_run_id": the job's W&B run, written when it starts (a job run again before its first
+                     last.pt was written continues this run instead of adding a second),
      "error": "Type: message" (failed jobs), or why it stopped (interrupted jobs)}
 
 "interrupted": the job was asked to stop by a signal (SLURM preemption or time limit, `kill`,
@@ -135,6 +137,15 @@ def finished_record(job_dir: str | Path, overrides: list[str] | None = None) -> 
     return record
 
 
+def unfinished_run_id(record: dict[str, Any] | None, overrides: list[str] | None = None) -> str | None:
+    """The W&B run of an unfinished `record` of this job (of these `overrides`, when given): a job
+    stopped before it wrote its first last.pt (killed, out of memory, a lost node) starts again
+    in that run, so a sweep shows one run per job."""
+    if not record or record.get("status") == FINISHED or overrides is not None and not is_record_of(record, overrides):
+        return None
+    return record.get("wandb_run_id")
+
+
 def claim_record(job_dir: Path, overrides: list[str], continues: bool) -> None:
     """Make the folder's metrics.json this job's before any work. A record another job left there
     (a sweep rerun with other values into the same folder numbers) would otherwise show that
@@ -195,6 +206,10 @@ class JobRecord:
     @property
     def best(self) -> dict[str, Any] | None:
         return self.state["best"]
+
+    def set_run_id(self, run_id: str) -> None:
+        self.state["wandb_run_id"] = run_id
+        self.save()
 
     def set_teacher(self, metrics: dict[str, float]) -> None:
         self.state["teacher"] = metrics

@@ -176,22 +176,23 @@ def changes(earlier: list[str], overrides: list[str]) -> str:
                      for key in keys if before.get(key) != after.get(key)) or OTHER_DEFAULTS
 
 
-def forget_earlier_run(out_dir: Path, its_own: bool) -> None:
+def forget_earlier_run(out_dir: Path, its_own: bool, run_id: str | None = None) -> None:
     """Remove the folder's `last.pt` of an earlier run (one started over, or another job's) for a
     job that does not continue it: otherwise, stopped before it writes its own, the job would
     later resume that run (with a best.pt that no longer matches it), or refuse to run at all
     when the run was another configuration's. When the earlier run was this configuration's
     (`its_own`: started over), its W&B files go too (those of its run id only): `wandb sync` of
     the folder would otherwise upload the replaced run beside this one. Another configuration's
-    W&B files stay: they may be the only copy of a result not yet uploaded."""
+    W&B files stay: they may be the only copy of a result not yet uploaded. `run_id` is the W&B
+    run of an earlier start of this job that wrote no last.pt (its metrics.json names it): the job
+    starts that run again, and its earlier files go too."""
     last = Path(out_dir) / LAST
     training = training_state(last) if its_own and last.is_file() else None
-    run_id = training.get("wandb_run_id") if training is not None else None
-    if run_id:
-        for files in (Path(out_dir) / "wandb").glob("*run-*"):
-            if files.is_dir() and files.name.rsplit("-", 1)[-1] == run_id:
-                log.info("Removing %s, the W&B files of the run this job replaces.", files)
-                shutil.rmtree(files, ignore_errors=True)
+    run_ids = {training.get("wandb_run_id") if training is not None else None, run_id if its_own else None} - {None}
+    for files in (Path(out_dir) / "wandb").glob("*run-*") if run_ids else ():
+        if files.is_dir() and files.name.rsplit("-", 1)[-1] in run_ids:
+            log.info("Removing %s, the W&B files of the run this job replaces.", files)
+            shutil.rmtree(files, ignore_errors=True)
     last.unlink(missing_ok=True)
 
 

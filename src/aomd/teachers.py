@@ -21,7 +21,7 @@ from aomd.errors import ConfigError, cannot_write
 from aomd.jobs import train_network
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import check_architecture
-from aomd.records import content_digest, finished_record, read_record
+from aomd.records import content_digest, finished_record, read_record, unfinished_run_id
 from aomd.runtime import Runtime
 from aomd.tracking import RunInfo
 
@@ -82,8 +82,11 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
     model = EmbeddingNet(teacher.backbone, teacher.embedding_size, True, teacher.pretrained)
     objective = build_objective(teacher.loss, teacher.sampler, model, None, cfg.dataset.image_size)
     OmegaConf.save(teacher, out_dir / "config.yaml")
-    config = {"teacher": OmegaConf.to_container(teacher, resolve=True),
+    # the recipe that runs, not teacher.train's keys (null where they follow train)
+    config = {"teacher": {k: v for k, v in OmegaConf.to_container(teacher, resolve=True).items() if k != "train"},
+              "train": OmegaConf.to_container(recipe, resolve=True),
               "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
+    resume_from = resume.source("auto", out_dir)
     train_network(data, model, objective, runtime, OmegaConf.to_object(recipe), OmegaConf.to_object(cfg.eval), out_dir,
                   "teacher", RunInfo(cfg.logger, config, f"teacher-{teacher.backbone}-{teacher.embedding_size}",
                                      ["teacher", data.name]),
@@ -91,7 +94,8 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
                   # initialisation, and its features blow up in eval mode
                   best_from_epoch=1,
                   # a teacher training that was killed continues where it stopped
-                  identity=f"teacher-{out_dir.name}", resume_from=resume.source("auto", out_dir))
+                  identity=f"teacher-{out_dir.name}", resume_from=resume_from,
+                  run_id=None if resume_from else unfinished_run_id(read_record(out_dir)))
 
 
 def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ class Tracker:
             self.run = _start_run(logger.mode, logger.init_timeout, out_dir, id=resume_id,
                                   resume="allow" if resume_id else None,  # a resumed job continues its run
                                   **self._init)
+            if self.run is not None:  # in metrics.json at once: a job killed before its first last.pt keeps its run
+                self.record.set_run_id(self.run.id)
         # the run's summary beyond best/* and last/*, kept to give it again to a run that replaces this one
         self._summary = {f"dataset/{k}": v for k, v in dataset_summary.items()}
         if selection:  # what best/* is: the epoch chosen by this metric (best/val/* with select=val)
@@ -127,12 +130,14 @@ class Tracker:
         return None if self.run is None else self.run.id
 
     def restore(self, history: list[dict[str, Any]], best: dict[str, Any] | None) -> None:
-        """A resumed job's earlier epochs: into its record and its W&B run. An online run already
-        has their history (the job continues it), and gets its summary again; an offline run is a
-        new folder with the same id, and `wandb sync` of a run id replaces what the run held, so it
-        gets the whole history too: the newest folder, synced last, leaves the run complete."""
+        """A resumed job's earlier epochs: into its record and its W&B run. An online run that
+        W&B resumed already has their history (the job continues it), and gets its summary again.
+        An offline run is a new folder with the same id, and `wandb sync` of a run id replaces
+        what the run held, so it gets the whole history too: the newest folder, synced last,
+        leaves the run complete. So does an online run W&B did not know (the job ran offline
+        before: its earlier folder, synced later, must not leave the run without these epochs)."""
         self.record.restore(history, best)
-        self._wandb(lambda r: self._replay(r, with_history=r.offline))
+        self._wandb(lambda r: self._replay(r, with_history=r.offline or not getattr(r, "resumed", False)))
 
     def _replay(self, run, with_history: bool) -> None:
         """Give `run` this job's summary so far (and with `with_history` every epoch logged so far)."""
@@ -207,10 +212,17 @@ def _start_run(mode: str, init_timeout: float, out_dir: Path, **kwargs):
     run with one warning saying how to upload it, so W&B never stops a job. In a sweep the
     warning comes once: the jobs after it start offline directly."""
     global _online_failed
-    import wandb
+    try:
+        import wandb
+    except Exception as error:  # noqa: BLE001 - not installed, or an import that breaks (a protobuf clash)
+        log.warning("W&B cannot be imported (%s: %s); this job goes on without it, its results are in metrics.json "
+                    "(logger=none turns W&B off).", type(error).__name__, _first_line(error))
+        return None
 
     if mode == "online" and not _online_failed:
         try:
+            if not _has_credentials(wandb):  # never W&B's interactive prompt, which would hold the job
+                raise RuntimeError("no W&B API key (run `wandb login`, or set WANDB_API_KEY)")
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
         except Exception as error:  # noqa: BLE001 - UsageError (no key), CommError (no server), timeouts
             _online_failed = True
@@ -224,6 +236,19 @@ def _start_run(mode: str, init_timeout: float, out_dir: Path, **kwargs):
         log.warning("W&B could not start an offline run either (%s: %s); this job goes on without W&B, its results "
                     "are in metrics.json.", type(error).__name__, _first_line(error))
         return None
+
+
+def _has_credentials(wandb) -> bool:
+    """Whether W&B has an API key (or identity token) without asking for one: `wandb.init`
+    would otherwise prompt on a terminal, and wait there, or fail on a closed stdin. Where
+    `wandb.login` cannot tell (WANDB_MODE says offline or disabled, or a run is open), its init
+    decides, as it did before this check."""
+    if os.environ.get("WANDB_MODE", "online") not in ("online", "run") or wandb.run is not None:
+        return True
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except TypeError:  # a wandb without `prompt`
+        return True
 
 
 def _log_epoch(run, record: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ Recall@1 so Hydra sweepers can optimise it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd import preemption, resume
 from aomd.records import (NOT_IDENTITY_KEYS, claim_record, content_digest, finished_record, is_record_of, read_record,
+                           unfinished_run_id,
                           record_interruption)
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 def run_info(cfg: DictConfig) -> RunInfo:
     """The job's W&B run: in a sweep its name is what this job sets of what the sweep varies;
     elsewhere the command line's identifying overrides (seeds excluded). Tags carry the loss,
-    the AOMD mode and the dataset."""
+    the AOMD mode and the dataset; the config, every key and the option of each group
+    (`choices.loss`, `choices.dataset`, ...)."""
     hydra_cfg = HydraConfig.get()
     choices = hydra_cfg.runtime.choices
     tags = [f"loss:{choices.get('loss')}", f"dataset:{choices.get('dataset')}"]
@@ -47,7 +50,10 @@ def run_info(cfg: DictConfig) -> RunInfo:
         name = run_name(overrides, swept) or f"loss={choices.get('loss')}"
     else:
         name = run_name(overrides)
-    return RunInfo(cfg.logger, OmegaConf.to_container(cfg, resolve=True), name, tags, overrides)
+    # the options chosen of each group as config columns too: W&B groups runs by config, not by tags
+    chosen = {group: option for group, option in choices.items()
+              if option is not None and "/" not in group and group not in ("hydra", "schema")}
+    return RunInfo(cfg.logger, {**OmegaConf.to_container(cfg, resolve=True), "choices": chosen}, name, tags, overrides)
 
 
 def job_identity(cfg: DictConfig, evaluation_sizes_identify: bool = False) -> str:
@@ -79,10 +85,14 @@ def train(cfg: DictConfig) -> float:
     if not in_multirun() and hydra_cfg.runtime.choices.get("preset"):
         log.warning("preset=%s is a sweep, and without -m this runs one job with its fixed settings only; add -m to run "
                     "the sweep.", hydra_cfg.runtime.choices.get("preset"))
-    if in_multirun() and cfg.skip_finished or not in_multirun() and cfg.train.resume == "auto":
+    # a SLURM job requeued after it finished (the time limit's signal came as it ended) is done,
+    # even where skip_finished=false asked this sweep to run its jobs again
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if in_multirun() and (cfg.skip_finished or requeued) or not in_multirun() and cfg.train.resume == "auto":
         previous = finished_record(out_dir, overrides)
         if previous:
             log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
+                     "a requeued SLURM job" if in_multirun() and not cfg.skip_finished else
                      "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
             return previous["best"][metric]
     identity = job_identities(cfg)
@@ -95,9 +105,10 @@ def train(cfg: DictConfig) -> float:
     data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
     # after the checks of bad input, which leave the folder as it was
     earlier = read_record(out_dir)
+    run_id = unfinished_run_id(earlier, overrides) if cfg.train.resume == "auto" else None
     claim_record(out_dir, overrides, continues=resume_from is not None)
     if resume_from is None:
-        resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides))
+        resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides), run_id=run_id)
     runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None
@@ -119,7 +130,7 @@ def train(cfg: DictConfig) -> float:
             log.warning(warning)
     best = train_network(data, student, objective, runtime, OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.eval),
                          out_dir, "student", run_info(cfg), teacher, teacher_metrics,
-                         identity=identity, resume_from=resume_from)
+                         identity=identity, resume_from=resume_from, run_id=run_id)
     return best[metric]
 
 
