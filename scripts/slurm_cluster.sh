@@ -19,7 +19,8 @@
 # `sacct -o JobID,State,NodeList --parsable2 -j ID ...` from squeue, which keeps ended jobs for
 # MinJobAge seconds.
 #
-# The settings let a requeued job (`scontrol requeue ID`) start again within ~15 s: KillWait=5,
+# The settings let a requeued job (`scontrol requeue ID`) start again within ~15 s: KillWait=15
+# (a job that saves before it exits has that long after SIGTERM, also on a loaded machine),
 # AuthInfo=cred_expire=10, sched_interval=2. No cgroups (proctrack/linuxproc, task/none), so
 # memory limits are not enforced; DefMemPerCPU keeps one job from reserving the whole node.
 # JobRequeue=0, as on clusters that do not requeue batch jobs unless they ask for it: the slurm
@@ -211,7 +212,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=$mem_per_cpu
 EnforcePartLimits=ALL
-KillWait=5
+KillWait=15
 InactiveLimit=0
 MinJobAge=3600
 ReturnToService=2
