@@ -171,6 +171,10 @@ def test_a_sweep_whose_jobs_break_rules_of_their_own_starts_and_leaves_them_to_e
     # values only the job can resolve (Hydra's own, the job's environment) are the job's to check
     start(["-m", "train.lr=1e-4,2e-4", "logger=wandb", "logger.group=${hydra:job.name}"], "train", "aomd.train")
     start(["-m", "train.lr=1e-4,2e-4", "logger=none", "hydra.sweep.subdir=${hydra.job.override_dirname}"], "train", "aomd.train")
+    # a single run does not use hydra.sweep.subdir, however long the folder name it would give
+    start(["logger=none", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+           *[f"loss.{key}=0.123456789" for key in ("margin", "global_weight", "local_weight", "sp_ratio", "at_ratio",
+                                                  "dark_alpha", "dark_beta", "dist_ratio", "angle_ratio")]], "train", "aomd.train")
 
 
 @pytest.mark.parametrize("module, first_line", [
@@ -184,6 +188,14 @@ def test_help_says_what_the_entrypoint_does_and_what_the_schema_groups_are(modul
     assert lines[0].startswith(first_line), lines[:3]
     assert "loss: aomd_mode1, aomd_mode2," in result.stdout  # the groups, as Hydra lists them
     assert "The schema/* groups are the types every option is checked against" in result.stdout
+    if module == "aomd.train":  # its example commands compose and pass the checks before a job starts
+        from aomd.config import check_before_start
+
+        examples = [line.split(":", 1)[1].split("(")[0].split() for line in lines if line.strip().startswith(("one job:", "a sweep:"))]
+        assert len(examples) == 2
+        for example in examples:
+            assert example[:3] == ["python", "-m", "aomd.train"]
+            check_before_start(example[3:], "train")
 
 
 def test_the_check_before_start_expands_a_preset_as_hydra_does():

@@ -75,8 +75,8 @@ def test_building_a_cache_names_the_other_caches_of_its_dataset(tmp_path, monkey
     (second,) = tmp_path.glob("synthetic-v2-*.h5")
     assert cache.other_caches(second) == [first]
     (message,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Other caches")]
-    assert message == (f"Other caches of this dataset in {tmp_path}: {first.name} ({first.stat().st_size / 1e9:.1f} GB); "
-                       "delete those no job reads any more.")
+    assert message == (f"Other caches named synthetic in {tmp_path} (other settings, roots or aomd versions): {first.name} "
+                       f"({first.stat().st_size / 1e9:.1f} GB); delete those no job reads any more.")
     caplog.clear()
     with caplog.at_level("INFO", logger="aomd.data.cache"):
         load_synthetic(**kwargs)  # read, not built: nothing said

@@ -234,6 +234,14 @@ def test_a_seed_run_twice_counts_once_and_is_listed(tmp_path: Path, capsys):
     assert "## Jobs repeating a seed (2)" in report and "- job `second/1`: `loss=sp`, seed 1: repeats job `first/1`" in report
     assert table_rows(report)["loss=sp"][2] == "2"  # n: two seeds, and no job reads as unfinished
     assert "## Jobs repeating a seed (2)" in capsys.readouterr().out
+    # folders without .hydra/ (managed teachers' runs) have no seed to compare: each counts
+    for name in ("a", "b"):
+        job = write_job(tmp_path / "teachers", name, [], metrics=m(0.6, 0.7, 0.2))
+        for file in (job / ".hydra").iterdir():
+            file.unlink()
+        (job / ".hydra").rmdir()
+    (teachers,) = aggregate(read_sweep(tmp_path / "teachers"))
+    assert teachers.n == 2 and teachers.repeats == []
 
 
 def test_metric_keys_order_recall_by_k_then_map():

@@ -36,19 +36,23 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 @pytest.mark.slow
 def test_rerunning_a_sweep_skips_finished_jobs(tmp_path):
     # the two losses no preset covers, so that every loss config runs end to end somewhere
-    first, _ = sweep(tmp_path, "loss=triplet_l1,contrastive")
+    first, _ = sweep(tmp_path, "loss=triplet_l1,contrastive", env={"SLURM_JOB_ID": "77"})  # as in a SLURM job
     assert all(job["status"] == "finished" for job in first.values())
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
     again, result = sweep(tmp_path, "loss=triplet_l1,contrastive")
     assert again == first and "Skipping" in result.stderr + result.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
-    # a SLURM requeue of a job that had finished (its time limit's signal came as it ended) skips it
+    # SLURM requeued the job that finished them (its time limit's signal came as it ended): skipped,
     # even where the sweep asked to run its jobs again
-    requeued, result = sweep(tmp_path, "loss=triplet_l1,contrastive", "skip_finished=false", env={"SLURM_RESTART_COUNT": "1"})
-    assert requeued == first and "a requeued SLURM job" in result.stderr + result.stdout
+    requeued, result = sweep(tmp_path, "loss=triplet_l1,contrastive", "skip_finished=false",
+                             env={"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    assert requeued == first and "by this SLURM job, before it was requeued" in result.stderr + result.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
-    rerun, _ = sweep(tmp_path, "loss=triplet_l1,contrastive", "skip_finished=false")
+    # another SLURM job, requeued before it reached them: it runs them again, as asked
+    rerun, _ = sweep(tmp_path, "loss=triplet_l1,contrastive", "skip_finished=false",
+                     env={"SLURM_JOB_ID": "78", "SLURM_RESTART_COUNT": "1"})
     assert stamps != {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/checkpoints/last.pt")}
+    assert all(job["slurm_job_id"] == "78" for job in rerun.values())
 
 
 @pytest.mark.slow

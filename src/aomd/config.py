@@ -276,7 +276,7 @@ def check_before_start(argv: list[str], config_name: str = "train") -> None:
                 first_error = first_error or error
     if first_error:
         raise first_error
-    if any(arg.startswith("hydra.sweep.subdir=") for arg in argv):
+    if {"-m", "--multirun"} & set(argv) and any(arg.startswith("hydra.sweep.subdir=") for arg in argv):
         check_job_folder_names(jobs, config_name)
 
 

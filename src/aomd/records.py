@@ -13,6 +13,8 @@ metrics.json::
      "teacher": the teacher's test metrics (distillation only),
      "wandb_run_id": the job's W&B run, written when it starts (a job run again before its first
                      last.pt was written continues this run instead of adding a second),
+     "slurm_job_id": the SLURM job that ran it ($SLURM_JOB_ID; null elsewhere): a requeue of that
+                     job skips the job it finished,
      "error": "Type: message" (failed jobs), or why it stopped (interrupted jobs)}
 
 "interrupted": the job was asked to stop by a signal (SLURM preemption or time limit, `kill`,
@@ -137,6 +139,14 @@ def finished_record(job_dir: str | Path, overrides: list[str] | None = None) -> 
     return record
 
 
+def finished_by_this_slurm_job(record: dict[str, Any] | None) -> bool:
+    """Whether `record` was finished by the SLURM job this process runs in, before SLURM requeued
+    it (the time limit's signal came as the job ended): the requeued job has nothing left to do."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    return bool(record and requeued and job_id and record.get("status") == FINISHED and record.get("slurm_job_id") == job_id)
+
+
 def unfinished_run_id(record: dict[str, Any] | None, overrides: list[str] | None = None) -> str | None:
     """The W&B run of an unfinished `record` of this job (of these `overrides`, when given): a job
     stopped before it wrote its first last.pt (killed, out of memory, a lost node) starts again
@@ -193,7 +203,7 @@ class JobRecord:
         self.path = Path(job_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] = {
-            "status": RUNNING, "job_type": job_type,
+            "status": RUNNING, "job_type": job_type, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "overrides": None if overrides is None else identity_overrides(overrides),
             "runtime": runtime, "selection": selection, "best": None, "last": None, "history": [], "dataset": dataset,
         }

@@ -215,7 +215,8 @@ class ConfigRow:
 
     `mean` and `std` map each metric of the finished jobs' best epoch ("recall@1", ..., "map@r";
     fractions) to its mean and sample standard deviation over those jobs (std 0 for one job).
-    `n` is the number of finished jobs, `jobs` all jobs of the configuration, finished or not.
+    `n` is the number of finished seeds (a job repeating a seed counts once: `repeats`), `jobs`
+    all jobs of the configuration, finished or not.
     """
 
     key: tuple[str, ...]
@@ -243,13 +244,16 @@ class ConfigRow:
     def _by_seed(self) -> tuple[list[Job], list[tuple[Job, Job]]]:
         counted: dict[str, Job] = {}
         repeats = []
+        unknown_seed = []  # a folder without .hydra/ (a managed teacher's): nothing says it repeats another
         for job in self.jobs:
             if job.status == FINISHED:
-                if str(job.seed) in counted:
+                if job.seed is None:
+                    unknown_seed.append(job)
+                elif str(job.seed) in counted:
                     repeats.append((job, counted[str(job.seed)]))
                 else:
                     counted[str(job.seed)] = job
-        return list(counted.values()), repeats
+        return [job for job in self.jobs if job in unknown_seed or job in counted.values()], repeats
 
     @property
     def n(self) -> int:

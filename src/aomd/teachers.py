@@ -87,6 +87,9 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
               "train": OmegaConf.to_container(recipe, resolve=True),
               "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
     resume_from = resume.source("auto", out_dir)
+    run_id = None if resume_from else unfinished_run_id(read_record(out_dir))
+    if resume_from is None:  # a teacher killed before its first last.pt: its earlier W&B folder goes
+        resume.forget_earlier_run(out_dir, its_own=True, run_id=run_id)
     train_network(data, model, objective, runtime, OmegaConf.to_object(recipe), OmegaConf.to_object(cfg.eval), out_dir,
                   "teacher", RunInfo(cfg.logger, config, f"teacher-{teacher.backbone}-{teacher.embedding_size}",
                                      ["teacher", data.name]),
@@ -95,7 +98,7 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
                   best_from_epoch=1,
                   # a teacher training that was killed continues where it stopped
                   identity=f"teacher-{out_dir.name}", resume_from=resume_from,
-                  run_id=None if resume_from else unfinished_run_id(read_record(out_dir)))
+                  run_id=run_id)
 
 
 def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -> Path:

@@ -7,7 +7,6 @@ Recall@1 so Hydra sweepers can optimise it.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd import preemption, resume
 from aomd.records import (NOT_IDENTITY_KEYS, claim_record, content_digest, finished_record, is_record_of, read_record,
-                           unfinished_run_id,
+                           finished_by_this_slurm_job, unfinished_run_id,
                           record_interruption)
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
@@ -85,16 +84,16 @@ def train(cfg: DictConfig) -> float:
     if not in_multirun() and hydra_cfg.runtime.choices.get("preset"):
         log.warning("preset=%s is a sweep, and without -m this runs one job with its fixed settings only; add -m to run "
                     "the sweep.", hydra_cfg.runtime.choices.get("preset"))
-    # a SLURM job requeued after it finished (the time limit's signal came as it ended) is done,
-    # even where skip_finished=false asked this sweep to run its jobs again
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-    if in_multirun() and (cfg.skip_finished or requeued) or not in_multirun() and cfg.train.resume == "auto":
-        previous = finished_record(out_dir, overrides)
-        if previous:
-            log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
-                     "a requeued SLURM job" if in_multirun() and not cfg.skip_finished else
-                     "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
-            return previous["best"][metric]
+    previous = finished_record(out_dir, overrides)
+    # a SLURM job requeued after it finished this job (the time limit's signal came as it ended)
+    # is done, even where skip_finished=false asked this sweep to run its jobs again
+    requeued_when_done = finished_by_this_slurm_job(previous)
+    if previous and (in_multirun() and (cfg.skip_finished or requeued_when_done) or
+                     not in_multirun() and cfg.train.resume == "auto"):
+        log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
+                 "by this SLURM job, before it was requeued" if requeued_when_done else
+                 "skip_finished=false reruns it" if in_multirun() else "train.resume=never trains it again")
+        return previous["best"][metric]
     identity = job_identities(cfg)
     resume_from = resume.job_source(cfg.train.resume, out_dir, overrides, identity, sweep_job=in_multirun())
     if in_multirun() and cfg.logger.group is None:
@@ -105,10 +104,11 @@ def train(cfg: DictConfig) -> float:
     data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
     # after the checks of bad input, which leave the folder as it was
     earlier = read_record(out_dir)
-    run_id = unfinished_run_id(earlier, overrides) if cfg.train.resume == "auto" else None
+    earlier_run = unfinished_run_id(earlier, overrides)  # an earlier start of this job that wrote no last.pt
+    run_id = earlier_run if cfg.train.resume == "auto" else None  # which the job starts again in
     claim_record(out_dir, overrides, continues=resume_from is not None)
     if resume_from is None:
-        resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides), run_id=run_id)
+        resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides), run_id=earlier_run)
     runtime.seed_everything(cfg.train.seed)
     student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
     teacher = None

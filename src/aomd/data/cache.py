@@ -209,11 +209,16 @@ def ensure_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) ->
 
 
 def other_caches(path: Path) -> list[Path]:
-    """The complete cache files beside `path` of the same dataset, built with other settings
-    (another size or root) or by another format version."""
-    name = re.fullmatch(r"(.+?)(-v\d+)?-[0-9a-f]{12}\.h5", path.name).group(1)
+    """The cache files beside `path` of the same dataset option (`folder`'s: any root), built with
+    other settings (another size or root) or by another format version."""
+    name = _cache_name(path)
     pattern = re.compile(rf"{re.escape(name)}(-v\d+)?-[0-9a-f]{{12}}\.h5")
     return sorted(p for p in path.parent.glob(f"{name}-*.h5") if p != path and pattern.fullmatch(p.name))
+
+
+def _cache_name(path: Path) -> str:
+    """The dataset name a cache file is named by (`cache_file`)."""
+    return re.fullmatch(r"(.+?)(-v\d+)?-[0-9a-f]{12}\.h5", path.name).group(1)
 
 
 def _mention_other_caches(path: Path) -> None:
@@ -222,7 +227,8 @@ def _mention_other_caches(path: Path) -> None:
     others = other_caches(path)
     if others:
         sizes = ", ".join(f"{p.name} ({p.stat().st_size / 1e9:.1f} GB)" for p in others)
-        log.info("Other caches of this dataset in %s: %s; delete those no job reads any more.", path.parent, sizes)
+        log.info("Other caches named %s in %s (other settings, roots or aomd versions): %s; delete those no job "
+                 "reads any more.", _cache_name(path), path.parent, sizes)
 
 
 class H5Images:
