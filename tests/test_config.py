@@ -147,6 +147,11 @@ def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
     (["logger.init_timeout=-1"], ["logger.init_timeout must be 0 or more"]),
     # a sweep stops before its first job when every job breaks a rule (a value they all share)
     (["-m", "train.seed=0,1", "train.lr=-1"], ["train.lr must be positive"]),
+    # Hydra passes over a search-path entry it cannot use, and the options in it read as unknown
+    (["hydra.searchpath=[file:///nonexistent/my_conf]", "dataset=mydata"],
+     ["hydra.searchpath folder /nonexistent/my_conf does not exist"]),
+    (["hydra.searchpath=[/home/me/my_conf]", "dataset=mydata"],
+     ["hydra.searchpath entry '/home/me/my_conf' needs a scheme: file:///home/me/my_conf for a folder"]),
     # a job folder named by its overrides must fit the file system (Hydra: a traceback at mkdir)
     (["-m", "hydra.sweep.subdir=${hydra.job.override_dirname}", "train.seed=0,1",
       *[f"loss.{key}=0.123456789" for key in ("margin", "global_weight", "local_weight", "sp_ratio", "at_ratio",
@@ -239,3 +244,16 @@ def test_teacher_identity_follows_the_recipe_not_the_logging(tmp_path):
     assert default_teacher_dir(base) != default_teacher_dir(validate(compose("dataset.seed=3")))
     # the student's seed does not choose the teacher: a sweep over seeds shares one
     assert default_teacher_dir(base) == default_teacher_dir(validate(compose("train.seed=5")))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # one class a side (a dataset of one's own with a single class folder): said before the batch size
+    (["dataset.num_classes=2", "dataset.images_per_class=40"], "train split has 40 images of 1 class; training needs at least 2"),
+    (["dataset.num_classes=4", "dataset.images_per_class=8"], r"train.batch_size \(64\) is larger than the synthetic train split \(16 images\)"),
+])
+def test_the_data_is_checked_against_the_recipe_before_training(tmp_path, overrides, message):
+    from aomd.build import load_data
+
+    cfg = validate(compose("dataset.base_size=36", "dataset.image_size=32", f"dataset.cache_dir={tmp_path}", *overrides))
+    with pytest.raises(ConfigError, match=message):
+        load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)

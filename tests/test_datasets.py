@@ -315,8 +315,24 @@ def test_folder_uses_explicit_train_and_test_folders(tmp_path):
 def test_folder_needs_class_folders(tmp_path):
     root = tmp_path / "flat"
     write_jpeg(root / "a.jpg", 1)
-    with pytest.raises(DatasetError, match="images lie directly in dataset.root"):
+    with pytest.raises(DatasetError, match=f"folder: {root} holds 1 image directly, not in class folders; expected "):
         load_folder(root, **options(tmp_path))
+
+
+def test_folder_names_a_better_root_when_the_classes_are_near(tmp_path):
+    """dataset.root one class's folder, or the class folders a few levels further down: the
+    error says where they are."""
+    nested = tmp_path / "nested"
+    for name in ("a", "b", "c"):
+        for k in range(2):
+            write_jpeg(nested / "data" / "images" / name / f"{k}.jpg", k)
+    classes = nested / "data" / "images"
+    with pytest.raises(DatasetError, match=f"holds 0 class folders with images, where at least 2 are needed; .*"
+                                           f"\\(class folders are in {classes}: set dataset.root={classes}\\)"):
+        load_folder(nested, **options(tmp_path))
+    with pytest.raises(DatasetError, match=f"{classes / 'a'} holds 2 images directly, not in class folders; .*"
+                                           f"\\(class folders are in {classes}: set dataset.root={classes}\\)"):
+        load_folder(classes / "a", **options(tmp_path))
 
 
 def test_published_counts_are_checked_on_the_full_dataset(cub_root, caplog):

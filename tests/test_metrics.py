@@ -65,6 +65,8 @@ def test_result_types():
     recall = recall_at_k(e, y, [1, 2])
     assert all(isinstance(k, int) and isinstance(v, float) and 0 <= v <= 1 for k, v in recall.items())
     assert isinstance(map_at_r(e, y), float)
+    # labels as a user's code may hold them: a list, a NumPy array
+    assert recall_at_k(e, y.tolist(), [1, 2]) == recall_at_k(e, y.numpy(), [1, 2]) == recall
 
 
 def test_a_k_the_images_cannot_give_is_refused_in_one_sentence():

@@ -133,6 +133,15 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     save_checkpoint(tmp_path / "r18.pt", EmbeddingNet("resnet18", 16))
     with pytest.raises(CheckpointError, match="resnet18.*resnet50"):
         check_architecture(read_checkpoint(tmp_path / "r18.pt"), Architecture("resnet50", 512), "teacher", tmp_path / "r18.pt")
+    # a run folder, or its checkpoints folder, where a file is wanted: the error names the file
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "best.pt", EmbeddingNet("resnet18", 16))
+    for folder in (run, run / "checkpoints"):
+        with pytest.raises(CheckpointError, match=f"Checkpoint {folder} is a folder; pass a .pt file written by aomd.train, "
+                                                  f"e.g. {run / 'checkpoints' / 'best.pt'}."):
+            read_checkpoint(folder)
+    with pytest.raises(CheckpointError, match=r"is a folder; .* \(a run's checkpoints/best.pt\)"):
+        read_checkpoint(tmp_path)
 
 
 def test_pretrained_googlenet_lets_torchvision_drop_the_auxiliary_heads(monkeypatch):

@@ -61,6 +61,28 @@ def test_evaluate_reproduces_the_checkpoint_metrics(short_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "was trained on synthetic images of 72 px cropped to 64 px; this evaluation reads synthetic at 72 px cropped " \
            "to 56 px" in result.stdout + result.stderr
+    # other data of the same dataset option (its run's .hydra/config.yaml says which): the overrides to pass
+    result = run_module("aomd.evaluate", f"checkpoint={run_dir}/checkpoints/best.pt", f"output={out}",
+                        "dataset.num_classes=60", "dataset.seed=3", f"hydra.run.dir={tmp_path}", "train.progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "was trained with other dataset settings than this evaluation's: pass dataset.num_classes=100 dataset.seed=0 " \
+           "to evaluate on the data it was trained on." in result.stdout + result.stderr
+    written = json.loads(out.read_text())
+    assert written["input"] == {"dataset": "synthetic", "base_size": 72, "image_size": 64}
+    assert written["trained_on"]["image_size"] == 64 and written["dataset"]["test_images"] == 30 * 40
+
+
+def test_evaluate_names_the_dataset_overrides_of_the_training_run():
+    from aomd.evaluate import dataset_differences
+
+    trained = {"_target_": "aomd.data.synthetic.load_synthetic", "num_classes": 12, "images_per_class": 8,
+               "cache_dir": "${paths.cache_dir}", "in_memory": True, "root": None, "crop": [1, 2], "flip": "${x}"}
+    evaluated = {**trained, "num_classes": 100, "cache_dir": "/elsewhere", "in_memory": False, "root": "/data",
+                 "crop": [3], "flip": True}
+    assert dataset_differences(trained, evaluated) == ["dataset.crop=[1,2]", "dataset.num_classes=12", "dataset.root=null"]
+    assert dataset_differences(trained, trained) == []
+    assert dataset_differences({**trained, "_target_": "aomd.data.benchmarks.load_cars196"}, evaluated) == []  # another dataset
+    assert dataset_differences(None, evaluated) == []  # a checkpoint kept outside its run folder
 
 
 def test_load_model_embeds_a_batch_of_image_files(short_run, tmp_path):
@@ -103,3 +125,12 @@ def test_runs_from_any_directory_and_repeat_exactly(tmp_path):
     second = train(tmp_path / "b", *bigger, cwd=Path("/"))
     assert strip_timing(first["history"]) == strip_timing(second["history"])
     assert first["history"][1]["loss"] > 0
+
+
+def test_a_job_that_selects_its_untrained_network_says_so():
+    from aomd.jobs import untrained_selection
+
+    warning = untrained_selection({"epoch": 0, "recall@1": 0.2}, 3, "recall@1")
+    assert warning.startswith("The selected epoch is 0, the network before training: no trained epoch beat its recall@1")
+    assert untrained_selection({"epoch": 2, "recall@1": 0.3}, 3, "recall@1") is None
+    assert untrained_selection({"epoch": 0, "recall@1": 0.2}, 0, "recall@1") is None  # train.epochs=0: asked for

@@ -68,12 +68,12 @@ def load_data(dataset, batch_size: int | None, eval_spec) -> RetrievalData:
     summary = data.summary()
     log.info("%s: %d train images of %d classes, %d test images of %d classes", data.name,
              summary["train_images"], summary["train_classes"], summary["test_images"], summary["test_classes"])
+    if summary["train_classes"] < 2:  # first: a dataset of your own with one class would read as a batch too large
+        raise ConfigError(f"The {data.name} train split has {summary['train_images']} images of "
+                          f"{summary['train_classes']} class{'es' * (summary['train_classes'] != 1)}; training needs at least 2 classes, check dataset.root and the dataset settings.")
     if batch_size is not None and summary["train_images"] < batch_size:
         raise ConfigError(f"train.batch_size ({batch_size}) is larger than the {data.name} train split "
                           f"({summary['train_images']} images); use a smaller batch.")
-    if summary["train_classes"] < 2:
-        raise ConfigError(f"The {data.name} train split has {summary['train_images']} images of "
-                          f"{summary['train_classes']} classes; training needs at least 2 classes, check dataset.root and the dataset settings.")
     check_test_size(eval_spec.recall_k, summary["test_images"])
     if data.val is not None:
         check_test_size(eval_spec.recall_k, summary["val_images"], "validation")

@@ -6,7 +6,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -69,20 +69,35 @@ def start(argv: list[str], config_name: str, program: str) -> None:
     try:
         check_before_start(argv, config_name)
     except UserError as error:
-        print(f"{program}: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(program, str(error))
 
 
-def _search_path(argv: list[str]) -> list[Path]:
-    """Config folders added with `hydra.searchpath=[file:///...]` (a user's own group options)."""
+def _search_path(argv: list[str], program: str) -> list[Path]:
+    """Config folders added with `hydra.searchpath=[file:///...]` (a user's own group options).
+    Hydra passes over an entry it cannot use without a word, and the options in it are then
+    reported unknown: an entry without `file://` (or `pkg://`) or a folder that does not exist
+    ends the command with one line that says so."""
     folders = []
     for arg in argv:
         if arg.startswith("hydra.searchpath="):
             for entry in arg.split("=", 1)[1].strip("[]").split(","):
                 entry = entry.strip().strip("'\"")
                 if entry.startswith("file://"):
-                    folders.append(Path(entry[len("file://"):]))
+                    folder = Path(entry[len("file://"):])
+                    if not folder.is_dir():
+                        _exit(program, f"hydra.searchpath folder {folder} does not exist; pass the folder that holds "
+                                       f"your config groups, as file:///<absolute path>.")
+                    folders.append(folder)
+                elif entry and not entry.startswith("pkg://"):
+                    _exit(program, f"hydra.searchpath entry {entry!r} needs a scheme: file://{entry} for a folder "
+                                   f"(hydra.searchpath=[file:///<absolute path>]).")
     return folders
+
+
+def _exit(program: str, message: str) -> NoReturn:
+    """End the command with one line on stderr and exit code 2 (bad input)."""
+    print(f"{program}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def check_group_options(argv: list[str], config_path: str, program: str) -> None:
@@ -93,7 +108,7 @@ def check_group_options(argv: list[str], config_path: str, program: str) -> None
     """
     if chooses_other_configs(argv):  # other config folders or names: Hydra checks their options
         return
-    folders = [Path(config_path), *_search_path(argv)]
+    folders = [Path(config_path), *_search_path(argv, program)]
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -105,10 +120,8 @@ def check_group_options(argv: list[str], config_path: str, program: str) -> None
         options = sorted({p.stem for group in groups for p in group.glob("*.yaml")})
         for option in value.split(","):
             if option not in options and option != "null":
-                print(f"{program}: error: unknown {key} option {option!r}; choose one of: {', '.join(options)} (an option "
-                      f"of your own: add its folder with hydra.searchpath=[file:///<folder>], README: Extending).",
-                      file=sys.stderr, flush=True)
-                sys.exit(2)
+                _exit(program, f"unknown {key} option {option!r}; choose one of: {', '.join(options)} (an option of your "
+                               f"own: add its folder with hydra.searchpath=[file:///<folder>], README: Extending).")
 
 
 class SweepSummary(Callback):

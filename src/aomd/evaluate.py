@@ -11,7 +11,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from aomd.build import load_data
 from aomd.cli import run_task, start
@@ -36,11 +37,16 @@ def evaluate(cfg: DictConfig) -> float:
         log.warning("%s was trained on %s images of %d px cropped to %d px; this evaluation reads %s at %d px cropped "
                     "to %d px (dataset.base_size, dataset.image_size).", cfg.checkpoint, trained_on.get("dataset"),
                     trained_on.get("base_size"), trained_on.get("image_size"), *expected.values())
+    else:
+        differences = dataset_differences(training_dataset(Path(cfg.checkpoint)), OmegaConf.to_container(cfg.dataset, resolve=True))
+        if differences:
+            log.warning("%s was trained with other dataset settings than this evaluation's: pass %s to evaluate on the "
+                        "data it was trained on.", cfg.checkpoint, " ".join(differences))
     metrics = evaluate_split(model, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
     output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "evaluation.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "architecture": model.architecture.as_dict(),
-              "dataset": data.summary(), "metrics": metrics}
+              "input": expected, "trained_on": trained_on or None, "dataset": data.summary(), "metrics": metrics}
     output.write_text(json.dumps(result, indent=2))
     print(f"{model.architecture.backbone}-{model.architecture.embedding_size} on {data.name} test "
           f"({data.summary()['test_images']} images):")
@@ -48,6 +54,36 @@ def evaluate(cfg: DictConfig) -> float:
         print(f"  {key:>10}  {100 * value:6.2f}")
     print(f"written to {output}")
     return metrics[selection_metric(cfg.eval.recall_k)]
+
+
+# dataset keys that say where and how the data is read, not which data it is
+READING_KEYS = {"cache_dir", "in_memory", "decode_workers", "progress"}
+
+
+def training_dataset(checkpoint: Path) -> dict | None:
+    """The `dataset` settings of the run that wrote `checkpoint`, from its `.hydra/config.yaml`
+    (a run's `checkpoints/<name>.pt`); None for a checkpoint kept elsewhere."""
+    config = checkpoint.expanduser().resolve().parent.parent / ".hydra" / "config.yaml"
+    try:
+        dataset = OmegaConf.to_container(OmegaConf.load(config)).get("dataset")
+    except (OSError, ValueError, OmegaConfBaseException):
+        return None
+    return dataset if isinstance(dataset, dict) else None
+
+
+def dataset_differences(trained: dict | None, evaluated: dict) -> list[str]:
+    """The overrides (`dataset.<key>=<trained value>`) that give the evaluation the data its
+    network was trained on; none when the run's settings are unknown or name another dataset."""
+    if not trained or trained.get("_target_") != evaluated.get("_target_"):
+        return []
+    keys = sorted((set(trained) | set(evaluated)) - READING_KEYS - {"_target_"})
+    unresolved = {key for key, value in trained.items() if isinstance(value, str) and "${" in value}  # as written, not as run
+    return [f"dataset.{key}={_override_value(trained.get(key))}" for key in keys
+            if key not in unresolved and trained.get(key) != evaluated.get(key)]
+
+
+def _override_value(value) -> str:
+    return "null" if value is None else json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict, bool)) else str(value)
 
 
 @hydra.main(config_path=config_dir(), config_name="evaluate", version_base="1.3")

@@ -1,6 +1,7 @@
 """Runs a training job from its built parts: fit, track, summarise (a student's or a teacher's)."""
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from aomd.resume import Identity, current_identity, read_state
 from aomd.runtime import Runtime
 from aomd.schema import EvalSchema, TrainSchema
 from aomd.tracking import RunInfo, Tracker
+
+log = logging.getLogger(__name__)
 
 
 def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective, runtime: Runtime,
@@ -45,9 +48,22 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
         tracker.fail(error)
         raise
     tracker.finish()
+    warning = untrained_selection(best, recipe.epochs, selection["metric"])
+    if warning:
+        log.warning(warning)
     print(f"\n{job_type} {model.architecture.backbone}-{model.architecture.embedding_size} on {data.name} "
           f"(Recall@K and MAP@R in %, * = best epoch, selected by {selection['metric']}):\n{tracker.summary_table()}\n", flush=True)
     return best
+
+
+def untrained_selection(best: dict[str, Any] | None, epochs: int, metric: str) -> str | None:
+    """A warning when a job that trained selected epoch 0, the network before training: its
+    best.pt and reported results are then those of the untrained network (a short pilot run)."""
+    if epochs == 0 or not best or best.get("epoch") != 0:
+        return None
+    return (f"The selected epoch is 0, the network before training: no trained epoch beat its {metric}, so best.pt and "
+            f"the reported results are the untrained network's; train longer (train.epochs, train.iters_per_epoch) or "
+            f"check train.lr.")
 
 
 def copy_best_checkpoint(source: Path, target: Path) -> None:

@@ -33,7 +33,7 @@ def _evaluate(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int],
     """One chunked pass: (Recall@K for each K, MAP@R, R-Precision); the last two only `with_r`."""
     device = embeddings.device
     ks = sorted(set(int(k) for k in ks))
-    labels = labels.to(device)
+    labels = torch.as_tensor(labels, device=device)  # a tensor, or a list or array of labels from a user's code
     _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     r_of_query = counts[inverse] - 1  # [N]: the other images of each query's class
     has_r = r_of_query > 0

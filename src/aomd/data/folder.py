@@ -17,7 +17,8 @@ import logging
 from pathlib import Path
 
 from aomd.data.errors import DatasetError
-from aomd.data.layout import DatasetListing, SplitFiles, class_folders, describe, layout_error, require_classes
+from aomd.data.layout import (DatasetListing, SplitFiles, class_folders, describe, find_below, holds_class_folders,
+                              layout_error, require_classes)
 from aomd.data.images import is_image_file
 from aomd.data.packing import open_listing
 from aomd.data.splits import RetrievalData
@@ -57,11 +58,7 @@ def list_folder(root: str | Path | None, train_fraction: float = 0.5) -> Dataset
     else:
         classes = class_folders(root)
         if len(classes) < 2:
-            loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_file(p.name))
-            problem = (f"{loose} images lie directly in dataset.root, not in class folders" if loose
-                       else f"{len(classes)} class folders with images, where at least 2 are needed")
-            raise DatasetError(f"folder: {root} holds {problem}; expected {LAYOUT}, found: {describe(root)}; "
-                               f"{OBTAIN}.")
+            raise _too_few_classes(root, len(classes))
         # at least one class on each side, whatever the fraction
         n_train = min(max(round(train_fraction * len(classes)), 1), len(classes) - 1)
         train_classes, test_classes = classes[:n_train], classes[n_train:]
@@ -75,6 +72,17 @@ def list_folder(root: str | Path | None, train_fraction: float = 0.5) -> Dataset
                              source, OBTAIN)
     require_classes(listing, rule)
     return listing
+
+
+def _too_few_classes(root: Path, classes: int) -> DatasetError:
+    """The error for a dataset.root without two class folders, with a better root where one is near:
+    the parent, when dataset.root is one class's folder, or a folder a few levels below."""
+    loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_file(p.name))
+    problem = (f"holds {loose} image{'s' * (loose != 1)} directly, not in class folders" if loose
+               else f"holds {classes} class folder{'s' * (classes != 1)} with images, where at least 2 are needed")
+    better = root.parent if loose and holds_class_folders(root.parent) else find_below(root, holds_class_folders)
+    hint = f" (class folders are in {better}: set dataset.root={better})" if better else ""
+    return DatasetError(f"folder: {root} {problem}; expected {LAYOUT}, found: {describe(root)}{hint}; {OBTAIN}.")
 
 
 def load_folder(root: str, train_fraction: float = 0.5, base_size: int = 256, image_size: int = 224,

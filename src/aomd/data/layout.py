@@ -150,16 +150,18 @@ def describe(folder: Path, limit: int = 6) -> str:
     return ", ".join(names) + more
 
 
-def find_below(root: Path, marker: str, depth: int = 3, max_folders: int = 500) -> Path | None:
-    """The first folder within `depth` levels under `root` that holds `marker` (breadth-first,
-    at most `max_folders` folders looked at, so a wrong root such as $HOME stays cheap)."""
+def find_below(root: Path, marker: str | Callable[[Path], bool], depth: int = 3, max_folders: int = 500) -> Path | None:
+    """The first folder within `depth` levels under `root` that holds the file or folder `marker`
+    (or for which `marker(folder)` is true), breadth-first, at most `max_folders` folders looked
+    at, so a wrong root such as $HOME stays cheap."""
+    found = marker if callable(marker) else lambda folder: (folder / marker).exists()
     if not root.is_dir():
         return None
     queue, seen = deque([(root, 0)]), 0
     while queue and seen < max_folders:
         folder, level = queue.popleft()
         seen += 1
-        if level > 0 and (folder / marker).exists():
+        if level > 0 and found(folder):
             return folder
         if level < depth:
             try:
@@ -180,6 +182,22 @@ def layout_error(name: str, root: Path, problem: str, layout: str, obtain: str, 
             hint = f" ({marker} is in {below}: set dataset.root={below})"
             break
     return DatasetError(f"{name}: {problem}; expected {layout}, found in {root}: {describe(root)}{hint}; {obtain}.")
+
+
+def holds_class_folders(folder: Path, at_least: int = 2) -> bool:
+    """Whether `folder` has `at_least` subfolders with an image file in them (looked at cheaply,
+    for a hint: no listing of whole folders, no warnings)."""
+    count = 0
+    try:
+        for entry in os.scandir(folder):
+            if entry.is_dir() and not entry.name.startswith("."):
+                with os.scandir(entry.path) as inside:
+                    count += any(e.is_file() and is_image_file(e.name) for e in inside)
+                if count >= at_least:
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def class_folders(folder: Path) -> list[tuple[str, list[Path]]]:

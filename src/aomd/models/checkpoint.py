@@ -172,6 +172,10 @@ def _on_cpu(tree: Any, copy: bool = False, copied_on: set[torch.device] | None =
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents; a clear error if it is missing or not one of ours."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = next((p for p in (path / "checkpoints" / "best.pt", path / "best.pt") if p.is_file()), None)
+        raise CheckpointError(f"Checkpoint {path} is a folder; pass a .pt file written by aomd.train"
+                              + (f", e.g. {inside}." if inside else " (a run's checkpoints/best.pt)."))
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; pass the path of a .pt file written by aomd.train.")
     try:
