@@ -132,6 +132,9 @@ def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
 
 @pytest.mark.parametrize("overrides, fragments", [
     (["sampler=nearest"], ["unknown sampler option", "semihard"]),
+    (["train.lrr=1"], ["`train.lrr` is not a key of this configuration; did you mean `train.lr`? (`--cfg job` shows every key)"]),
+    (["datset.root=/data"], ["`datset` is not a key of this configuration; did you mean `dataset`?"]),
+    (["train.zzz=1"], ["`train.zzz` is not a key of this configuration; check its spelling"]),
     (["train.lr=-0.1"], ["train.lr must be positive"]),
     (["train.lr=fast"], ["train.lr"]),
     (["train.batch_size=8", "train.images_per_class=5"], ["train.batch_size (8)"]),

@@ -8,6 +8,7 @@ job of a command line before Hydra starts the first one.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aomd import records  # noqa: F401  registers the resolver conf/train.yaml uses
+from aomd import records  # importing it registers the resolver conf/train.yaml uses
 from aomd import schema
 from aomd.errors import ConfigError
 from aomd.losses.terms import TERMS, check_loss, distils
@@ -73,10 +74,34 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train", with_hydr
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(_composition_error(error)) from None
+        message = _composition_error(error)
+        if message.endswith(UNKNOWN_KEY):
+            close = _close_keys(message.split("`")[1], list(overrides), config_name)
+            if close:
+                message = f"{message[: -len(UNKNOWN_KEY)]}; did you mean {close}? (`--cfg job` shows every key)"
+        raise ConfigError(message) from None
     except ValueError as error:  # e.g. `teacher=null`: a group every job needs, set to nothing
         raise ConfigError(f"{str(error).splitlines()[0].rstrip('.')}; a group can be set to another option, not to null "
                           f"(`--help` lists them).") from None
+
+
+UNKNOWN_KEY = "; check its spelling (`--cfg job` shows every key)."
+
+
+def _close_keys(key: str, overrides: list[str], config_name: str) -> str:
+    """"`dataset`" for a misspelt `key` (`datset`): the keys beside it that read alike, from the
+    config composed without the overrides of that key ("" when none is close)."""
+    parent, _, name = key.rpartition(".")
+    others = [o for o in overrides if not (records.override_key(o) + ".").startswith(key + ".")]
+    try:
+        node = compose(others, config_name)
+    except ConfigError:
+        return ""
+    node = OmegaConf.select(node, parent) if parent else node
+    if not isinstance(node, DictConfig):
+        return ""
+    close = difflib.get_close_matches(name, [str(k) for k in node.keys()], n=3, cutoff=0.75)
+    return " or ".join(f"`{parent + '.' if parent else ''}{k}`" for k in close)
 
 
 def _composition_error(error: BaseException) -> str:
@@ -88,7 +113,7 @@ def _composition_error(error: BaseException) -> str:
         key = getattr(cause, "full_key", None) or getattr(cause, "key", None)
         reason = (getattr(cause, "msg", None) or str(cause)).splitlines()[0].rstrip(".")
         if "not in struct" in reason or "is not in" in reason or "Key '" in reason and "not" in reason:
-            return f"`{key}` is not a key of this configuration; check its spelling (`--cfg job` shows every key)."
+            return f"`{key}` is not a key of this configuration{UNKNOWN_KEY}"
         return f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file."
     first = str(error).strip().splitlines()[0].rstrip(".")
     if "Could not load 'schema/" in first:  # a config file of one's own whose schema a plugin registers
