@@ -187,8 +187,10 @@ def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly
     ("SIGUSR2", "7", 1, "in epoch 2 after step 3 of 4", "Resuming in epoch 2 of 4 after step 3 of 4"),
     ("SIGINT", "7", 0, "in epoch 2 after step 3 of 4", "Resuming in epoch 2 of 4 after step 3 of 4"),
     ("SIGUSR1", "8", 0, "in epoch 2 after step 4 of 4", "Resuming in epoch 2 of 4 after step 4 of 4"),  # #SBATCH --signal=USR1@90
-    ("SIGTERM", "eval3", 1, "after epoch 2", "Resuming after epoch 2 of 4"),
-    ("SIGTERM", "eval3", 0, "after epoch 2", "Resuming after epoch 2 of 4"),
+    # in an epoch's evaluation: its steps are saved, the resumed job evaluates it (an evaluation
+    # can outlast the time SLURM gives between its signal and the end of the job)
+    ("SIGTERM", "eval3", 1, "in the evaluation of epoch 2 (its 4 steps done)", "Resuming in epoch 2 of 4 after step 4 of 4"),
+    ("SIGTERM", "eval3", 0, "in the evaluation of epoch 2 (its 4 steps done)", "Resuming in epoch 2 of 4 after step 4 of 4"),
     ("SIGTERM", "eval1", 0, "after the evaluation before training", "Resuming after epoch 0 of 4"),
 ])
 def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, workers, where, resumed,
@@ -210,12 +212,12 @@ def test_a_signal_anywhere_saves_and_the_run_resumes_exactly(signal_name, when, 
 @pytest.mark.slow
 def test_a_run_continued_in_another_folder_starts_there_with_its_best_pt(uninterrupted, tmp_path):
     stopped, other = tmp_path / "stopped", tmp_path / "other"
-    result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={stopped}", env=signalled_at_step("SIGTERM", "eval3"))
+    result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={stopped}", env=signalled_at_step("SIGTERM", 9))
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
     best_epoch = json.loads((uninterrupted / "metrics.json").read_text())["best"]["epoch"]
     assert best_epoch <= 2  # chosen before the stop: no epoch of the continued run writes best.pt
     # the fp16 gradient scaler is not part of the job: a run saved in fp32 continues with a fresh one
-    assert_resumes_to(uninterrupted, other, [*FOUR_EPOCHS, f"train.resume={stopped}"], "Resuming after epoch 2 of 4")
+    assert_resumes_to(uninterrupted, other, [*FOUR_EPOCHS, f"train.resume={stopped}"], "Resuming in epoch 3 of 4 after step 1 of 4")
 
 
 @pytest.mark.slow

@@ -89,8 +89,10 @@ class Evaluator:
             self.crops, self.labels = kept_crops, torch.as_tensor(self.split.labels, device=self.runtime.device)
 
     @torch.inference_mode()
-    def embed(self, model: EmbeddingNet, desc: str = "embed") -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings float32 [N, E] and labels [N] of the whole split, on the device."""
+    def embed(self, model: EmbeddingNet, desc: str = "embed",
+              should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings float32 [N, E] and labels [N] of the whole split, on the device. Raises
+        EvaluationStopped before a batch when `should_stop()` is true."""
         was_training = model.training
         model.eval()
         compiled = is_compiled(model)
@@ -98,6 +100,8 @@ class Evaluator:
         try:
             for crops, batch_labels in tqdm(self._crop_batches(), desc=desc, total=len(self.loader), leave=False, unit="img",
                                             unit_scale=self.eval_spec.batch_size, disable=None if self.progress else True):
+                if should_stop is not None and should_stop():
+                    raise EvaluationStopped()
                 count = len(crops)
                 if compiled and count < self.eval_spec.batch_size:
                     # a compiled network runs one static shape: the short last batch is padded (in
@@ -114,10 +118,17 @@ class Evaluator:
             model.train(was_training)
         return torch.cat(embeddings), torch.cat(labels)
 
-    def __call__(self, model: EmbeddingNet, desc: str = "evaluate") -> dict[str, float]:
+    def __call__(self, model: EmbeddingNet, desc: str = "evaluate",
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """{"recall@K": ..., "map@r": ..., "r_precision": ...} of `model` (docs/methods.md, metrics)."""
-        embeddings, labels = self.embed(model, desc)
+        embeddings, labels = self.embed(model, desc, should_stop)
         return retrieval_metrics(embeddings, labels, self.eval_spec.recall_k, self.eval_spec.chunk_size)
+
+
+class EvaluationStopped(Exception):
+    """A stop signal came while an epoch's evaluation ran: the job saves the epoch's steps and
+    stops; the resumed job evaluates that epoch (an evaluation can take minutes on a CPU, longer
+    than SLURM waits between its signal and the end of the job)."""
 
 
 # kept crops may take up to this share of the card's memory (Cars196's test split at 224 px: 1.2 GB)
@@ -333,11 +344,11 @@ def fit(
                       "before.", checkpoints / "last.pt", type(error).__name__, error)
         stop.stop(where, str(checkpoints / "last.pt"))
 
-    def evaluate_epoch(epoch: int, losses: dict[str, float]) -> dict[str, Any]:
+    def evaluate_epoch(epoch: int, losses: dict[str, float], should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
         nonlocal best
-        record = {"epoch": epoch, **losses, **evaluator(student)}
+        record = {"epoch": epoch, **losses, **evaluator(student, should_stop=should_stop)}
         if validator is not None:
-            record.update({f"val/{key}": value for key, value in validator(student, "validate").items()})
+            record.update({f"val/{key}": value for key, value in validator(student, "validate", should_stop).items()})
         is_best = epoch >= best_from_epoch and (
             best is None or eval_spec.select == "last" or record[selected_by] > best[selected_by])
         if is_best:
@@ -426,9 +437,17 @@ def fit(
                 # the loader's workers (if any) read the next epoch's first batches while the device evaluates
                 upcoming = epoch_batches(loader)
             next_epoch_start = upcoming[0] if upcoming else resume_state.sampler_state(sampler)
-            evaluate_epoch(epoch, means)
+            while True:
+                try:
+                    evaluate_epoch(epoch, means, should_stop=lambda: stop.requested is not None)
+                    break
+                except EvaluationStopped:  # saved as an epoch whose steps are done: the resumed job evaluates it
+                    save_last(epoch - 1, epoch_start, {
+                        "epoch": epoch, "steps": train.iters_per_epoch, "sums": {name: total.cpu() for name, total in sums.items()},
+                        "seconds": means["epoch_seconds"]})
+                    stop_after_saving(f"in the evaluation of epoch {epoch} (its {train.iters_per_epoch} steps done)")  # may return
             save_last(epoch, next_epoch_start)
-            if stop.requested:  # during the evaluation: the state after the epoch is saved
+            if stop.requested:  # after the evaluation's last batch: the state after the epoch is saved
                 stop_after_saving(f"after epoch {epoch}")
         if train.epochs == 0:
             save_last(0, resume_state.sampler_state(sampler))

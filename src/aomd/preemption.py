@@ -7,9 +7,10 @@ and, by default, preemption), SIGINT (Ctrl-C), the preemption signal SIGUSR2 (wh
 `SUBMITIT_PREEMPT_SIGNAL` names another) or SIGUSR1 (what many SLURM scripts of one's own ask for:
 `#SBATCH --signal=B:USR1@90` with `exec python -m aomd.train ...`, or `--signal=USR1@90` for a job
 started by `srun`). While `StopSignals` is active these signals only set
-`requested`: the training loop finishes the step in progress (or the evaluation), writes
-`checkpoints/last.pt` (an exact mid-epoch state, `aomd.engine.fit`) and calls `stop()`, which then
-does what the signal would have done without the guard:
+`requested`: the training loop finishes the step in progress (an epoch's evaluation stops at its
+next batch, and the resumed job evaluates that epoch), writes `checkpoints/last.pt` (an exact
+mid-epoch state, `aomd.engine.fit`) and calls `stop()`, which then does what the signal would have
+done without the guard:
 
 - a Python handler installed before is called: submitit's for SIGUSR2 checkpoints the call,
   requeues the SLURM job and exits; Python's for SIGINT raises KeyboardInterrupt;
