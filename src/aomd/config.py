@@ -16,7 +16,7 @@ from typing import Iterable
 
 import yaml
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from aomd import records  # importing it registers the resolver conf/train.yaml uses
@@ -74,18 +74,15 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train", with_hydr
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as error:
-        message = _composition_error(error)
-        if message.endswith(UNKNOWN_KEY):
-            close = _close_keys(message.split("`")[1], list(overrides), config_name)
-            if close:
-                message = f"{message[: -len(UNKNOWN_KEY)]}; did you mean {close}? (`--cfg job` shows every key)"
-        raise ConfigError(message) from None
+        key = _unknown_key(error)
+        close = _close_keys(key, list(overrides), config_name) if key else ""
+        if close:
+            raise ConfigError(f"`{key}` is not a key of this configuration; did you mean {close}? (`--cfg job` shows "
+                              f"every key)") from None
+        raise ConfigError(_composition_error(error)) from None
     except ValueError as error:  # e.g. `teacher=null`: a group every job needs, set to nothing
         raise ConfigError(f"{str(error).splitlines()[0].rstrip('.')}; a group can be set to another option, not to null "
                           f"(`--help` lists them).") from None
-
-
-UNKNOWN_KEY = "; check its spelling (`--cfg job` shows every key)."
 
 
 def _close_keys(key: str, overrides: list[str], config_name: str) -> str:
@@ -104,16 +101,33 @@ def _close_keys(key: str, overrides: list[str], config_name: str) -> str:
     return " or ".join(f"`{parent + '.' if parent else ''}{k}`" for k in close)
 
 
-def _composition_error(error: BaseException) -> str:
-    """One sentence from Hydra's and OmegaConf's multi-line composition errors."""
+def _omegaconf_cause(error: BaseException) -> OmegaConfBaseException | None:
+    """The OmegaConf error behind a composition error, if any."""
     cause = error
     while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
-    if isinstance(cause, OmegaConfBaseException):
+    return cause if isinstance(cause, OmegaConfBaseException) else None
+
+
+def _unknown_key(error: BaseException) -> str | None:
+    """The key a composition error says is not in the configuration, if that is what it says."""
+    cause = _omegaconf_cause(error)
+    if cause is None:
+        return None
+    reason = (getattr(cause, "msg", None) or str(cause)).splitlines()[0]
+    if "not in struct" in reason or "is not in" in reason or "Key '" in reason and "not" in reason:
+        return str(getattr(cause, "full_key", None) or getattr(cause, "key", None))
+    return None
+
+
+def _composition_error(error: BaseException) -> str:
+    """One sentence from Hydra's and OmegaConf's multi-line composition errors."""
+    cause = _omegaconf_cause(error)
+    if cause is not None:
         key = getattr(cause, "full_key", None) or getattr(cause, "key", None)
+        if _unknown_key(error) is not None:
+            return f"`{key}` is not a key of this configuration; check its spelling (`--cfg job` shows every key)."
         reason = (getattr(cause, "msg", None) or str(cause)).splitlines()[0].rstrip(".")
-        if "not in struct" in reason or "is not in" in reason or "Key '" in reason and "not" in reason:
-            return f"`{key}` is not a key of this configuration{UNKNOWN_KEY}"
         return f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file."
     first = str(error).strip().splitlines()[0].rstrip(".")
     if "Could not load 'schema/" in first:  # a config file of one's own whose schema a plugin registers
@@ -285,9 +299,18 @@ def check_before_start(argv: list[str], config_name: str = "train") -> None:
         jobs = job_overrides(argv, config_name)
     except HydraException as error:  # a command line Hydra cannot parse
         raise ConfigError(_composition_error(error)) from None
-    first_error = None
-    for overrides in itertools.islice(jobs, MAX_JOBS_CHECKED):
-        composed = compose(overrides, config_name)
+    # a sweep whose job folders are named by their overrides: each name must fit the file system
+    names_folders = bool({"-m", "--multirun"} & set(argv)) and any(arg.startswith("hydra.sweep.subdir=") for arg in argv)
+    first_error = folder_error = None
+    for number, overrides in enumerate(itertools.islice(jobs, MAX_JOBS_CHECKED)):
+        composed = compose(overrides, config_name, with_hydra=names_folders)
+        if names_folders:
+            try:
+                folder_error = folder_error or folder_name_error(str(composed.hydra.sweep.subdir), number)
+            except OmegaConfBaseException:  # values only Hydra's running sweep resolves
+                names_folders = False
+            with open_dict(composed):
+                del composed["hydra"]
         if first_error is not False:
             try:
                 OmegaConf.resolve(composed)  # here, not in validate: a failure here is no value error
@@ -299,22 +322,16 @@ def check_before_start(argv: list[str], config_name: str = "train") -> None:
                 first_error = False  # one job can run: the others' value errors are theirs
             except ConfigError as error:
                 first_error = first_error or error
-    if first_error:
-        raise first_error
-    if {"-m", "--multirun"} & set(argv) and any(arg.startswith("hydra.sweep.subdir=") for arg in argv):
-        check_job_folder_names(jobs, config_name)
+    if first_error or folder_error:
+        raise first_error or folder_error
 
 
-def check_job_folder_names(jobs: list[list[str]], config_name: str) -> None:
+def folder_name_error(subdir: str, number: int) -> ConfigError | None:
     """A job folder named by its overrides (`hydra.sweep.subdir=${hydra.job.override_dirname}`)
     must fit the file system's 255 bytes per name; Hydra would fail there with a traceback."""
-    for number, overrides in enumerate(itertools.islice(jobs, MAX_JOBS_CHECKED)):
-        try:
-            subdir = str(compose(overrides, config_name, with_hydra=True).hydra.sweep.subdir)
-        except (ConfigError, OmegaConfBaseException):  # values only Hydra's running sweep resolves
-            return
-        for name in Path(subdir).parts:
-            if len(name.encode()) > 255:
-                raise ConfigError(f"hydra.sweep.subdir names job {number}'s folder with {len(name.encode())} characters "
-                                  f"({name[:40]}...), more than a file system allows (255); shorten the swept keys or "
-                                  f"values, or leave hydra.sweep.subdir at its default (the job's number).")
+    for name in Path(subdir).parts:
+        if len(name.encode()) > 255:
+            return ConfigError(f"hydra.sweep.subdir names job {number}'s folder with {len(name.encode())} characters "
+                               f"({name[:40]}...), more than a file system allows (255); shorten the swept keys or "
+                               f"values, or leave hydra.sweep.subdir at its default (the job's number).")
+    return None

@@ -242,18 +242,18 @@ class ConfigRow:
         return self._by_seed()[1]
 
     def _by_seed(self) -> tuple[list[Job], list[tuple[Job, Job]]]:
-        counted: dict[str, Job] = {}
-        repeats = []
-        unknown_seed = []  # a folder without .hydra/ (a managed teacher's): nothing says it repeats another
-        for job in self.jobs:
-            if job.status == FINISHED:
-                if job.seed is None:
-                    unknown_seed.append(job)
-                elif str(job.seed) in counted:
-                    repeats.append((job, counted[str(job.seed)]))
-                else:
-                    counted[str(job.seed)] = job
-        return [job for job in self.jobs if job in unknown_seed or job in counted.values()], repeats
+        first_of_seed: dict[str, Job] = {}
+        counted, repeats = [], []
+        for job in (job for job in self.jobs if job.status == FINISHED):
+            # a job without a seed (a folder without .hydra/, a managed teacher's) repeats nothing
+            first = first_of_seed.get(str(job.seed)) if job.seed is not None else None
+            if first is not None:
+                repeats.append((job, first))
+            else:
+                counted.append(job)
+                if job.seed is not None:
+                    first_of_seed[str(job.seed)] = job
+        return counted, repeats
 
     @property
     def n(self) -> int:
@@ -731,8 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr, flush=True)
         return 2
     text = report.table
-    for section in (render_unfinished(report.jobs, short_labels(report.rows)),
-                    render_repeats(report.rows, short_labels(report.rows))):
+    labels = short_labels(report.rows)
+    for section in (render_unfinished(report.jobs, labels), render_repeats(report.rows, labels)):
         if section:
             text += "\n\n" + section
     common = common_overrides(report.rows)

@@ -23,9 +23,8 @@ from aomd.losses.terms import distils
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd import preemption, resume
-from aomd.records import (NOT_IDENTITY_KEYS, claim_record, content_digest, finished_record, is_record_of, read_record,
-                           finished_by_this_slurm_job, unfinished_run_id,
-                          record_interruption)
+from aomd.records import (NOT_IDENTITY_KEYS, claim_record, content_digest, finished_by_this_slurm_job, finished_record,
+                          is_record_of, read_record, record_interruption, unfinished_run_id)
 from aomd.runtime import Runtime
 from aomd.teachers import load_teacher, teacher_warnings
 from aomd.tracking import RunInfo, run_name, swept_keys
