@@ -1,5 +1,8 @@
 """Config composition, validation, and bad input reported as one line without a traceback."""
+import re
+
 import pytest
+from omegaconf import OmegaConf
 
 from aomd.config import config_dir, validate
 from aomd.errors import ConfigError
@@ -196,6 +199,14 @@ def test_help_says_what_the_entrypoint_does_and_what_the_schema_groups_are(modul
     assert lines[0].startswith(first_line), lines[:3]
     assert "loss: aomd_mode1, aomd_mode2," in result.stdout  # the groups, as Hydra lists them
     assert "The schema/* groups are the types every option is checked against" in result.stdout
+    if module == "aomd.evaluate":  # the keys it says apply exist, and none of them belongs to the training alone
+        applies = result.stdout.split("What applies here:")[1].split("The network is read")[0]
+        keys = re.findall(r"\b(?:eval|train)\.\w+", applies)
+        assert len(keys) == 9, keys
+        cfg = compose("checkpoint=x.pt", config_name="evaluate")
+        absent = object()
+        assert all(OmegaConf.select(cfg, key, default=absent) is not absent for key in keys), keys
+        assert not {"train.lr", "train.epochs", "train.compile", "eval.select"} & set(keys)
     if module == "aomd.train":  # its example commands compose and pass the checks before a job starts
         from aomd.config import check_before_start
 
