@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -213,12 +214,30 @@ def test_cars196_class_folder_layout_gives_the_same_split(cars_mat_root, cars_fo
 
 def test_cars196_class_folders_named_by_class_id(tmp_path):
     root = tmp_path / "numbered"
-    for class_id in (1, 98, 99, 196):
-        write_jpeg(root / "train" / f"{class_id:03d}" / "a.jpg", class_id)
-        write_jpeg(root / "test" / f"{class_id:03d}" / "b.jpg", class_id + 1)
+    for class_id in range(1, 197):
+        write_jpeg(root / ("train" if class_id % 2 else "test") / f"{class_id:03d}" / "a.jpg", class_id)
     data = load_cars196(root, **options(tmp_path))
-    assert sorted(set(data.train.labels.tolist())) == [0, 97]
-    assert sorted(set(data.test.labels.tolist())) == [98, 195]
+    assert sorted(set(data.train.labels.tolist())) == list(range(98))
+    assert sorted(set(data.test.labels.tolist())) == list(range(98, 196))
+
+
+def test_cars196_class_folders_nested_by_a_slash_in_the_name_and_missing_ones(cars_folder_root, tmp_path):
+    """An extraction that made "Ram C/V Cargo Van Minivan 2012" two folders keeps the class;
+    a class with no folder at all is an error naming it, not a split one class short."""
+    root = tmp_path / "cars"
+    shutil.copytree(cars_folder_root, root)
+    ram = CARS196_CLASSES.index("Ram C/V Cargo Van Minivan 2012")
+    for split in ("train", "test"):
+        flat = root / split / "Ram C-V Cargo Van Minivan 2012"
+        if flat.is_dir():
+            (root / split / "Ram C").mkdir()
+            flat.rename(root / split / "Ram C" / "V Cargo Van Minivan 2012")
+    data = load_cars196(root, **options(tmp_path))
+    assert np.count_nonzero(data.test.labels == ram) == cars_images_per_class(ram + 1)
+    for split in ("train", "test"):
+        shutil.rmtree(root / split / "Ram C", ignore_errors=True)
+    with pytest.raises(DatasetError, match="1 of the 196 classes have no image folder.*class 174, 'Ram C/V Cargo Van"):
+        load_cars196(root, **options(tmp_path))
 
 
 def test_cars196_unknown_class_folder_is_an_error(tmp_path):

@@ -158,10 +158,11 @@ def _mat_number_text(value) -> str:
 
 
 def _cars196_from_folders(root: Path) -> tuple[list[Path], list[int]]:
-    """Files and class ids (1-196) from train/<class name>/ and test/<class name>/ (merged)."""
+    """Files and class ids (1-196) from train/<class name>/ and test/<class name>/ (merged);
+    every one of the 196 classes must have a folder, or the published split would silently lose it."""
     files, labels, unknown = [], [], []
     for split in ("train", "test"):
-        for folder_name, class_files in class_folders(root / split):
+        for folder_name, class_files in class_folders(root / split, nested=True):
             class_id = _cars196_class_id(folder_name)
             if class_id is None:
                 unknown.append(f"{split}/{folder_name}")
@@ -173,6 +174,13 @@ def _cars196_from_folders(root: Path) -> tuple[list[Path], list[int]]:
             f"cars196: {len(unknown)} class folders of {root} are not Cars196 class names (first: {unknown[0]!r}), "
             f"so their original class ids and the published split are unknown; name each folder after its class "
             f"(e.g. 'AM General Hummer SUV 2000') or its class id (1-196), as the Kaggle class-folder mirrors do.")
+    missing = sorted(set(range(1, 197)) - set(labels))
+    if missing:
+        first = missing[0]
+        raise DatasetError(
+            f"cars196: {len(missing)} of the 196 classes have no image folder in {root}/train or {root}/test "
+            f"(first: class {first}, {CARS196_CLASSES[first - 1]!r}), so the split would lack them; check that the "
+            f"download was extracted whole, or {OBTAIN['cars196']}.")
     return files, labels
 
 

@@ -200,18 +200,26 @@ def holds_class_folders(folder: Path, at_least: int = 2) -> bool:
     return False
 
 
-def class_folders(folder: Path) -> list[tuple[str, list[Path]]]:
+def class_folders(folder: Path, nested: bool = False) -> list[tuple[str, list[Path]]]:
     """(class name, image files) of each subfolder of `folder` holding images, sorted by name;
-    files sorted by name. Hidden entries are ignored."""
+    files sorted by name. Hidden entries are ignored. With `nested`, a subfolder `X` holding no
+    images but subfolders `Y` that do gives the classes "X/Y" (a class name with a "/", such as
+    Cars196's "Ram C/V Cargo Van Minivan 2012", extracted as two folders)."""
     classes = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
-            files = sorted(Path(e.path) for e in os.scandir(entry.path) if e.is_file() and is_image_file(e.name))
+            files = _image_files(entry.path)
             if files:
                 classes.append((entry.name, files))
+            elif nested and (inner := [(f"{entry.name}/{name}", files) for name, files in class_folders(Path(entry.path))]):
+                classes += inner
             else:
                 log.warning("Ignoring %s: it holds no image files.", entry.path)
     return classes
+
+
+def _image_files(folder: str) -> list[Path]:
+    return sorted(Path(e.path) for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
 
 
 def read_table(path: Path, columns: int, *, header: bool = False, obtain: str) -> list[list[str]]:
