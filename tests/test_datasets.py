@@ -276,6 +276,19 @@ def test_folder_splits_by_sorted_class_name(tmp_path):
     assert len(np.unique(data.train.labels)) == 2 and len(np.unique(data.test.labels)) == 4
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file names of any bytes: Linux file systems")
+def test_a_file_name_that_is_not_utf8_is_packed_and_read_back(tmp_path):
+    """A zip extracted without its UTF-8 flag leaves names such as b"caf\\xe9.jpg" (Latin-1)."""
+    root = make_folder(tmp_path, classes=4, per_class=2)
+    latin1 = os.fsencode(root / "class_00") + b"/caf\xe9.jpg"
+    write_jpeg(root / "class_00" / "new.jpg", 99)
+    os.rename(os.fsencode(root / "class_00" / "new.jpg"), latin1)
+    for _ in range(2):  # built, then read from the cache
+        data = load_folder(root, **options(tmp_path))
+        assert len(data.train) == 5 and os.fsdecode(latin1) in data.train.paths
+        assert all(os.path.isfile(path) for path in data.train.paths)
+
+
 def test_class_folders_added_under_a_root_train_a_new_teacher(tmp_path):
     """The managed teacher's folder follows the files under `dataset.root`: classes added there
     move the split (a class the old teacher trained on is now a test class), and the old teacher

@@ -90,7 +90,9 @@ def write_split(
 
 
 def _write_strings(group: h5py.Group, name: str, values: Sequence[str]) -> None:
-    group.create_dataset(name, data=np.asarray(list(values), dtype=object), dtype=h5py.string_dtype())
+    # a path that is not UTF-8 on disk is a str with surrogates (os.fsdecode): stored as its bytes
+    encoded = [value.encode(errors="surrogateescape") for value in values]
+    group.create_dataset(name, data=np.asarray(encoded, dtype=object), dtype=h5py.string_dtype())
 
 
 def _write_annotations(group: h5py.Group, labels: np.ndarray, paths: Sequence[str] | None) -> None:
@@ -152,7 +154,7 @@ def read_skipped(path: Path) -> list[tuple[str, str]]:
 
 
 def _decode_strings(values: Iterable) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else v for v in values]
+    return [v.decode(errors="surrogateescape") if isinstance(v, bytes) else v for v in values]
 
 
 def build_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) -> None:

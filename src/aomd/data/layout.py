@@ -76,11 +76,12 @@ class DatasetListing:
 
     def digest(self) -> str:
         """Fingerprint of every (split, file, label): part of the cache key, so a cache is rebuilt
-        when the files or their labels change (images added, another split rule, ...)."""
+        when the files or their labels change (images added, another split rule, ...). File names
+        that are not UTF-8 (a zip extracted without its UTF-8 flag) count as their bytes."""
         sha = hashlib.sha1()
         for split, files in self.splits().items():
             for path, label in zip(files.files, files.labels.tolist()):
-                sha.update(f"{split}\t{path.relative_to(self.root).as_posix()}\t{label}\n".encode())
+                sha.update(f"{split}\t{path.relative_to(self.root).as_posix()}\t{label}\n".encode(errors="surrogateescape"))
         return sha.hexdigest()
 
 
