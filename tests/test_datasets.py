@@ -266,6 +266,18 @@ def test_sop_rejects_files_sharing_classes(sop_root, tmp_path):
         load_sop(root, **options(tmp_path))
 
 
+def test_sop_files_whose_extension_is_lower_case_on_disk_are_read(sop_root, tmp_path, caplog):
+    """Ebay_*.txt lists .JPG files; some mirrors hold them as .jpg."""
+    root = tmp_path / "Stanford_Online_Products"
+    shutil.copytree(sop_root / "Stanford_Online_Products", root)
+    for path in root.rglob("*.JPG"):
+        path.rename(path.with_suffix(".jpg"))
+    with caplog.at_level(logging.INFO, logger="aomd.data.packing"):
+        data = load_sop(root, **options(tmp_path))
+    assert len(data.train) == 18 and all(path.endswith(".jpg") and os.path.isfile(path) for path in data.train.paths)
+    assert "36 files listed in Ebay_train.txt and Ebay_test.txt end in another case on disk" in caplog.text
+
+
 def test_folder_splits_by_sorted_class_name(tmp_path):
     root = make_folder(tmp_path, classes=6)
     data = load_folder(root, train_fraction=0.5, **options(tmp_path))

@@ -63,7 +63,7 @@ def open_listing(
     }
 
     def fill(h5: h5py.File) -> None:
-        _check_files_exist(listing)
+        _locate_files(listing)
         _check_disk_space(listing, base_size, Path(cache_dir).expanduser())
         skipped = []
         for split, files in listing.splits().items():
@@ -122,9 +122,23 @@ def _pack_split(h5: h5py.File, split: str, files: SplitFiles, listing: DatasetLi
     return skipped
 
 
-def _check_files_exist(listing: DatasetListing) -> None:
-    """Every listed file must be there before hours of decoding start."""
-    missing = [path for files in listing.splits().values() for path in files.files if not path.is_file()]
+def _locate_files(listing: DatasetListing) -> None:
+    """Every listed file must be there before hours of decoding start. A file whose extension
+    differs only in case (a mirror's .jpg for the .JPG that Ebay_*.txt lists) stands in for it."""
+    missing, renamed = [], 0
+    for files in listing.splits().values():
+        for index, path in enumerate(files.files):
+            if path.is_file():
+                continue
+            variant = next((v for v in (path.with_suffix(path.suffix.lower()), path.with_suffix(path.suffix.upper()))
+                            if v != path and v.is_file()), None)
+            if variant is None:
+                missing.append(path)
+            else:
+                files.files[index], renamed = variant, renamed + 1
+    if renamed:
+        log.info("%s: %d files listed in %s end in another case on disk (e.g. .jpg for .JPG); reading those.",
+                 listing.name, renamed, listing.source)
     if missing:
         total = len(listing.train) + len(listing.test)
         first = missing[0].relative_to(listing.root)
