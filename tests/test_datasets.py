@@ -581,11 +581,13 @@ def test_bad_image_stops_the_build_or_is_skipped(tmp_path, caplog, damage):
     assert snapshot(root) == before
 
 
-def test_parallel_build_stops_on_a_bad_image(tmp_path):
+def test_parallel_build_names_every_bad_image_of_both_splits(tmp_path):
     root = make_folder(tmp_path, classes=8, per_class=10)
-    (root / "class_05" / "img3.jpg").write_bytes(b"garbage")
-    with pytest.raises(BadImageError, match="class_05/img3.jpg"):
+    for bad in ("class_01/img3.jpg", "class_05/img3.jpg", "class_05/img7.jpg"):
+        (root / bad).write_bytes(b"garbage")
+    with pytest.raises(BadImageError, match="Cannot read 3 images: .*class_01/img3.jpg .*class_05/img3.jpg .*class_05/img7.jpg "):
         load_folder(root, **options(tmp_path, decode_workers=2))
+    assert not list((tmp_path / "cache").glob("*.h5"))
 
 
 # --- the entrypoints ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def open_listing(
     """The dataset of `listing`, read from its cache (built first if needed).
 
     Images are uint8 [N, base_size, base_size, 3], loaded into memory when `in_memory`, read on
-    demand otherwise. An unreadable image stops the build with a BadImageError naming it, or,
+    demand otherwise. Unreadable images stop the build with a BadImageError naming them all, or,
     with `skip_bad_images`, is left out with a warning (and reported on every later run).
     """
     _check_options(base_size=base_size, image_size=image_size, in_memory=in_memory,
@@ -65,10 +65,12 @@ def open_listing(
     def fill(h5: h5py.File) -> None:
         _locate_files(listing)
         _check_disk_space(listing, base_size, Path(cache_dir).expanduser())
-        skipped = []
+        unreadable = []
         for split, files in listing.splits().items():
-            skipped += _pack_split(h5, split, files, listing, base_size, skip_bad_images, decode_workers, progress)
-        write_skipped(h5, skipped)
+            unreadable += _pack_split(h5, split, files, listing, base_size, skip_bad_images, decode_workers, progress)
+        if unreadable and not skip_bad_images:
+            raise BadImageError(_unreadable_message(unreadable, listing.obtain))
+        write_skipped(h5, unreadable)
 
     path = ensure_cache(cache_file(cache_dir, listing.name, key), key, fill)
     log.info("%s: reading the cache %s", listing.name, path)
@@ -100,26 +102,36 @@ def _check_options(base_size, image_size, in_memory, skip_bad_images, decode_wor
 
 def _pack_split(h5: h5py.File, split: str, files: SplitFiles, listing: DatasetListing, base_size: int,
                 skip_bad_images: bool, decode_workers: int | None, progress: bool) -> list[tuple[str, str]]:
-    """Decode one split into the cache file; the (path, reason) of the files left out."""
+    """Decode one split into the cache file; the (path, reason) of the files left out as unreadable.
+
+    Without `skip_bad_images` the build still decodes every file, so that one error names all the
+    unreadable ones (a rebuild per bad file would decode SOP again each time)."""
     writer = SplitWriter(h5, split, len(files), base_size)
     keep = np.ones(len(files), dtype=bool)
-    skipped = []
+    unreadable = []
     chunks = decode_all(files.files, base_size, workers=decode_workers, progress=progress,
                         desc=f"packing {listing.name} {split}")
     with closing(chunks):  # closing stops the worker processes at once on an error
         for chunk in chunks:
             for index, reason in chunk.failed:
                 path = str(files.files[index])
-                if not skip_bad_images:
-                    raise BadImageError(
-                        f"Cannot read image {path} ({reason}); replace the file ({listing.obtain}) or set "
-                        f"dataset.skip_bad_images=true to leave unreadable images out.")
-                log.warning("Skipping unreadable image %s (%s).", path, reason)
+                if skip_bad_images:
+                    log.warning("Skipping unreadable image %s (%s).", path, reason)
+                elif not unreadable:
+                    log.warning("Cannot read image %s (%s); decoding the rest to name every unreadable file.", path, reason)
                 keep[index] = False
-                skipped.append((path, reason))
+                unreadable.append((path, reason))
             writer.append(chunk.images)
     writer.finish(files.labels[keep], [str(p) for p, k in zip(files.files, keep) if k])
-    return skipped
+    return unreadable
+
+
+def _unreadable_message(unreadable: list[tuple[str, str]], obtain: str, shown: int = 3) -> str:
+    first = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:shown])
+    more = f" and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+    return (f"Cannot read {len(unreadable)} image{'s' * (len(unreadable) > 1)}: {first}{more}; replace "
+            f"{'them' if len(unreadable) > 1 else 'it'} ({obtain}) or set dataset.skip_bad_images=true to leave "
+            f"unreadable images out.")
 
 
 def _locate_files(listing: DatasetListing) -> None:
