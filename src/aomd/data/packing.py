@@ -49,7 +49,7 @@ def open_listing(
 
     Images are uint8 [N, base_size, base_size, 3], loaded into memory when `in_memory`, read on
     demand otherwise. Unreadable images stop the build with a BadImageError naming them all, or,
-    with `skip_bad_images`, is left out with a warning (and reported on every later run).
+    with `skip_bad_images`, are left out with a warning (and reported on every later run).
     """
     _check_options(base_size=base_size, image_size=image_size, in_memory=in_memory,
                    skip_bad_images=skip_bad_images, decode_workers=decode_workers)
