@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -527,9 +528,16 @@ def test_missing_sop_test_list_and_cars_annotations(sop_root, tmp_path):
         load_cars196(tmp_path / "cars", **options(tmp_path))
 
 
-def test_wrong_root_points_to_the_right_one(cub_root, tmp_path):
+def test_wrong_root_points_to_the_right_one(cub_root, sop_root, cars_folder_root, tmp_path):
     with pytest.raises(DatasetError, match=r"images.txt is in .*CUB_200_2011: set dataset.root="):
         load_cub200(cub_root.parent, **options(tmp_path))
+    # a root set one level too low, to one of the dataset's own folders
+    for load, root, dataset_root in ((load_cub200, cub_root / "CUB_200_2011" / "images", cub_root / "CUB_200_2011"),
+                                     (load_sop, sop_root / "Stanford_Online_Products" / "bicycle_final",
+                                      sop_root / "Stanford_Online_Products"),
+                                     (load_cars196, cars_folder_root / "train", cars_folder_root)):
+        with pytest.raises(DatasetError, match=f"is in {re.escape(str(dataset_root))}: set dataset.root={re.escape(str(dataset_root))}\\)"):
+            load(root, **options(tmp_path))
 
 
 def test_listed_images_missing_on_disk(cars_mat_root, tmp_path):

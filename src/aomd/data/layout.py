@@ -175,12 +175,13 @@ def find_below(root: Path, marker: str | Callable[[Path], bool], depth: int = 3,
 
 def layout_error(name: str, root: Path, problem: str, layout: str, obtain: str, markers: Iterable[str] = ()) -> DatasetError:
     """The one-sentence error for a dataset that is not where or how it should be: what is wrong,
-    the expected layout, what was found, a better root when one is found below, where to get it."""
+    the expected layout, what was found, a better root when one is found just above (a root set to
+    one of the dataset's own folders) or below, where to get it."""
     hint = ""
     for marker in markers:
-        below = find_below(root, marker)
-        if below is not None:
-            hint = f" ({marker} is in {below}: set dataset.root={below})"
+        better = root.parent if (root.parent / marker).exists() else find_below(root, marker)
+        if better is not None:
+            hint = f" ({marker} is in {better}: set dataset.root={better})"
             break
     return DatasetError(f"{name}: {problem}; expected {layout}, found in {root}: {describe(root)}{hint}; {obtain}.")
 
