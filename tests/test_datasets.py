@@ -560,6 +560,28 @@ def test_damaged_annotation_line(cub_root, tmp_path):
         load_cub200(root, **options(tmp_path))
 
 
+@pytest.mark.parametrize("mode", ["L", "I;16", "P", "RGBA", "CMYK"])
+def test_images_of_other_modes_decode_to_the_rgb_they_show(tmp_path, mode):
+    """Grey JPEGs (CUB and Cars have some), 16-bit grey PNGs, palette, RGBA and CMYK files."""
+    from PIL import Image
+
+    from aomd.data.images import decode
+
+    grey = np.tile(np.linspace(0, 255, 32), (32, 1)).round().astype(np.uint8)
+    rgb = np.stack([grey, grey[::-1], np.full_like(grey, 90)], axis=-1)
+    image = {"L": lambda: Image.fromarray(grey, "L"),
+             "I;16": lambda: Image.fromarray(grey.astype(np.uint16) * 257),
+             "P": lambda: Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.FASTOCTREE),
+             "RGBA": lambda: Image.fromarray(np.dstack([rgb, np.full_like(grey, 255)]), "RGBA"),
+             "CMYK": lambda: Image.fromarray(rgb).convert("CMYK")}[mode]()
+    assert image.mode == mode
+    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
+    image.save(path, quality=100) if mode == "CMYK" else image.save(path)
+    expected = np.repeat(grey[..., None], 3, axis=-1) if mode in ("L", "I;16") else rgb
+    error = np.abs(decode(path, 32).astype(int) - expected).mean()
+    assert error < (6 if mode in ("P", "CMYK") else 0.5), error  # a palette and JPEG are lossy
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
 def test_bad_image_stops_the_build_or_is_skipped(tmp_path, caplog, damage):
     root = make_folder(tmp_path, classes=4, per_class=3)

@@ -34,12 +34,24 @@ def decode(path: str | Path | Image.Image, size: int) -> np.ndarray:
     """The image at `path` (or a PIL image) as uint8 [size, size, 3]; raises (OSError, ValueError,
     ...) on a bad file."""
     if isinstance(path, Image.Image):
-        rgb = path.convert("RGB")
+        rgb = _to_rgb(path)
     else:
         with Image.open(path) as image:
             # convert() forces the full decode, so a truncated file raises here rather than later
-            rgb = image.convert("RGB")
+            rgb = _to_rgb(image)
     return np.asarray(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit grey (PNG) is scaled to 8 bits: PIL's convert("RGB") clips it
+    at 255, which leaves it almost white. (No benchmark has such images, so the cache's
+    DECODE_FORMAT did not change with this.)"""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image.convert("I"), dtype=np.int64)
+        if grey.max(initial=0) > 255:
+            grey = np.rint(grey / 257)
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def _decode_chunk(paths: Sequence[str], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
