@@ -279,6 +279,16 @@ def test_sop_files_whose_extension_is_lower_case_on_disk_are_read(sop_root, tmp_
     assert "36 files listed in Ebay_train.txt and Ebay_test.txt end in another case on disk" in caplog.text
 
 
+def test_sop_lists_without_their_header_line_lose_no_image(sop_root, tmp_path):
+    root = tmp_path / "Stanford_Online_Products"
+    shutil.copytree(sop_root / "Stanford_Online_Products", root)
+    for split in ("train", "test"):
+        listing = root / f"Ebay_{split}.txt"
+        listing.write_text("".join(listing.read_text().splitlines(keepends=True)[1:]))
+    data = load_sop(root, **options(tmp_path))
+    assert (len(data.train), len(data.test)) == (18, 18)
+
+
 def test_folder_splits_by_sorted_class_name(tmp_path):
     root = make_folder(tmp_path, classes=6)
     data = load_folder(root, train_fraction=0.5, **options(tmp_path))

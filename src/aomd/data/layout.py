@@ -226,11 +226,14 @@ def _image_files(folder: str) -> list[Path]:
 
 def read_table(path: Path, columns: int, *, header: bool = False, obtain: str) -> list[list[str]]:
     """The rows of a whitespace-separated annotation file, each `columns` fields (the last one
-    takes the rest of the line, so paths may hold spaces); a damaged line is a DatasetError."""
+    takes the rest of the line, so paths may hold spaces); a damaged line is a DatasetError.
+    With `header`, the first line is skipped unless it starts with a number (a copy without it)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"Cannot read {path} ({error}); {obtain}.") from None
+    if header and lines and lines[0].split()[:1] and lines[0].split()[0].isdigit():
+        header = False  # a copy without its header line (a number where a column name is) loses no image
     rows = []
     for number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
         if not line.strip():
