@@ -220,6 +220,9 @@ def test_cars196_class_folders_named_by_class_id(tmp_path):
     data = load_cars196(root, **options(tmp_path))
     assert sorted(set(data.train.labels.tolist())) == list(range(98))
     assert sorted(set(data.test.labels.tolist())) == list(range(98, 196))
+    # a number before a class name is not the class id where the name says otherwise (alphabetical numbering)
+    assert benchmarks._cars196_class_id("002.Acura Integra Type R 2001") == CARS196_CLASSES.index("Acura Integra Type R 2001") + 1 == 6
+    assert benchmarks._cars196_class_id("001.AM General Hummer SUV 2000") == 1
 
 
 def test_cars196_class_folders_nested_by_a_slash_in_the_name_and_missing_ones(cars_folder_root, tmp_path):

@@ -124,10 +124,12 @@ _CARS196_IDS = {_normalised(n): i + 1 for i, n in enumerate(CARS196_CLASSES)}
 
 
 def _cars196_class_id(folder_name: str) -> int | None:
-    """The original class id (1-196) of a class folder: its name, or a number (001, 1 or 001.Name)."""
-    if _normalised(folder_name) in _CARS196_IDS:
-        return _CARS196_IDS[_normalised(folder_name)]
-    number = re.match(r"^(\d{1,3})(?:$|[._ -])", folder_name)
+    """The original class id (1-196) of a class folder: its class name, after a number or not
+    (the name decides: some mirrors number the classes alphabetically), or a number alone (001, 1)."""
+    number = re.match(r"^(\d{1,3})(?:$|[._ -])(.*)", folder_name)
+    name = number.group(2) if number else folder_name
+    if _normalised(name) in _CARS196_IDS:
+        return _CARS196_IDS[_normalised(name)]
     if number and 1 <= int(number.group(1)) <= 196:
         return int(number.group(1))
     return None
