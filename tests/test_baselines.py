@@ -136,9 +136,34 @@ def test_objective_is_the_weighted_sum_of_its_terms():
     assert set(objective.terms) == {"triplet", "aomd", "sp", "dist", "angle"} and objective.needs_teacher
     torch.manual_seed(0)
     total, values = objective(outputs())
-    expected = sum(objective.ratios[name] * value for name, value in values.items())
+    assert objective.ratios == {"triplet": 1.0, "aomd": 200.0, "sp": 20.0, "dist": 1.0, "angle": 2.0}
+    expected = values["triplet"] + 200 * values["aomd"] + 20 * values["sp"] + values["dist"] + 2 * values["angle"]
     assert total.item() == pytest.approx(expected.item())
     assert values["sp"].item() == pytest.approx(SimilarityPreservingLoss()(outputs().teacher_embeddings, outputs().student_embeddings).item())
+
+
+@pytest.mark.parametrize("overrides, ratios, mode, weights", [
+    (["loss=aomd_mode1"], {"aomd": 200.0}, 1, (1.0, 1.0)),
+    (["loss=aomd_mode2", "loss.triplet_ratio=1", "loss.global_weight=0.3", "loss.local_weight=2"],
+     {"triplet": 1.0, "aomd": 200.0}, 2, (0.3, 2.0)),
+    (["loss=rkd"], {"dist": 1.0, "angle": 2.0}, None, None),
+    (["loss=darkrank", "loss.dark_ratio=3"], {"dark": 3.0}, None, None),
+])
+def test_a_loss_config_builds_the_objective_it_names(overrides, ratios, mode, weights):
+    """From the composed config to the objective a job trains with: each option's ratios, and
+    AOMD's mode and descriptor weights, reach the built terms."""
+    from aomd.build import build_objective
+    from aomd.config import validate
+    from aomd.models import EmbeddingNet
+    from conftest import compose
+
+    cfg = validate(compose(*overrides))
+    student, teacher = EmbeddingNet("resnet18", 16, True, False), EmbeddingNet("resnet18", 32, True, False)
+    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+    assert objective.ratios == ratios
+    if mode is not None:
+        aomd = objective.terms["aomd"].aomd
+        assert (aomd.mode, (aomd.global_weight, aomd.local_weight)) == (mode, weights)
 
 
 def test_every_term_gets_its_documented_inputs_and_settings():
