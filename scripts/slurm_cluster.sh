@@ -9,8 +9,8 @@
 #
 # `start` installs the Debian packages `slurm-wlm` and `munge` when `slurmctld` is not on PATH,
 # writes a munge key when there is none, writes STATE_DIR/etc/slurm.conf (the node as `slurmd -C`
-# sees it, one partition `debug`), starts munged (as the munge user; an already working munged is
-# reused), slurmctld and slurmd (as root), records their PIDs in STATE_DIR/pids and waits until the
+# sees it, one partition `debug`), starts a munged of its own (as the munge user, on a socket
+# named after STATE_DIR), slurmctld and slurmd (as root), records their PIDs in STATE_DIR/pids and waits until the
 # node is idle. Everything else the cluster writes stays under STATE_DIR (logs in STATE_DIR/log).
 #
 # There is no accounting database, so the real `sacct` fails, and submitit, which polls `sacct`,
@@ -21,7 +21,9 @@
 #
 # The settings let a requeued job (`scontrol requeue ID`) start again within ~15 s: KillWait=15
 # (a job that saves before it exits has that long after SIGTERM, also on a loaded machine),
-# AuthInfo=cred_expire=10, sched_interval=2. No cgroups (proctrack/linuxproc, task/none), so
+# AuthInfo=cred_expire=10, sched_interval=2. slurmctld and slurmd listen on the first two free
+# ports from SLURM's defaults (6817, 6818) and each cluster has its own munged, so that two test
+# clusters (two CI runs) can run on one host and stop apart. No cgroups (proctrack/linuxproc, task/none), so
 # memory limits are not enforced; DefMemPerCPU keeps one job from reserving the whole node.
 # JobRequeue=0, as on clusters that do not requeue batch jobs unless they ask for it: the slurm
 # launcher preset asks (sbatch --requeue), and the tests prove that it has to.
@@ -51,6 +53,9 @@ state="$(cd "$2" && pwd)"
 conf="$state/etc/slurm.conf"
 pids="$state/pids"
 log="$state/log"
+# this cluster's name and munge socket, apart from any other test cluster on this host
+cluster_id="aomd-$(echo -n "$state" | md5sum | cut -c1-8)"
+munge_socket="/run/munge/$cluster_id.socket"
 
 # ---------------------------------------------------------------------------------------------
 # processes recorded in STATE_DIR/pids, one "name pid" a line
@@ -142,13 +147,10 @@ munge_works() {
   timeout 5 munge -S "$socket" -n 2>/dev/null | timeout 5 unmunge -S "$socket" >/dev/null 2>&1
 }
 
-start_munge() {
-  local socket=/run/munge/munge.socket.2 key=/etc/munge/munge.key
-  if munge_works "$socket"; then
-    echo "$PROG: reusing the munged already running on $socket" >&2
-    return 0
-  fi
+start_munge() {  # a munged of this cluster's own, on its own socket (AuthInfo=socket=... in slurm.conf)
+  local key=/etc/munge/munge.key
   getent passwd munge >/dev/null || die "there is no munge user (is the munge package installed?)"
+  # munged refuses directories that others can write to, so its files go in munge's own folders
   install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
   install -d -o munge -g munge -m 0755 /run/munge
   if [ ! -s "$key" ]; then
@@ -159,18 +161,39 @@ start_munge() {
     fi
   fi
   chown munge:munge "$key" && chmod 0400 "$key"
-  rm -f "$socket" "$socket.lock"
-  start_daemon munged setpriv --reuid=munge --regid=munge --init-groups munged --foreground --force
+  rm -f "$munge_socket" "$munge_socket.lock"
+  start_daemon munged setpriv --reuid=munge --regid=munge --init-groups munged --foreground --force \
+    --socket="$munge_socket" --pid-file="/run/munge/$cluster_id.pid" \
+    --log-file="/var/log/munge/$cluster_id.log" --seed-file="/var/lib/munge/$cluster_id.seed"
   for _ in $(seq 1 20); do
-    munge_works "$socket" && return 0
+    munge_works "$munge_socket" && return 0
     sleep 0.25
   done
   stop_recorded
-  die "munged does not answer on $socket; see $log/munged.out"
+  die "munged does not answer on $munge_socket; see $log/munged.out and /var/log/munge/$cluster_id.log"
+}
+
+free_ports() {  # the first two consecutive TCP ports from 6817 (SLURM's default) that no socket holds
+  python3 -c '
+import socket
+
+def free(port):
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as SLURM binds: a closed port in TIME_WAIT is free
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+        return True
+
+port = 6817
+while not (free(port) and free(port + 1)):
+    port += 2
+print(port, port + 1)'
 }
 
 write_config() {
-  local node host cpus real_memory mem_per_cpu
+  local node host cpus real_memory mem_per_cpu ports
   node="$(slurmd -C 2>/dev/null | head -n 1)"
   case "$node" in
     NodeName=*) ;;
@@ -181,16 +204,20 @@ write_config() {
   real_memory="$(echo "$node" | sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p')"
   mem_per_cpu=$(( real_memory / (2 * ${cpus:-1}) ))   # a job without --mem takes half a CPU's share
   [ "$mem_per_cpu" -ge 100 ] || mem_per_cpu=100
+  # another test cluster on this host (a second CI run) holds the default ports: take the next free ones
+  ports="$(free_ports)" || die "cannot find free TCP ports for slurmctld and slurmd (python3 is needed)"
   mkdir -p "$state/etc"
   cat >"$conf" <<EOF
 # Written by scripts/slurm_cluster.sh: a single-node cluster for tests (no accounting, no cgroups).
-ClusterName=aomdtest
+ClusterName=${cluster_id//-/}
 SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=${ports% *}
+SlurmdPort=${ports#* }
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=10,socket=$munge_socket
 StateSaveLocation=$state/ctld
 SlurmdSpoolDir=$state/spool
 SlurmctldPidFile=$state/run/slurmctld.pid
