@@ -124,36 +124,41 @@ def ratio_text(ratio: float | None) -> str:
 
 
 def run_passes(script: str, argv: Sequence[str] | None, passes: Sequence[str], one_process: bool,
-               run_here: Callable[[Sequence[str]], dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+               run_here: Callable[[Sequence[str]], dict[str, Any]],
+               after_each: Callable[[dict[str, Any], list[str]], None] | None = None) -> tuple[dict[str, Any], list[str]]:
     """({pass: its payload}, the passes that failed): with several passes, unless `one_process`,
     each in a Python process of its own (`in_own_processes`: the script run again with
-    `--only-pass`); otherwise `run_here(passes)` in this process."""
+    `--only-pass`), `after_each(payloads so far, failed so far)` called after each, so that a
+    benchmark stopped at a time limit keeps the passes it finished; otherwise `run_here(passes)`
+    in this process."""
     if len(passes) == 1 or one_process:
         return run_here(passes), []
-    payloads, failed = in_own_processes(script, sys.argv[1:] if argv is None else argv, passes)
-    return {name: payload for child in payloads for name, payload in child.items()}, failed
+    return in_own_processes(script, sys.argv[1:] if argv is None else argv, passes, after_each)
 
 
-def in_own_processes(script: str, argv: Sequence[str], passes: Sequence[str]) -> tuple[list[dict], list[str]]:
+def in_own_processes(script: str, argv: Sequence[str], passes: Sequence[str],
+                     after_each: Callable[[dict[str, Any], list[str]], None] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Run `python script *argv --only-pass PASS --json FILE` once per pass, each in a fresh Python
-    process: (the JSON each pass that succeeded wrote, the passes that failed). A child runs its
-    pass and writes {PASS: its payload} (`run_passes`). The children's
-    rows go to this process's stdout; a failed pass gets a row saying so, and the others still run.
+    process: ({pass: its payload} of the passes that succeeded, the passes that failed). A child
+    runs its pass and writes {PASS: its payload} (`run_passes`). The children's rows go to this
+    process's stdout; a failed pass gets a row saying so, and the others still run.
 
     A pass then owes nothing to the passes before it: on an H100 the same bf16 AOMD step took
     30.6 ms in a process that had timed and profiled fp32 steps first and 24.8 ms in a process of
     its own (docs/benchmarks.md)."""
-    payloads, failed = [], []
+    payloads, failed = {}, []
     with tempfile.TemporaryDirectory() as folder:
         for index, name in enumerate(passes):
             out = Path(folder) / f"pass{index}.json"
             sys.stdout.flush()  # this process's lines before the child's
             child = subprocess.run([sys.executable, script, *argv, "--only-pass", name, "--json", str(out)])
             if child.returncode == 0 and out.is_file():
-                payloads.append(json.loads(out.read_text()))
+                payloads.update(json.loads(out.read_text()))
             else:
                 failed.append(name)
                 print(f"| {name} | the pass failed (exit code {child.returncode}; its error is above) |", flush=True)
+            if after_each is not None:
+                after_each(payloads, failed)
     return payloads, failed
 
 

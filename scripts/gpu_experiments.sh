@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The GPU issue's open measurements, for a card after `scripts/gpu_check.sh` (whose gpu tier tests what
-# changed since a card last ran it; about 5 minutes on one H100, estimated, and each part stops at its
-# limit so that the summary is written within a lease's 10-minute command). Each compares, in one run on
+# changed since a card last ran it). Each compares, in one run on
 # one card, every precision and setting in a process of its own (`benchmarks/step_anatomy.py`), its rows
 # timed in interleaved rounds:
 #   - the training step (AOMD modes 1 and 2, fp32 and bf16): the defaults (fused adapters, now one
@@ -14,23 +13,30 @@
 #
 #     bash scripts/gpu_experiments.sh [OUT_DIR]        # default: gpu-experiments/
 #
-# Writes OUT_DIR/summary.md and each benchmark's log and JSON. Exits 1 when a benchmark failed, 2 when
-# there is no CUDA device.
+# Within AOMD_GPU_EXPERIMENTS_SECONDS (whole seconds, default 330: with the check's 340, one session's
+# 15 minutes of a lent card, its start included), each part within its share (scripts/gpu_budget.sh).
+# Writes OUT_DIR/summary.md and each benchmark's log and JSON. Exits 1 when a benchmark failed or was
+# cut short, 2 when there is no CUDA device.
 set -uo pipefail
+budget="${AOMD_GPU_EXPERIMENTS_SECONDS:-330}" budget_variable=AOMD_GPU_EXPERIMENTS_SECONDS
+[[ "$budget" =~ ^[0-9]+$ ]] || { echo "gpu_experiments: AOMD_GPU_EXPERIMENTS_SECONDS is whole seconds, got '$budget'" >&2; exit 2; }
 out="$(mkdir -p "${1:-gpu-experiments}" && cd "${1:-gpu-experiments}" && pwd)" || exit 2
 cd "$(dirname "$0")/.." || exit 2
 rm -f "$out"/anatomy*.* "$out/summary.md"   # no figure of an earlier run in this summary
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# an inductor cache of this run's own (scripts/gpu_check.sh says why), removed on exit
+scratch="$(mktemp -d)" || exit 2
+trap 'rm -rf "$scratch"' EXIT
+export TORCHINDUCTOR_CACHE_DIR="$scratch/inductor"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
   || { echo "gpu_experiments: no CUDA device is visible to PyTorch" >&2; exit 2; }
 
 status=0
-timeout 300 python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 --settings default,unfused_adapters \
-  --rounds 3 --steps 8 --warmup 2 --json "$out/anatomy.json" 2>&1 | tee "$out/anatomy.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 240 python benchmarks/step_anatomy.py --losses aomd_mode2 --precisions bf16 --settings compiled,compiled_cl_inputs \
-  --rounds 2 --steps 8 --warmup 2 --json "$out/anatomy_compiled.json" 2>&1 | tee "$out/anatomy_compiled.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+. scripts/gpu_budget.sh
+bench step_anatomy.py 200 110 anatomy.md python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 \
+  --settings default,unfused_adapters --rounds 3 --steps 8 --warmup 2 --json "$out/anatomy.json"
+bench "step_anatomy.py (compiled)" 200 5 anatomy_compiled.md python benchmarks/step_anatomy.py --losses aomd_mode2 \
+  --precisions bf16 --settings compiled,compiled_cl_inputs --rounds 2 --steps 8 --warmup 2 --json "$out/anatomy_compiled.json"
 
 python - "$out" <<'PY' | tee "$out/summary.md"
 import json, sys
@@ -50,6 +56,8 @@ print(f"device: {json.loads(anatomy.read_text())['device'] if anatomy.is_file() 
 for name, title in (("anatomy.md", "training step: fused against eager adapters"),
                     ("anatomy_compiled.md", "bf16 step: compiled, compiled with channels_last batches (eager: above)")):
     print(f"## {title}\n")
-    print("\n".join(table(name)) or "no result", end="\n\n")
+    cut = [line for line in ((out / name).read_text().splitlines() if (out / name).is_file() else [])
+           if "out of the script's time" in line or "stopped at its limit" in line]
+    print("\n".join(table(name) + cut) or "no result", end="\n\n")
 PY
 exit $status

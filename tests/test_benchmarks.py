@@ -40,8 +40,8 @@ def test_train_step_measures_every_row_of_every_pass_in_rounds_and_states_the_ta
     assert "aomd_mode2: bf16 is" in result.stdout and "target <= 1.10" in result.stdout
 
 
-def test_rows_are_timed_in_interleaved_rounds_and_a_row_failing_in_any_round_is_left_out():
-    sys.path.insert(0, str(REPO / "benchmarks"))
+def test_rows_are_timed_in_interleaved_rounds_and_a_row_failing_in_any_round_is_left_out(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from common import time_rows
 
     calls, times = [], {"floor": [1.0, 2.0, 4.0], "aomd": [1.1, 2.4, 4.0], "late": [1.0, None], "early": [None]}
@@ -65,6 +65,22 @@ def test_a_failed_pass_is_reported_and_the_other_passes_kept(tmp_path):
     assert "| fp64 | the pass failed (exit code 1" in result.stdout
     saved = json.loads(out.read_text())
     assert set(saved["results"]) == {"fp32"} and "pass fp64: FAILED (its error is in the log)" in saved["verdicts"]
+
+
+def test_each_pass_s_results_are_handed_on_as_it_ends(tmp_path, monkeypatch):
+    """A benchmark stopped at a time limit keeps what its finished passes measured: `after_each`
+    sees the results and failures so far after every pass (train_step.py writes its JSON then)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from common import run_passes
+
+    script = tmp_path / "passes.py"
+    script.write_text("import json, sys\nname, out = sys.argv[sys.argv.index('--only-pass') + 1], sys.argv[-1]\n"
+                      "sys.exit(1) if name == 'b' else open(out, 'w').write(json.dumps({name: len(name)}))\n")
+    seen = []
+    results, failed = run_passes(str(script), [], ["a", "b", "cc"], False, None,
+                                 after_each=lambda results, failed: seen.append((dict(results), list(failed))))
+    assert (results, failed) == ({"a": 1, "cc": 2}, ["b"])
+    assert seen == [({"a": 1}, []), ({"a": 1}, ["b"]), ({"a": 1, "cc": 2}, ["b"])]
 
 
 def test_step_anatomy_runs_each_setting_in_a_process_of_its_own(tmp_path):
@@ -114,12 +130,13 @@ def test_the_gpu_only_scripts_say_so_on_a_cpu(command, tmp_path):
 
 
 STAND_IN_PYTHON = """#!/usr/bin/env bash
-# `python` for the GPU scripts on a machine without a card: CUDA and pytest-xdist "present", the
+# `python` for the GPU scripts on a machine without a card: CUDA and pytest-xdist (unless $NO_XDIST) "present", the
 # tests print a result, each benchmark prints a table row and writes a verdict to its --json file
 # (the one named by $FAILING fails), and the summary's own Python runs for real
 case "$1" in
-  -c) exit 0 ;;
-  -m) echo "==== 3 passed in 1.00s ====" ;;
+  -c) [ -n "${{NO_XDIST:-}}" ] && [[ "$2" == *xdist* ]] && exit 1; exit 0 ;;
+  -m) echo "FAILED tests/test_gpu.py::test_x - RuntimeError: CUDA error: an illegal memory access"  # not a result line
+      echo "1 failed, 3 passed in 1.00s" ;;
   -) exec {real} "$@" ;;
   *) json=; previous=
      for arg in "$@"; do [ "$previous" = --json ] && json=$arg; previous=$arg; done
@@ -139,7 +156,7 @@ esac
 def run_with_stand_in_python(script: str, tmp_path, failing: str = "", **env: str) -> tuple[subprocess.CompletedProcess, str]:
     """(the run, its summary.md) of a GPU script run with STAND_IN_PYTHON as its `python`."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(parents=True)
     (bin_dir / "python").write_text(STAND_IN_PYTHON.format(real=sys.executable))
     (bin_dir / "python").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "FAILING": failing, **env}
@@ -156,30 +173,31 @@ def test_the_gpu_check_summary_has_every_verdict_each_part_s_time_and_the_failur
     assert result.returncode == 1, result.stdout + result.stderr
     # two passes: the tests of what no card has run yet, then the rest
     assert "device: Stand-in card" in summary
-    assert "gpu test tier (first the tests of what no card has run yet): 3 passed in 1.00s; 3 passed in 1.00s" in summary
+    assert "gpu test tier (first the tests of what no card has run yet): 1 failed, 3 passed in 1.00s; 1 failed, 3 passed in 1.00s\n" in summary
     for script in ("train_step.py", "data_loading.py", "recipe_epoch.py"):
         assert f"- verdict of {script}" in summary
     times = summary.split("## time\n")[1].splitlines()
     parts = [line.split(":")[0] for line in times if line.startswith("- ")]
-    assert parts == ["- gpu test tier", "- train_step.py", "- data_loading.py --to-device", "- recipe_epoch.py", "- the whole check"]
+    assert parts == ["- gpu test tier", "- train_step.py", "- recipe_epoch.py", "- data_loading.py --to-device", "- the whole check"]
     assert "under 6 minutes on one H100: OK on Stand-in card" in summary
 
 
 def test_a_gpu_check_out_of_time_skips_its_benchmarks_and_says_so(tmp_path):
     """The check keeps within its budget (a lease's command is stopped at 10 minutes, and then no
     summary would be written): a benchmark with no time left is skipped, and the summary says so."""
-    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, AOMD_GPU_CHECK_SECONDS="0")
+    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, AOMD_GPU_CHECK_SECONDS="0", NO_XDIST="1")
     assert result.returncode == 1, result.stdout + result.stderr
+    assert "gpu test tier (first the tests of what no card has run yet): ran one test at a time: pytest-xdist is not installed;" in summary
     for script, log in (("train_step.py", "train_step.md"), ("data_loading.py", "data_path.md"),
                         ("recipe_epoch.py", "recipe.md")):
-        assert f"- {script}: skipped, out of the check's time (AOMD_GPU_CHECK_SECONDS=0)" in summary
+        assert f"- {script}: skipped, out of the script's time (AOMD_GPU_CHECK_SECONDS=0)" in summary
         assert "verdict of" not in (tmp_path / "out" / log).read_text()
 
 
 def test_a_gpu_check_benchmark_past_its_limit_is_stopped_and_the_others_still_run(tmp_path):
-    """A budget of 150 s leaves train_step.py 30 s (120 kept for the parts after it): past them it
+    """A budget of 110 s leaves train_step.py 30 s (80 kept for the parts after it): past them it
     is stopped, the summary says so, and the other benchmarks still give their verdicts."""
-    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, AOMD_GPU_CHECK_SECONDS="150",
+    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, AOMD_GPU_CHECK_SECONDS="110",
                                                SLOW="train_step.py")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "- train_step.py: stopped at its limit of 30 s" in summary and "verdict of train_step.py" not in summary
@@ -191,6 +209,12 @@ def test_the_gpu_experiments_summary_has_each_benchmark_s_table(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "device: Stand-in card" in summary
     assert summary.count("| a row of step_anatomy.py |") == 2  # the eager settings' table, the compiled ones'
+    result, summary = run_with_stand_in_python("scripts/gpu_experiments.sh", tmp_path / "out of time",
+                                               AOMD_GPU_EXPERIMENTS_SECONDS="100")
+    assert result.returncode == 1, result.stdout + result.stderr
+    # the first part would leave the second less than its reserve: skipped, and the second runs
+    assert "step_anatomy.py: skipped, out of the script's time (AOMD_GPU_EXPERIMENTS_SECONDS=100)" in summary
+    assert summary.count("| a row of step_anatomy.py |") == 1 and summary.count("out of the script's time") == 1
 
 
 def test_step_anatomy_refuses_an_unknown_setting_before_any_work():
@@ -198,11 +222,11 @@ def test_step_anatomy_refuses_an_unknown_setting_before_any_work():
     assert result.returncode == 2 and "unknown --settings adapters_gemm; choose from before, default" in result.stderr
 
 
-def test_the_floor_sends_the_stages_the_gradients_aomd_sends_them_and_its_verdicts_need_only_their_rows():
+def test_the_floor_sends_the_stages_the_gradients_aomd_sends_them_and_its_verdicts_need_only_their_rows(monkeypatch):
     """The floor's backward starts from the embeddings (stage means sent the stages of a channels_last
     network standard-layout gradients, conversions the AOMD step does not pay); floor+adapters
     takes the descriptors as AOMD does. A pass missing a row still gives the verdicts it can."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from train_step import FloorObjective, verdicts_of
 
     from aomd.losses.aomd import StageAdapters
