@@ -11,6 +11,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# cuBLAS reads this when its first handle is made, which in a test process may come before any job
+# sets it (aomd.runtime): set here, so that deterministic runs on a card repeat in every test process
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 # a synthetic dataset small enough for a training run in seconds (12 classes, 32 px crops)
 TINY = [
     "dataset.num_classes=12",
@@ -41,12 +45,44 @@ def cache_dir(tmp_path_factory) -> Path:
     return shared
 
 
+def _isolate(patch: pytest.MonkeyPatch, cache_dir: Path) -> None:
+    """Never touch the user's ~/.cache (aomd's datasets and teachers, W&B's logs and settings, the
+    torch compiler's cache), never reach for the network."""
+    patch.setenv("AOMD_CACHE_DIR", str(cache_dir))
+    patch.setenv("WANDB_MODE", "disabled")
+    patch.setenv("WANDB_SILENT", "true")
+    for variable in ("XDG_CACHE_HOME", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        patch.setenv(variable, str(cache_dir / "home" / variable.lower()))
+    # compilations go to the session's folder (unless one is given): a compilation killed part-way in
+    # an earlier session can leave a damaged file in the machine's default /tmp/torchinductor_<user>
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(cache_dir / "inductor"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(cache_dir):
+    """The isolation for the session's and modules' fixtures, which are set up before any
+    function-scoped fixture (a module's training run would otherwise pack ~/.cache/aomd)."""
+    with pytest.MonkeyPatch.context() as patch:
+        _isolate(patch, cache_dir)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch, cache_dir):
-    # never touch the user's ~/.cache/aomd, never reach for the network
-    monkeypatch.setenv("AOMD_CACHE_DIR", str(cache_dir))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    _isolate(monkeypatch, cache_dir)  # again for each test: what a test before it changed is undone
+
+
+@pytest.fixture(autouse=True)
+def _torch_settings_restored():
+    """A job's `Runtime.seed_everything` sets torch's process-wide kernel choices: each test
+    starts from the same ones, whichever tests ran before it in its process."""
+    import torch
+
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill, benchmark = torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark = fill, benchmark
 
 
 def run_module(module: str, *overrides: str, cwd: Path | None = None, env: dict | None = None,

@@ -120,6 +120,9 @@ def test_class_balanced_batches_follow_the_recipe():
         counts = [c for c in counts if c]
         assert counts == [5] * 25 + [3]  # 128 = 25 classes x 5 + 3
     assert batches[0] != batches[1]
+    # the classes come in a random order each batch: other classes in each, every class over the epoch
+    class_sets = [frozenset(labels[batch].tolist()) for batch in batches]
+    assert len(set(class_sets)) == 20 and frozenset().union(*class_sets) == set(range(40))
 
 
 def test_small_classes_give_what_they_have():

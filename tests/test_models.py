@@ -53,7 +53,12 @@ def released(monkeypatch):
     from aomd.models import checkpoint
 
     event, write = threading.Event(), checkpoint._write
-    monkeypatch.setattr(checkpoint, "_write", lambda *args: event.wait(10) and write(*args))
+
+    def released_write(*args):
+        assert event.wait(10), "the test did not release the checkpoint writer within 10 s"
+        return write(*args)
+
+    monkeypatch.setattr(checkpoint, "_write", released_write)
     return event
 
 

@@ -36,7 +36,9 @@ def write_job(sweep: Path, name: str, overrides: list[str], *, loss: str = "trip
     (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if write_metrics:
         best = None if metrics is None else {"epoch": 3, "loss": 0.25, **metrics}
-        state = {"status": status, "job_type": "student", "best": best, "history": [best] if best else [],
+        # the last epoch scores lower than the selected one, so a table showing it would differ
+        last = None if best is None else {**best, "epoch": 4, **{key: value - 0.05 for key, value in metrics.items()}}
+        state = {"status": status, "job_type": "student", "best": best, "last": last, "history": [best, last] if best else [],
                  "dataset": {"train_images": 30, "test_images": 30, "train_classes": 5, "test_classes": 5}}
         if teacher is not None:
             state["teacher"] = teacher
@@ -330,7 +332,7 @@ def test_unfinished_jobs_are_listed_not_dropped(sweep: Path, capsys):
     assert len(lines) == 3
     assert lines[0].startswith("- job `11`: `loss=sp`, seed 1: failed: ValueError: loss is NaN at epoch 2")
     assert "Traceback" not in section  # the first line of the error only
-    assert lines[1].startswith("- job `12`: `loss=contrastive`, seed 0: running, 1 epoch(s) evaluated")
+    assert lines[1].startswith("- job `12`: `loss=contrastive`, seed 0: running, 2 epoch(s) evaluated, best Recall@1 so far 30.00")
     assert lines[2].startswith("- job `13`: `loss=rkd`, seed 0: no metrics.json")
     assert "14 jobs (11 finished, 1 failed, 1 without metrics.json, 1 running)" in markdown
     assert "## Jobs not finished (3)" in capsys.readouterr().out

@@ -55,6 +55,13 @@ def test_semihard_takes_the_closest_negative_beyond_the_positive_else_the_farthe
     assert triplets(SemiHardNegatives()) == [(0, 1, 4), (1, 0, 4), (2, 3, 4), (3, 2, 0)]
 
 
+def test_semihard_does_not_take_a_negative_exactly_as_far_as_the_positive():
+    # (0,1): d_ap 1; negative 2 at exactly 1 is not beyond it, negative 3 at 3 is (collapsed
+    # embeddings, all at one point, are the extreme of such ties)
+    e, labels = torch.tensor([[0.0], [1.0], [-1.0], [3.0]]), torch.tensor([0, 0, 1, 2])
+    assert dict(((a, p), n) for a, p, n in triplets(SemiHardNegatives(), e, labels))[(0, 1)] == 3
+
+
 def test_random_is_one_uniform_negative_per_pair():
     torch.manual_seed(0)
     counts = np.zeros((5, 5))
