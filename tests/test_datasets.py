@@ -223,6 +223,10 @@ def test_cars196_class_folders_named_by_class_id(tmp_path):
     # a number before a class name is not the class id where the name says otherwise (alphabetical numbering)
     assert benchmarks._cars196_class_id("002.Acura Integra Type R 2001") == CARS196_CLASSES.index("Acura Integra Type R 2001") + 1 == 6
     assert benchmarks._cars196_class_id("001.AM General Hummer SUV 2000") == 1
+    assert benchmarks._cars196_class_id("005.Not A Car 2020") is None  # unknown, not class 5
+    write_jpeg(root / "test" / "002.Acura RL Sedan 2012" / "b.jpg", 2)  # test/002 is class 2 already
+    with pytest.raises(DatasetError, match="test/002 and test/002.Acura RL Sedan 2012 .* are both class 2"):
+        load_cars196(root, **options(tmp_path))
 
 
 def test_cars196_class_folders_nested_by_a_slash_in_the_name_and_missing_ones(cars_folder_root, tmp_path):
@@ -285,9 +289,9 @@ def test_sop_files_whose_extension_is_lower_case_on_disk_are_read(sop_root, tmp_
 def test_sop_lists_without_their_header_line_lose_no_image(sop_root, tmp_path):
     root = tmp_path / "Stanford_Online_Products"
     shutil.copytree(sop_root / "Stanford_Online_Products", root)
-    for split in ("train", "test"):
+    for split, byte_order_mark in (("train", ""), ("test", "\ufeff")):  # as an editor on Windows may save it
         listing = root / f"Ebay_{split}.txt"
-        listing.write_text("".join(listing.read_text().splitlines(keepends=True)[1:]))
+        listing.write_text(byte_order_mark + "".join(listing.read_text().splitlines(keepends=True)[1:]), encoding="utf-8")
     data = load_sop(root, **options(tmp_path))
     assert (len(data.train), len(data.test)) == (18, 18)
 
@@ -551,6 +555,12 @@ def test_wrong_root_points_to_the_right_one(cub_root, sop_root, cars_folder_root
                                      (load_cars196, cars_folder_root / "train", cars_folder_root)):
         with pytest.raises(DatasetError, match=f"is in {re.escape(str(dataset_root))}: set dataset.root={re.escape(str(dataset_root))}\\)"):
             load(root, **options(tmp_path))
+    # a folder beside an unrelated train/ is not pointed at its parent
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "mine").mkdir()
+    with pytest.raises(DatasetError) as error:
+        load_cars196(tmp_path / "data" / "mine", **options(tmp_path))
+    assert "set dataset.root=" not in str(error.value)
 
 
 def test_listed_images_missing_on_disk(cars_mat_root, tmp_path):
@@ -573,14 +583,21 @@ def test_damaged_annotation_line(cub_root, tmp_path):
         load_cub200(root, **options(tmp_path))
 
 
-@pytest.mark.parametrize("mode", ["L", "I;16", "P", "RGBA", "CMYK"])
+@pytest.mark.parametrize("mode", ["L", "I;16", "I;16 dark", "P", "RGBA", "CMYK"])
 def test_images_of_other_modes_decode_to_the_rgb_they_show(tmp_path, mode):
-    """Grey JPEGs (CUB and Cars have some), 16-bit grey PNGs, palette, RGBA and CMYK files."""
+    """Grey JPEGs (CUB and Cars have some), 16-bit grey PNGs (a dark one too, all below 256 in 16
+    bits: black, not mid-grey), palette, RGBA and CMYK files."""
     from PIL import Image
 
     from aomd.data.images import decode
 
     grey = np.tile(np.linspace(0, 255, 32), (32, 1)).round().astype(np.uint8)
+    if mode == "I;16 dark":  # 0..127 of 65535: black
+        image = Image.fromarray((grey // 2).astype(np.uint16))
+        assert image.mode == "I;16"
+        image.save(tmp_path / "dark.png")
+        assert decode(tmp_path / "dark.png", 32).max() == 0
+        return
     rgb = np.stack([grey, grey[::-1], np.full_like(grey, 90)], axis=-1)
     image = {"L": lambda: Image.fromarray(grey, "L"),
              "I;16": lambda: Image.fromarray(grey.astype(np.uint16) * 257),
@@ -624,12 +641,15 @@ def test_bad_image_stops_the_build_or_is_skipped(tmp_path, caplog, damage):
     assert snapshot(root) == before
 
 
-def test_parallel_build_names_every_bad_image_of_both_splits(tmp_path):
+def test_parallel_build_names_every_bad_image_of_both_splits(tmp_path, caplog):
     root = make_folder(tmp_path, classes=8, per_class=10)
-    for bad in ("class_01/img3.jpg", "class_05/img3.jpg", "class_05/img7.jpg"):
-        (root / bad).write_bytes(b"garbage")
-    with pytest.raises(BadImageError, match="Cannot read 3 images: .*class_01/img3.jpg .*class_05/img3.jpg .*class_05/img7.jpg "):
+    bad = ["class_01/img3.jpg", "class_05/img3.jpg", "class_05/img7.jpg", "class_07/img0.jpg"]
+    for name in bad:
+        (root / name).write_bytes(b"garbage")
+    with pytest.raises(BadImageError, match="Cannot read 4 images: .*class_01/img3.jpg .*class_05/img3.jpg "
+                                            ".*class_05/img7.jpg .* and 1 more, each logged above"):
         load_folder(root, **options(tmp_path, decode_workers=2))
+    assert all(f"Cannot read image {root / name} (" in caplog.text for name in bad)
     assert not list((tmp_path / "cache").glob("*.h5"))
 
 

@@ -125,12 +125,13 @@ _CARS196_IDS = {_normalised(n): i + 1 for i, n in enumerate(CARS196_CLASSES)}
 
 def _cars196_class_id(folder_name: str) -> int | None:
     """The original class id (1-196) of a class folder: its class name, after a number or not
-    (the name decides: some mirrors number the classes alphabetically), or a number alone (001, 1)."""
+    (the name decides: some mirrors number the classes alphabetically), or a number alone (001,
+    1); None for a name that is no Cars196 class, numbered or not."""
     number = re.match(r"^(\d{1,3})(?:$|[._ -])(.*)", folder_name)
     name = number.group(2) if number else folder_name
     if _normalised(name) in _CARS196_IDS:
         return _CARS196_IDS[_normalised(name)]
-    if number and 1 <= int(number.group(1)) <= 196:
+    if number and not name.strip() and 1 <= int(number.group(1)) <= 196:
         return int(number.group(1))
     return None
 
@@ -164,11 +165,16 @@ def _cars196_from_folders(root: Path) -> tuple[list[Path], list[int]]:
     every one of the 196 classes must have a folder, or the published split would silently lose it."""
     files, labels, unknown = [], [], []
     for split in ("train", "test"):
+        folder_of: dict[int, str] = {}
         for folder_name, class_files in class_folders(root / split, nested=True):
             class_id = _cars196_class_id(folder_name)
             if class_id is None:
                 unknown.append(f"{split}/{folder_name}")
                 continue
+            if class_id in folder_of:
+                raise DatasetError(f"cars196: {split}/{folder_of[class_id]} and {split}/{folder_name} in {root} are both "
+                                   f"class {class_id} ({CARS196_CLASSES[class_id - 1]!r}); keep one folder per class.")
+            folder_of[class_id] = folder_name
             files += class_files
             labels += [class_id] * len(class_files)
     if unknown:

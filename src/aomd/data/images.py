@@ -43,12 +43,14 @@ def decode(path: str | Path | Image.Image, size: int) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB. 16-bit grey (PNG) is scaled to 8 bits: PIL's convert("RGB") clips it
-    at 255, which leaves it almost white. (No benchmark has such images, so the cache's
-    DECODE_FORMAT did not change with this.)"""
+    """`image` as 8-bit RGB. 16-bit grey (PNG, mode I;16) is scaled to 8 bits: PIL's
+    convert("RGB") clips it at 255, which leaves it almost white. Mode I (32-bit integers, as
+    some PIL versions open 16-bit PNGs) is scaled the same when it holds values above 255. (No
+    benchmark has such images, so the cache's DECODE_FORMAT did not change with this: a
+    `dataset=folder` cache built from 16-bit images before is rebuilt by deleting it.)"""
     if image.mode.startswith("I;16") or image.mode == "I":
         grey = np.asarray(image.convert("I"), dtype=np.int64)
-        if grey.max(initial=0) > 255:
+        if image.mode != "I" or grey.max(initial=0) > 255:
             grey = np.rint(grey / 257)
         return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
     return image.convert("RGB")

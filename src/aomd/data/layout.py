@@ -179,7 +179,11 @@ def layout_error(name: str, root: Path, problem: str, layout: str, obtain: str, 
     one of the dataset's own folders) or below, where to get it."""
     hint = ""
     for marker in markers:
-        better = root.parent if (root.parent / marker).exists() else find_below(root, marker)
+        # the folder above, when root is one of the dataset's own folders: beside a marker file
+        # (CUB's images/ beside images.txt), or the marker folder itself (Cars196's train/); any
+        # folder beside an unrelated train/ is not
+        above = (root.parent / marker).is_file() or root == root.parent / marker
+        better = root.parent if above else find_below(root, marker)
         if better is not None:
             hint = f" ({marker} is in {better}: set dataset.root={better})"
             break
@@ -229,7 +233,7 @@ def read_table(path: Path, columns: int, *, header: bool = False, obtain: str) -
     takes the rest of the line, so paths may hold spaces); a damaged line is a DatasetError.
     With `header`, the first line is skipped unless it starts with a number (a copy without it)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first field
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"Cannot read {path} ({error}); {obtain}.") from None
     if header and lines and lines[0].split()[:1] and lines[0].split()[0].isdigit():

@@ -48,7 +48,7 @@ def open_listing(
     """The dataset of `listing`, read from its cache (built first if needed).
 
     Images are uint8 [N, base_size, base_size, 3], loaded into memory when `in_memory`, read on
-    demand otherwise. Unreadable images stop the build with a BadImageError naming them all, or,
+    demand otherwise. Unreadable images stop the build with a BadImageError (each one logged), or,
     with `skip_bad_images`, are left out with a warning (and reported on every later run).
     """
     _check_options(base_size=base_size, image_size=image_size, in_memory=in_memory,
@@ -63,11 +63,12 @@ def open_listing(
     }
 
     def fill(h5: h5py.File) -> None:
-        _locate_files(listing)
+        splits = _located_files(listing)
         _check_disk_space(listing, base_size, Path(cache_dir).expanduser())
         unreadable = []
-        for split, files in listing.splits().items():
-            unreadable += _pack_split(h5, split, files, listing, base_size, skip_bad_images, decode_workers, progress)
+        for split, files in splits.items():
+            unreadable += _pack_split(h5, split, files, listing, base_size, skip_bad_images, decode_workers, progress,
+                                      write=skip_bad_images or not unreadable)
         if unreadable and not skip_bad_images:
             raise BadImageError(_unreadable_message(unreadable, listing.obtain))
         write_skipped(h5, unreadable)
@@ -101,11 +102,13 @@ def _check_options(base_size, image_size, in_memory, skip_bad_images, decode_wor
 
 
 def _pack_split(h5: h5py.File, split: str, files: SplitFiles, listing: DatasetListing, base_size: int,
-                skip_bad_images: bool, decode_workers: int | None, progress: bool) -> list[tuple[str, str]]:
+                skip_bad_images: bool, decode_workers: int | None, progress: bool, write: bool) -> list[tuple[str, str]]:
     """Decode one split into the cache file; the (path, reason) of the files left out as unreadable.
 
-    Without `skip_bad_images` the build still decodes every file, so that one error names all the
-    unreadable ones (a rebuild per bad file would decode SOP again each time)."""
+    Without `skip_bad_images` an unreadable file fails the build, but every file is still decoded
+    (each failure logged), so that one error covers all of them: a rebuild per bad file would
+    decode SOP again each time. From the first failure on (or with `write` false, after one in an
+    earlier split) nothing more is written to the cache file, which the failed build discards."""
     writer = SplitWriter(h5, split, len(files), base_size)
     keep = np.ones(len(files), dtype=bool)
     unreadable = []
@@ -115,39 +118,43 @@ def _pack_split(h5: h5py.File, split: str, files: SplitFiles, listing: DatasetLi
         for chunk in chunks:
             for index, reason in chunk.failed:
                 path = str(files.files[index])
-                if skip_bad_images:
-                    log.warning("Skipping unreadable image %s (%s).", path, reason)
-                elif not unreadable:
-                    log.warning("Cannot read image %s (%s); decoding the rest to name every unreadable file.", path, reason)
+                log.warning("Skipping unreadable image %s (%s)." if skip_bad_images else "Cannot read image %s (%s).",
+                            path, reason)
                 keep[index] = False
                 unreadable.append((path, reason))
-            writer.append(chunk.images)
-    writer.finish(files.labels[keep], [str(p) for p, k in zip(files.files, keep) if k])
+            write = write and (skip_bad_images or not unreadable)
+            if write:
+                writer.append(chunk.images)
+    if write:
+        writer.finish(files.labels[keep], [str(p) for p, k in zip(files.files, keep) if k])
     return unreadable
 
 
 def _unreadable_message(unreadable: list[tuple[str, str]], obtain: str, shown: int = 3) -> str:
     first = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:shown])
-    more = f" and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+    more = f" and {len(unreadable) - shown} more, each logged above" if len(unreadable) > shown else ""
     return (f"Cannot read {len(unreadable)} image{'s' * (len(unreadable) > 1)}: {first}{more}; replace "
             f"{'them' if len(unreadable) > 1 else 'it'} ({obtain}) or set dataset.skip_bad_images=true to leave "
             f"unreadable images out.")
 
 
-def _locate_files(listing: DatasetListing) -> None:
-    """Every listed file must be there before hours of decoding start. A file whose extension
-    differs only in case (a mirror's .jpg for the .JPG that Ebay_*.txt lists) stands in for it."""
-    missing, renamed = [], 0
-    for files in listing.splits().values():
-        for index, path in enumerate(files.files):
-            if path.is_file():
-                continue
-            variant = next((v for v in (path.with_suffix(path.suffix.lower()), path.with_suffix(path.suffix.upper()))
-                            if v != path and v.is_file()), None)
-            if variant is None:
-                missing.append(path)
-            else:
-                files.files[index], renamed = variant, renamed + 1
+def _located_files(listing: DatasetListing) -> dict[str, SplitFiles]:
+    """The listing's splits with every file found on disk, before hours of decoding start. A file
+    whose extension differs only in case (a mirror's .jpg for the .JPG that Ebay_*.txt lists)
+    stands in for it; the listing itself, whose names key the cache, is left as it is."""
+    located, missing, renamed = {}, [], 0
+    for split, files in listing.splits().items():
+        paths = []
+        for path in files.files:
+            if not path.is_file():
+                variant = next((v for v in (path.with_suffix(path.suffix.lower()), path.with_suffix(path.suffix.upper()))
+                                if v != path and v.is_file()), None)
+                if variant is None:
+                    missing.append(path)
+                else:
+                    path, renamed = variant, renamed + 1
+            paths.append(path)
+        located[split] = SplitFiles(paths, files.labels)
     if renamed:
         log.info("%s: %d files listed in %s end in another case on disk (e.g. .jpg for .JPG); reading those.",
                  listing.name, renamed, listing.source)
@@ -157,6 +164,7 @@ def _locate_files(listing: DatasetListing) -> None:
         raise DatasetError(
             f"{listing.name}: {len(missing)} of the {total} images listed in {listing.source} are missing under "
             f"{listing.root} (first: {first}), so the dataset is incomplete; {listing.obtain}.")
+    return located
 
 
 def _check_disk_space(listing: DatasetListing, base_size: int, cache_dir: Path) -> None:
