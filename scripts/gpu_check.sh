@@ -21,21 +21,12 @@ tier_limit="${AOMD_GPU_TESTS_TIMEOUT:-150}"
 for limit in "$check_seconds" "$tier_limit"; do
   [[ "$limit" =~ ^[0-9]+$ ]] || { echo "gpu_check: AOMD_GPU_CHECK_SECONDS and AOMD_GPU_TESTS_TIMEOUT are whole seconds, got '$limit'" >&2; exit 2; }
 done
-out="$(mkdir -p "${1:-gpu-check}" && cd "${1:-gpu-check}" && pwd)" || exit 2
-cd "$(dirname "$0")/.." || exit 2
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-# the benchmarks' dataset cache (unless AOMD_CACHE_DIR names one; the tests make their own) and the
-# inductor caches, in one scratch folder removed on exit: a compilation killed at a time limit can
-# leave a damaged file in a shared cache, which a later compilation then fails on
-scratch="$(mktemp -d)" || exit 2
-trap 'rm -rf "$scratch"' EXIT
-export AOMD_CACHE_DIR="${AOMD_CACHE_DIR:-$scratch/cache}" TORCHINDUCTOR_CACHE_DIR="$scratch/inductor"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
-  || { echo "gpu_check: no CUDA device is visible to PyTorch" >&2; exit 2; }
-
-status=0
+. "$(dirname "$0")/gpu_common.sh"
+gpu_script_start gpu_check "${1:-gpu-check}"
+# the benchmarks' dataset cache, unless AOMD_CACHE_DIR names one (the tests make their own)
+export AOMD_CACHE_DIR="${AOMD_CACHE_DIR:-$scratch/cache}"
 rm -f "$out"/tests.log "$out"/train_step.* "$out"/data_path.* "$out"/recipe.* "$out/times.tsv" "$out/summary.md"  # no figure of an earlier run in this summary
-# each part's seconds, for the summary: where a lease's minutes went
+# each part's seconds, for the summary: where the check's minutes went
 lap_start=$SECONDS
 lap() { printf '%s\t%s\n' "$1" $((SECONDS - lap_start)) >> "$out/times.tsv"; lap_start=$SECONDS; }
 # the tier's tests are small for a card and spend most of their time on the host (imports, entrypoint
@@ -46,7 +37,7 @@ if python -c "import xdist" 2>/dev/null; then
 else
   echo "ran one test at a time: pytest-xdist is not installed" | tee -a "$out/tests.log"
 fi
-# stopped at its limit, the tier leaves the benchmarks their share of the lease. Its tests of what
+# stopped at its limit, the tier leaves the benchmarks their share of the check. Its tests of what
 # changed since a card last ran the tier run first, so that a tier cut short has run those
 tier_deadline=$((SECONDS + tier_limit))
 not_yet_on_a_card="fused_adapters or holds_the_values or never_waits or samplers_draw or compiled_networks or channels_last_batches"
@@ -67,19 +58,18 @@ done
 lap "gpu test tier"
 # Each benchmark stops at its share of what is left of the check's budget (AOMD_GPU_CHECK_SECONDS),
 # keeping `reserve` seconds for the parts after it; a part out of time is skipped and says so
-# (scripts/gpu_budget.sh). In the order of what the open targets need most: the step / floor
+# (scripts/gpu_common.sh). In the order of what the open targets need most: the step / floor
 # ratios, the recipe, then the data path (met with a margin on both cards).
 budget="$check_seconds" budget_variable=AOMD_GPU_CHECK_SECONDS
-. scripts/gpu_budget.sh
 # each precision in a process of its own, its rows in 3 interleaved rounds (the script's docstring); the
 # rows the targets read (the floors, AOMD) and triplet, the student alone: the gpu tier trains every
 # loss option in every precision, and `python benchmarks/train_step.py` times them all, with the fp32
 # standard-layout baseline of the 1.8x target (met on both cards) that the check leaves out
-bench train_step.py 100 80 train_step.md python benchmarks/train_step.py --losses triplet,aomd_mode1,aomd_mode2 \
+bench train_step.py 100 90 train_step.md python benchmarks/train_step.py --losses triplet,aomd_mode1,aomd_mode2 \
   --precisions fp32,bf16 --no-contiguous-baseline --rounds 3 --steps 6 --warmup 2 --json "$out/train_step.json"
 lap "train_step.py"
 # an inductor cache of its own: the recipe's warm-up epoch compiles AOMD's fused adapters as a first job would
-bench recipe_epoch.py 90 35 recipe.md env TORCHINDUCTOR_CACHE_DIR="$scratch/inductor-recipe" python benchmarks/recipe_epoch.py \
+bench recipe_epoch.py 90 30 recipe.md env TORCHINDUCTOR_CACHE_DIR="$scratch/inductor-recipe" python benchmarks/recipe_epoch.py \
   --json "$out/recipe.json"
 lap "recipe_epoch.py"
 step_rates=()  # the bf16 AOMD step's rate, which the data path must exceed 1.5 times (without it, no verdict)

@@ -13,27 +13,18 @@
 #
 #     bash scripts/gpu_experiments.sh [OUT_DIR]        # default: gpu-experiments/
 #
-# Within AOMD_GPU_EXPERIMENTS_SECONDS (whole seconds, default 330: with the check's 340, one session's
-# 15 minutes of a lent card, its start included), each part within its share (scripts/gpu_budget.sh).
+# Within AOMD_GPU_EXPERIMENTS_SECONDS (whole seconds, default 330: with the check's 340 s, about 11
+# minutes, which a 15-minute GPU lease holds with the machine's start), each part within its share
+# (scripts/gpu_common.sh).
 # Writes OUT_DIR/summary.md and each benchmark's log and JSON. Exits 1 when a benchmark failed or was
 # cut short, 2 when there is no CUDA device.
 set -uo pipefail
 budget="${AOMD_GPU_EXPERIMENTS_SECONDS:-330}" budget_variable=AOMD_GPU_EXPERIMENTS_SECONDS
 [[ "$budget" =~ ^[0-9]+$ ]] || { echo "gpu_experiments: AOMD_GPU_EXPERIMENTS_SECONDS is whole seconds, got '$budget'" >&2; exit 2; }
-out="$(mkdir -p "${1:-gpu-experiments}" && cd "${1:-gpu-experiments}" && pwd)" || exit 2
-cd "$(dirname "$0")/.." || exit 2
+. "$(dirname "$0")/gpu_common.sh"
+gpu_script_start gpu_experiments "${1:-gpu-experiments}"
 rm -f "$out"/anatomy*.* "$out/summary.md"   # no figure of an earlier run in this summary
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-# an inductor cache of this run's own (scripts/gpu_check.sh says why), removed on exit
-scratch="$(mktemp -d)" || exit 2
-trap 'rm -rf "$scratch"' EXIT
-export TORCHINDUCTOR_CACHE_DIR="$scratch/inductor"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" \
-  || { echo "gpu_experiments: no CUDA device is visible to PyTorch" >&2; exit 2; }
-
-status=0
-. scripts/gpu_budget.sh
-bench step_anatomy.py 200 110 anatomy.md python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 \
+bench step_anatomy.py 170 120 anatomy.md python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 \
   --settings default,unfused_adapters --rounds 3 --steps 8 --warmup 2 --json "$out/anatomy.json"
 bench "step_anatomy.py (compiled)" 200 5 anatomy_compiled.md python benchmarks/step_anatomy.py --losses aomd_mode2 \
   --precisions bf16 --settings compiled,compiled_cl_inputs --rounds 2 --steps 8 --warmup 2 --json "$out/anatomy_compiled.json"

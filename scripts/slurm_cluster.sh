@@ -114,7 +114,7 @@ stop_recorded() {
 start_daemon() {  # start_daemon NAME COMMAND...: in the background, in its own session; record its PID
   local name="$1"
   shift
-  setsid "$@" </dev/null >>"$log/$name.out" 2>&1 &
+  setsid "$@" </dev/null >>"$log/$name.out" 2>&1 9>&- &   # 9: the start lock, not the daemon's to hold
   local pid=$!
   echo "$name $pid" >>"$pids"
   sleep 0.5
@@ -312,6 +312,9 @@ cluster_start() {
   stop_recorded  # what is left of an earlier start
   install_packages
   command -v setpriv >/dev/null || die "setpriv (util-linux) is needed to start munged as the munge user"
+  # two clusters starting at once would find the same ports free: one chooses and binds at a time
+  exec 9>"${TMPDIR:-/tmp}/aomd-slurm-cluster-start.lock" && flock -w 300 9 \
+    || die "another test cluster has been starting for 5 minutes (${TMPDIR:-/tmp}/aomd-slurm-cluster-start.lock)"
   write_config
   write_sacct
   write_env
@@ -320,6 +323,7 @@ cluster_start() {
   start_daemon slurmctld slurmctld -D -f "$conf"
   start_daemon slurmd slurmd -D -f "$conf"
   wait_for_node
+  flock -u 9 && exec 9>&-
   echo "$PROG: cluster up (partition $PARTITION); . $state/env to use it" >&2
 }
 

@@ -195,9 +195,10 @@ def test_a_gpu_check_out_of_time_skips_its_benchmarks_and_says_so(tmp_path):
 
 
 def test_a_gpu_check_benchmark_past_its_limit_is_stopped_and_the_others_still_run(tmp_path):
-    """A budget of 110 s leaves train_step.py 30 s (80 kept for the parts after it): past them it
-    is stopped, the summary says so, and the other benchmarks still give their verdicts."""
-    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, AOMD_GPU_CHECK_SECONDS="110",
+    """A budget of 140 s leaves train_step.py 30 s (90 kept for the parts after it, 20 for its own
+    stop): past them it is stopped, the summary says so, and the other benchmarks still give their
+    verdicts."""
+    result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, AOMD_GPU_CHECK_SECONDS="140",
                                                SLOW="train_step.py")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "- train_step.py: stopped at its limit of 30 s" in summary and "verdict of train_step.py" not in summary
