@@ -45,6 +45,23 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert torch.allclose(loaded(images), model(images), atol=1e-6)
 
 
+def test_a_checkpoint_saved_from_a_card_loads_on_a_machine_without_one(tmp_path, monkeypatch):
+    """Tensors saved from a card are tagged with it in the file (as the ones of a checkpoint
+    written by an older version, or by hand, may be): `aomd.load_model` maps them to the CPU."""
+    model = EmbeddingNet("resnet18", 16).eval()
+    path = tmp_path / "best.pt"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        save_checkpoint(path, model, metrics={"epoch": 1})
+    if not torch.cuda.is_available():  # the file is what a card writes: a plain load fails here
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            torch.load(path, weights_only=True)
+    loaded = aomd.load_model(path)
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values() if isinstance(t, torch.Tensor))
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(loaded(images), model(images), atol=1e-6)
+
+
 @pytest.fixture
 def released(monkeypatch):
     """An event that `CheckpointWriter`'s writes wait for (at most 10 s) before they start."""
