@@ -236,7 +236,8 @@ def read_table(path: Path, columns: int, *, header: bool = False, obtain: str) -
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first field
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"Cannot read {path} ({error}); {obtain}.") from None
-    if header and lines and lines[0].split()[:1] and lines[0].split()[0].isdigit():
+    first_field = lines[0].split()[:1] if lines else []
+    if header and first_field and first_field[0].isdigit():
         header = False  # a copy without its header line (a number where a column name is) loses no image
     rows = []
     for number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
