@@ -46,47 +46,6 @@ def tiny_data(tmp_path_factory):
                           cache_dir=tmp_path_factory.mktemp("gpu-tier-cache"))
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("loss", LOSSES)
-def test_every_loss_trains_and_evaluates_on_the_device(loss, precision, tiny_data, tmp_path):
-    # no loader workers: thirty forks of a CUDA process add minutes to a short lease, and the
-    # tier's entrypoint runs and the data-path benchmark run the workers
-    # fp16: the gradient scaler starts at 2^16 and halves at each overflow, skipping that step; the
-    # distillation terms' gradients (AOMD's weight is 2e2) overflow until it reaches a few units,
-    # about 15 steps on this data: the epoch trains past them
-    steps = 20 if precision == "fp16" else 2
-    cfg = validate(compose(*TINY, f"loss={loss}", "logger=none", f"train.device={DEVICE}", f"train.precision={precision}",
-                           "train.num_workers=0", f"train.iters_per_epoch={steps}"))
-    runtime = Runtime.from_train(cfg.train)
-    assert runtime.precision == precision and runtime.device.type == torch.device(DEVICE).type
-    runtime.seed_everything(0)
-    student = EmbeddingNet("resnet18", cfg.embedding_size, cfg.l2normalize, False)
-    teacher = EmbeddingNet("resnet50", 64, True, False).eval() if Objective.distils(cfg.loss) else None
-    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
-    initial = [parameter.detach().clone() for parameter in student.parameters()]
-    records = []
-    fit(student, objective, tiny_data, cfg.train, cfg.eval, runtime, tmp_path, lambda record, is_best: records.append(record), teacher)
-    assert [r["epoch"] for r in records] == [0, 1]
-    trained = records[1]
-    terms = [key for key in trained if key.startswith("loss/")]
-    assert terms and all(math.isfinite(trained[key]) for key in ["loss", *terms]), trained
-    # it trained: most parameters moved (a step the scaler skips moves none; a zero-initialised bias that
-    # no gradient reaches stays, as layer4's BN biases under AT, whose 1x1 stage-4 maps at 32 px give
-    # a constant attention map), and they stayed finite
-    unchanged = [i for i, (before, after) in enumerate(zip(initial, student.parameters())) if torch.equal(before, after.detach().cpu())]
-    assert len(unchanged) < len(initial) / 4, f"{len(unchanged)} of {len(initial)} parameters did not change"
-    assert all(torch.isfinite(parameter).all() for parameter in student.parameters())
-    # the evaluation's embeddings, in the training precision, are finite (Recall@K of NaN embeddings is still a number)
-    embeddings, _ = Evaluator(tiny_data.test, tiny_data.image_size, cfg.eval, runtime).embed(student)
-    assert torch.isfinite(embeddings).all()
-    assert 0 <= trained["recall@1"] <= 1
-    for module in (student, objective, *([teacher] if teacher is not None else [])):
-        assert all(p.device.type == runtime.device.type for p in module.parameters())
-    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    tensors = [t for t in saved["model"].values() if isinstance(t, torch.Tensor)]  # not the extra state (a dict)
-    assert tensors and all(t.device.type == "cpu" for t in tensors)
-
-
 def test_teacher_is_trained_on_the_device_then_distilled(tmp_path):
     """A fresh cache: the managed teacher is trained on the device, evaluated there, then distilled."""
     env = {"AOMD_CACHE_DIR": str(tmp_path / "cache")}
@@ -350,3 +309,47 @@ def test_samplers_draw_the_same_triplets_from_labels_on_the_host(name):
         assert host.device == embeddings.device
         assert torch.equal(host, device)
     assert len(drawn[0][0]) > 0
+
+
+# Last in the file: pytest-xdist hands out tests in file order, so the long runs above start first and
+# these thirty short ones fill the workers' ends (the longest first packs parallel workers tightest:
+# the tier ends sooner, and one stopped at its limit in scripts/gpu_check.sh has run the long ones).
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_trains_and_evaluates_on_the_device(loss, precision, tiny_data, tmp_path):
+    # no loader workers: thirty forks of a CUDA process add minutes to a short lease, and the
+    # tier's entrypoint runs and the data-path benchmark run the workers
+    # fp16: the gradient scaler starts at 2^16 and halves at each overflow, skipping that step; the
+    # distillation terms' gradients (AOMD's weight is 2e2) overflow until it reaches a few units,
+    # about 15 steps on this data: the epoch trains past them
+    steps = 20 if precision == "fp16" else 2
+    cfg = validate(compose(*TINY, f"loss={loss}", "logger=none", f"train.device={DEVICE}", f"train.precision={precision}",
+                           "train.num_workers=0", f"train.iters_per_epoch={steps}"))
+    runtime = Runtime.from_train(cfg.train)
+    assert runtime.precision == precision and runtime.device.type == torch.device(DEVICE).type
+    runtime.seed_everything(0)
+    student = EmbeddingNet("resnet18", cfg.embedding_size, cfg.l2normalize, False)
+    teacher = EmbeddingNet("resnet50", 64, True, False).eval() if Objective.distils(cfg.loss) else None
+    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+    initial = [parameter.detach().clone() for parameter in student.parameters()]
+    records = []
+    fit(student, objective, tiny_data, cfg.train, cfg.eval, runtime, tmp_path, lambda record, is_best: records.append(record), teacher)
+    assert [r["epoch"] for r in records] == [0, 1]
+    trained = records[1]
+    terms = [key for key in trained if key.startswith("loss/")]
+    assert terms and all(math.isfinite(trained[key]) for key in ["loss", *terms]), trained
+    # it trained: most parameters moved (a step the scaler skips moves none; a zero-initialised bias that
+    # no gradient reaches stays, as layer4's BN biases under AT, whose 1x1 stage-4 maps at 32 px give
+    # a constant attention map), and they stayed finite
+    unchanged = [i for i, (before, after) in enumerate(zip(initial, student.parameters())) if torch.equal(before, after.detach().cpu())]
+    assert len(unchanged) < len(initial) / 4, f"{len(unchanged)} of {len(initial)} parameters did not change"
+    assert all(torch.isfinite(parameter).all() for parameter in student.parameters())
+    # the evaluation's embeddings, in the training precision, are finite (Recall@K of NaN embeddings is still a number)
+    embeddings, _ = Evaluator(tiny_data.test, tiny_data.image_size, cfg.eval, runtime).embed(student)
+    assert torch.isfinite(embeddings).all()
+    assert 0 <= trained["recall@1"] <= 1
+    for module in (student, objective, *([teacher] if teacher is not None else [])):
+        assert all(p.device.type == runtime.device.type for p in module.parameters())
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    tensors = [t for t in saved["model"].values() if isinstance(t, torch.Tensor)]  # not the extra state (a dict)
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
