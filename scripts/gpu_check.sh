@@ -48,7 +48,7 @@ for pass in "$not_yet_on_a_card" "not ($not_yet_on_a_card)"; do
     echo "stopped by the tier's limit of $tier_limit s (AOMD_GPU_TESTS_TIMEOUT) before -k \"$pass\"" | tee -a "$out/tests.log"
     status=1; continue
   fi
-  timeout -k 20 "$left" python -m pytest tests/test_gpu.py -m gpu -k "$pass" -q -rs -p no:cacheprovider --durations=8 \
+  timeout -k "$KILL_GRACE" "$left" python -m pytest tests/test_gpu.py -m gpu -k "$pass" -q -rs -p no:cacheprovider --durations=8 \
     ${parallel[@]+"${parallel[@]}"} 2>&1 | tee -a "$out/tests.log"
   tier_status="${PIPESTATUS[0]}"
   [ "$tier_status" -eq 0 ] || status=1

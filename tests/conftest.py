@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,22 +73,14 @@ def _isolated_environment(monkeypatch, cache_dir):
     _isolate(monkeypatch, cache_dir)  # again for each test: what a test before it changed is undone
 
 
-def _torch_settings() -> tuple:
-    import torch
-
-    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
-
-
-_TORCH_SETTINGS_AT_START = _torch_settings()
+_TORCH_SETTINGS_AT_START = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                            torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
 
 
 @pytest.fixture(autouse=True)
 def _torch_settings_restored():
     """A job's `Runtime.seed_everything` sets torch's process-wide kernel choices: after each test
     they are those the process started with, whichever tests (or their fixtures) ran before."""
-    import torch
-
     yield
     deterministic, warn_only, fill, benchmark = _TORCH_SETTINGS_AT_START
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
