@@ -114,6 +114,25 @@ def test_rkd_angle():
     assert RKDAngleLoss()(t, s).item() == pytest.approx(expected, rel=1e-7)
 
 
+
+def test_rkd_angle_gradient_with_two_equal_student_embeddings():
+    """Two equal student embeddings (not equal in the teacher) make a zero difference, whose
+    cosines are constants: the gradient is the one of the looped definition, not 1/eps times it."""
+    t, s = emb(8, 0), emb(4, 1)
+    s[1] = s[0]
+    s.requires_grad_(True)
+    RKDAngleLoss()(t, s).backward()
+    looped = s.detach().clone().requires_grad_(True)
+    def cos(e, i, j, k):
+        u, v = e[i] - e[j], e[k] - e[j]
+        if u.detach().norm() == 0 or v.detach().norm() == 0:
+            return torch.zeros((), dtype=e.dtype)
+        return u @ v / (u.norm() * v.norm())
+    loss = sum(F.smooth_l1_loss(cos(looped, i, j, k), cos(t, i, j, k)) for i in range(N) for j in range(N) for k in range(N)) / N**3
+    loss.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max() < 1
+    torch.testing.assert_close(s.grad, looped.grad)
+
 STUDENT = NetworkShape((4, 8, 16, 32), 6)
 TEACHER = NetworkShape((8, 16, 32, 64), 10)
 

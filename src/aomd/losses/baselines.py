@@ -117,11 +117,18 @@ class RKDDistanceLoss(nn.Module):
 
 class RKDAngleLoss(nn.Module):
     """RKD-A: for every triple (i, j, k), cos of the angle at j between the unit vectors
-    (e_i - e_j) and (e_k - e_j); smooth-L1 (mean over all N^3 triples) between student and teacher."""
+    (e_i - e_j) and (e_k - e_j); smooth-L1 (mean over all N^3 triples) between student and teacher.
+    A zero difference (i = j, or two equal embeddings) has no direction: its cosines are 0."""
 
     @staticmethod
     def angles(e: torch.Tensor) -> torch.Tensor:
-        unit = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # unit[j, i] = (e_i - e_j) / |.|
+        difference = e[None, :, :] - e[:, None, :]  # difference[j, i] = e_i - e_j
+        norm = difference.norm(dim=2, keepdim=True)
+        # A zero difference's cosines are constants, without gradient. Dividing by a small eps
+        # instead (F.normalize) gives it cosines of 0 too, but a gradient 1/eps = 1e12 times the
+        # loss's whenever the student holds two equal embeddings that the teacher does not.
+        nonzero = norm > 0
+        unit = torch.where(nonzero, difference / torch.where(nonzero, norm, 1.0), 0.0)
         return torch.bmm(unit, unit.transpose(1, 2))  # [j, i, k]
 
     def forward(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
