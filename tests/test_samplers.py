@@ -137,6 +137,22 @@ def test_distance_weighted_weights_underflow_as_the_reference_where_a_positive_i
     assert weights[2, 0] > 0.99  # overlapping distances: at 512-d the nearest negative (0.7) takes nearly all
 
 
+def test_distance_weighted_weights_sum_to_one_when_all_are_subnormal():
+    """Tight 128-d clusters: every negative is far beyond the anchor's positives, so the weights
+    left are subnormal floats (their sums about 1e-38); each anchor's row still sums to 1."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 128, generator=g)
+    labels = torch.arange(64) // 8
+    e = torch.nn.functional.normalize(centres[labels] + 0.02 * torch.randn(64, 128, generator=g), dim=1)
+    dist, negative = torch.cdist(e, e), labels[:, None] != labels[None, :]
+    weights = DistanceWeightedNegatives().weights(dist, negative, 128)
+    s = dist.masked_fill(torch.eye(64, dtype=torch.bool), 1.0).clamp(0.5, 1.999)
+    log_w = -126 * s.log() - 62.5 * (1 - s.pow(2) / 4).log()
+    raw = (log_w - log_w.max(1, keepdim=True).values).exp() * (negative & (dist < 1.4))
+    assert (raw.sum(1) > 0).all() and (raw.sum(1) < 1e-30).all()  # the case: no row empty, every sum tiny
+    torch.testing.assert_close(weights.sum(1), torch.ones(64))
+    assert (weights[~negative] == 0).all()
+
 def test_distance_weighted_draws_follow_the_weights():
     torch.manual_seed(1)
     e = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)

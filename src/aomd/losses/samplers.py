@@ -4,8 +4,8 @@ A sampler takes embeddings [N, D] and labels [N] and returns three index tensors
 (anchors, positives, negatives) of equal length T, one entry per triplet, on the embeddings'
 device. Anchor-positive pairs are every ordered pair (a, p) with y_a = y_p and a != p (those of an
 anchor without any negative are dropped); the sampler chooses negatives n (y_n != y_a) for them.
-Distances are those of the loss (L2, or L1 for the L1 triplet; always L2 for distance-weighted
-sampling) and computed without gradient.
+Distances are L2, for the L1 triplet loss too (as the reference's samplers), and computed without
+gradient.
 
 Nothing here waits for an accelerator: the pairs depend on the labels alone and are found where the
 labels are (the training step keeps them on the host, `aomd.data.loader.to_device`), and the
@@ -118,7 +118,7 @@ class DistanceWeightedNegatives(NegativeSampler):
         return super().forward(F.normalize(embeddings.detach().float(), dim=1), labels)
 
     def weights(self, dist: torch.Tensor, negative_mask: torch.Tensor, dim: int) -> torch.Tensor:
-        """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows)."""
+        """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows); each row sums to 1."""
         dist = dist.float()  # which weights underflow is part of the recipe: float32's, as the reference's
         itself = torch.eye(len(dist), dtype=torch.bool, device=dist.device)
         s = dist.masked_fill(itself, 1.0).clamp(min=self.cutoff, max=1.999)  # max: log(1 - s^2/4) stays finite
@@ -132,7 +132,11 @@ class DistanceWeightedNegatives(NegativeSampler):
         weights = weights * (negative_mask & (dist < self.nonzero_loss_cutoff))
         empty = weights.sum(1, keepdim=True) == 0
         weights = torch.where(empty, negative_mask.float(), weights)  # no weight left: uniform over negatives
-        return weights / weights.sum(1, keepdim=True).clamp(min=1e-30)
+        # The weights left may all be subnormal (every negative far beyond a positive, as at 128-d
+        # with tight clusters): their sum is then below any fixed clamp. Scaling each row to a
+        # maximum of 1 first makes every sum at least 1; the draws do not depend on a row's scale.
+        weights = weights / weights.amax(1, keepdim=True)
+        return weights / weights.sum(1, keepdim=True)
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
         return _one_per_pair(self.weights(dist, negative_mask, dim)[anchors], anchors, positives)
