@@ -10,7 +10,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from aomd.data import RetrievalData
 from aomd.data.augment import centre_crop, input_spec, normalise, train_transform
@@ -24,6 +23,7 @@ from aomd.models import EmbeddingNet
 from aomd.models.checkpoint import CheckpointWriter
 from aomd import preemption
 from aomd.preemption import StopSignals
+from aomd.progress import progress_bar
 from aomd import resume as resume_state
 from aomd.runtime import InferenceGraph, Runtime, is_compiled
 from aomd.schema import EvalSchema, TrainSchema
@@ -98,8 +98,8 @@ class Evaluator:
         compiled = is_compiled(model)
         embeddings, labels = [], []
         try:
-            for crops, batch_labels in tqdm(self._crop_batches(), desc=desc, total=len(self.loader), leave=False, unit="img",
-                                            unit_scale=self.eval_spec.batch_size, disable=None if self.progress else True):
+            for crops, batch_labels in progress_bar(self._crop_batches(), enabled=self.progress, desc=desc, total=len(self.loader),
+                                                    leave=False, unit="img", unit_scale=self.eval_spec.batch_size):
                 if should_stop is not None and should_stop():
                     raise EvaluationStopped()
                 count = len(crops)
@@ -401,9 +401,9 @@ def fit(
                 upcoming = epoch_batches(loader, skip=steps_done)
             (epoch_start, batches), upcoming = upcoming, None
             started = time.perf_counter()
-            bar = tqdm(to_device(batches, device, labels_on_host=True), desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch,
-                       initial=steps_done, leave=False, unit="img", unit_scale=train.batch_size,
-                       disable=None if train.progress else True)
+            bar = progress_bar(to_device(batches, device, labels_on_host=True), enabled=train.progress,
+                               desc=f"epoch {epoch}/{train.epochs}", total=train.iters_per_epoch, initial=steps_done,
+                               leave=False, unit="img", unit_scale=train.batch_size)
             lr = learning_rate(train.lr, train.lr_decay_epochs, train.lr_decay_gamma, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -422,7 +422,7 @@ def fit(
                     if train.progress and index % 10 == 0:
                         # the loss of ten steps ago is long computed: reading it does not stall the device
                         if shown is not None:
-                            bar.set_postfix(loss=f"{shown.item():.4f}")
+                            bar.set_postfix(loss=f"{shown.item():.4f}", refresh=False)  # shown at the bar's next update
                         shown = loss
             except torch.OutOfMemoryError as error:
                 hint = " (or eval.keep_crops=false to free the kept evaluation crops)" if keep_crops else ""

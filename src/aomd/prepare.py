@@ -21,7 +21,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from aomd.build import instantiate_node
 from aomd.cli import run_task, start
@@ -30,6 +29,7 @@ from aomd.data.benchmarks import ARCHIVES
 from aomd.data.cache import H5Images
 from aomd.data.errors import DatasetError
 from aomd.data.splits import ImageSplit, RetrievalData
+from aomd.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ READ_CHUNK = 256  # images read back at once when verifying
 
 def md5sum(path: Path, progress: bool) -> str:
     digest = hashlib.md5()
-    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"md5 {path.name}",
-                                    leave=False, disable=None if progress else True) as bar:
+    with path.open("rb") as f, progress_bar(enabled=progress, total=path.stat().st_size, unit="B", unit_scale=True,
+                                            desc=f"md5 {path.name}", leave=False) as bar:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
             bar.update(len(block))
@@ -73,8 +73,7 @@ def check_archives(name: str, root: Path | None, progress: bool) -> list[str]:
 def verify_split(split_name: str, split: ImageSplit, progress: bool) -> None:
     """Read every image of a cached split back, so a damaged cache file fails here, not mid-sweep."""
     n = len(split)
-    for first in tqdm(range(0, n, READ_CHUNK), desc=f"verifying {split_name}", leave=False,
-                      disable=None if progress else True):
+    for first in progress_bar(range(0, n, READ_CHUNK), enabled=progress, desc=f"verifying {split_name}", leave=False):
         images = np.asarray(split.images[first : min(first + READ_CHUNK, n)])
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise DatasetError(f"The cached {split_name} images have dtype {images.dtype} and shape {images.shape} "

@@ -18,8 +18,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from aomd.progress import progress_bar
 from aomd.runtime import usable_cpus
 
 # what counts as an image file in class folders (compared lower-case: SOP's files end in .JPG)
@@ -111,7 +111,7 @@ def decode_all(
     paths = [str(p) for p in paths]
     workers = usable_cpus() if workers is None else workers  # decode processes
     starts = iter(range(0, len(paths), chunk_size))
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True) as bar:
+    with progress_bar(enabled=progress, total=len(paths), desc=desc, unit="img") as bar:
         if workers <= 1 or len(paths) <= chunk_size:
             for start in starts:
                 chunk = paths[start : start + chunk_size]
