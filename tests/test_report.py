@@ -32,7 +32,7 @@ def write_job(sweep: Path, name: str, overrides: list[str], *, loss: str = "trip
               "loss": {"_target_": "aomd.losses.Objective", "aomd_ratio": aomd_ratio, "mode": mode},
               "dataset": {"_target_": "aomd.data.synthetic.load_synthetic"}}
     (hydra_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    hydra = {"hydra": {"runtime": {"choices": {"loss": loss, "dataset": "synthetic"}}, "job": {"num": name}}}
+    hydra = {"hydra": {"runtime": {"choices": {"loss": loss, "dataset": "synthetic"}}, "job": {"name": "train", "num": name}}}
     (hydra_dir / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if write_metrics:
         best = None if metrics is None else {"epoch": 3, "loss": 0.25, **metrics}
@@ -182,6 +182,20 @@ def test_read_sweep_rejects_a_missing_or_empty_directory(tmp_path: Path):
     with pytest.raises(report.ReportError, match="no job folders"):
         read_sweep(tmp_path / "empty")
 
+
+def test_run_folders_of_prepare_and_evaluate_are_not_jobs(tmp_path: Path):
+    """`outputs/` holds the run folders of aomd.prepare and aomd.evaluate beside training runs:
+    the report of `outputs/` lists the training runs alone, not the others as crashed jobs."""
+    outputs = tmp_path / "outputs"
+    write_job(outputs, "2026-11-27/10-00-00", ["loss=triplet"], metrics=m(0.5, 0.6, 0.2))
+    for task, folder in (("prepare", "2026-11-27/09-00-00"), ("evaluate", "evaluate/2026-11-27/11-00-00")):
+        job = write_job(outputs, folder, ["dataset.root=/data"], write_metrics=False)
+        hydra = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())
+        hydra["hydra"]["job"]["name"] = task
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    assert [job.name for job in read_sweep(outputs)] == ["2026-11-27/10-00-00"]
+    with pytest.raises(report.ReportError, match="no job folders"):
+        read_sweep(outputs / "evaluate")
 
 def test_a_single_run_folder_is_a_sweep_of_one(tmp_path: Path):
     job = write_job(tmp_path, "run", ["loss=triplet"], metrics=m(0.5, 0.6, 0.2))

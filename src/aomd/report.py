@@ -11,7 +11,8 @@ Reads every job of a multirun sweep directory and writes, into the sweep directo
 
 The table is printed to stdout as well. See docs/report.md for the user's side.
 
-What is read, per job folder `<sweep dir>/<job>/` (a folder holding `.hydra/` or `metrics.json`):
+What is read, per job folder `<sweep dir>/<job>/` (a folder holding `.hydra/` or `metrics.json`,
+not one of `aomd.prepare` or `aomd.evaluate`):
   `.hydra/overrides.yaml`  the job's command-line overrides (a YAML list of "key=value");
   `.hydra/config.yaml`     its resolved config (`loss.aomd_ratio`, `loss.mode`, `train.seed`);
   `.hydra/hydra.yaml`      `hydra.runtime.choices.loss` (the loss option) and `hydra.job.num`;
@@ -51,6 +52,7 @@ BARS_PLOT = "baselines.png"
 MISSING = "missing"        # no metrics.json: the job crashed before training started, or never ran
 UNREADABLE = "unreadable"  # a file of the job could not be parsed
 NO_RESULT = "no result"    # finished, but no epoch was evaluated
+OTHER_TASKS = ("prepare", "evaluate")  # entrypoints whose run folders hold no training job
 
 
 class ReportError(UserError):
@@ -101,15 +103,26 @@ def config_overrides(overrides: Iterable[str]) -> tuple[str, ...]:
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
     """Job folders under `sweep_dir` (Hydra's subdir is the job number by default, but may be any
     path): folders holding `.hydra/` or `metrics.json`, in natural order ("2" before "10").
-    A single run's folder counts as a sweep of one job."""
+    A single run's folder counts as a sweep of one job. Folders of `OTHER_TASKS` (`aomd.prepare`
+    and `aomd.evaluate` write theirs under `outputs/` too) are not jobs."""
     found = []
     for root, dirs, files in os.walk(sweep_dir):
         if ".hydra" in dirs or METRICS_FILE in files:
-            found.append(Path(root))
+            if task_name(Path(root)) not in OTHER_TASKS:
+                found.append(Path(root))
             dirs[:] = []  # jobs do not nest; do not walk their checkpoints and wandb folders
         else:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
     return sorted(found, key=lambda p: _natural_key(p.relative_to(sweep_dir).as_posix()))
+
+
+def task_name(folder: Path) -> str | None:
+    """The Hydra job name (the entrypoint: "train", "prepare", "evaluate") a run folder's
+    `.hydra/hydra.yaml` records; None without a readable one."""
+    try:
+        return _get(_load_yaml(folder / ".hydra" / "hydra.yaml"), "hydra.job.name")
+    except (OSError, yaml.YAMLError):
+        return None  # read_job reports it
 
 
 def _natural_key(text: str) -> list:
