@@ -271,3 +271,10 @@ def test_the_data_is_checked_against_the_recipe_before_training(tmp_path, overri
     cfg = validate(compose("dataset.base_size=36", "dataset.image_size=32", f"dataset.cache_dir={tmp_path}", *overrides))
     with pytest.raises(ConfigError, match=message):
         load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
+
+
+@pytest.mark.parametrize("dataset", ["cars196", "cub200", "sop", "folder"])
+def test_a_dataset_without_its_root_names_the_key_with_an_example_of_that_dataset(dataset):
+    with pytest.raises(ConfigError, match=rf"^dataset.root is not set: pass the folder that holds the dataset, "
+                                          rf"e.g. dataset.root=/data/{dataset} \(the layouts"):
+        validate(compose(f"dataset={dataset}"))

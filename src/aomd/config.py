@@ -197,7 +197,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(_composition_error(error)) from None
     if "dataset.root" in missing:
-        raise ConfigError("dataset.root is not set: pass the folder that holds the dataset, e.g. dataset.root=/data/cub200 "
+        name = str(cfg.dataset.get("_target_", "")).rsplit(".", 1)[-1].removeprefix("load_") or "my_dataset"
+        raise ConfigError(f"dataset.root is not set: pass the folder that holds the dataset, e.g. dataset.root=/data/{name} "
                           "(the layouts each dataset accepts are in docs/datasets.md).")
     if missing:
         raise ConfigError(f"`{missing[0]}` has no value; set it on the command line, e.g. {missing[0]}=<value>.")
