@@ -85,6 +85,26 @@ def test_evaluate_names_the_dataset_overrides_of_the_training_run():
     assert dataset_differences(None, evaluated) == []  # a checkpoint kept outside its run folder
 
 
+def test_evaluate_names_other_image_sizes_and_other_data_together():
+    """Other crops and other classes than the training run's: both are said, and the overrides
+    to pass are all of them, the sizes included."""
+    from aomd.evaluate import mismatch_warnings
+
+    trained = {"_target_": "aomd.data.synthetic.load_synthetic", "num_classes": 12, "image_size": 32, "base_size": 40}
+    trained_on = {"dataset": "synthetic", "base_size": 40, "image_size": 32}
+    evaluated = {**trained, "num_classes": 100, "image_size": 56, "base_size": 72}
+    sizes, overrides = mismatch_warnings("best.pt", trained_on, {"dataset": "synthetic", "base_size": 72, "image_size": 56},
+                                         trained, evaluated)
+    assert sizes == ("best.pt was trained on synthetic images of 40 px cropped to 32 px; this evaluation reads synthetic at "
+                     "72 px cropped to 56 px (dataset.base_size, dataset.image_size).")
+    assert overrides == ("best.pt was trained with other dataset settings than this evaluation's: pass dataset.base_size=40 "
+                         "dataset.image_size=32 dataset.num_classes=12 to evaluate on the data it was trained on.")
+    assert mismatch_warnings("best.pt", trained_on, trained_on, trained, trained) == []
+    # another dataset (transfer): the sizes alone, no overrides of the other dataset's keys
+    assert len(mismatch_warnings("best.pt", trained_on, {**trained_on, "dataset": "cars196"}, trained,
+                                 {**evaluated, "_target_": "aomd.data.benchmarks.load_cars196"})) == 1
+
+
 def test_load_model_embeds_a_batch_of_image_files(short_run, tmp_path):
     """What a user of aomd.load_model does: files -> aomd.preprocess at the sizes the checkpoint
     records -> embeddings; the batch is the evaluation's (resize, centre crop, normalisation)."""

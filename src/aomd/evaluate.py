@@ -32,16 +32,9 @@ def evaluate(cfg: DictConfig) -> float:
     data = load_data(cfg.dataset, None, cfg.eval)
     trained_on = model.input or {}
     expected = {"dataset": data.name, "base_size": data.base_size, "image_size": data.image_size}
-    if trained_on and any(trained_on.get(key) != value for key, value in expected.items()):
-        # another dataset may be the point (transfer); other sizes rarely are
-        log.warning("%s was trained on %s images of %d px cropped to %d px; this evaluation reads %s at %d px cropped "
-                    "to %d px (dataset.base_size, dataset.image_size).", cfg.checkpoint, trained_on.get("dataset"),
-                    trained_on.get("base_size"), trained_on.get("image_size"), *expected.values())
-    else:
-        differences = dataset_differences(training_dataset(Path(cfg.checkpoint)), OmegaConf.to_container(cfg.dataset, resolve=True))
-        if differences:
-            log.warning("%s was trained with other dataset settings than this evaluation's: pass %s to evaluate on the "
-                        "data it was trained on.", cfg.checkpoint, " ".join(differences))
+    for warning in mismatch_warnings(cfg.checkpoint, trained_on, expected, training_dataset(Path(cfg.checkpoint)),
+                                     OmegaConf.to_container(cfg.dataset, resolve=True)):
+        log.warning(warning)
     metrics = evaluate_split(model, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
     output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "evaluation.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +51,24 @@ def evaluate(cfg: DictConfig) -> float:
 
 # dataset keys that say where and how the data is read, not which data it is
 READING_KEYS = {"cache_dir", "in_memory", "decode_workers", "progress"}
+
+
+def mismatch_warnings(checkpoint: str, trained_on: dict, expected: dict, trained: dict | None, evaluated: dict) -> list[str]:
+    """What differs between the data `checkpoint` was trained on and this evaluation's, each
+    difference said once: the images (`trained_on`, recorded in the checkpoint, against
+    `expected`: dataset name, base_size, image_size), then the overrides that give the evaluation
+    the training run's data (from the run's `dataset` settings `trained`, against `evaluated`)."""
+    warnings = []
+    if trained_on and any(trained_on.get(key) != value for key, value in expected.items()):
+        # another dataset may be the point (transfer); other sizes rarely are
+        warnings.append(f"{checkpoint} was trained on {trained_on.get('dataset')} images of {trained_on.get('base_size')} px "
+                        f"cropped to {trained_on.get('image_size')} px; this evaluation reads {expected['dataset']} at "
+                        f"{expected['base_size']} px cropped to {expected['image_size']} px (dataset.base_size, dataset.image_size).")
+    differences = dataset_differences(trained, evaluated)
+    if differences:
+        warnings.append(f"{checkpoint} was trained with other dataset settings than this evaluation's: pass "
+                        f"{' '.join(differences)} to evaluate on the data it was trained on.")
+    return warnings
 
 
 def training_dataset(checkpoint: Path) -> dict | None:
