@@ -1,4 +1,5 @@
 """Config composition, validation, and bad input reported as one line without a traceback."""
+import json
 import re
 
 import pytest
@@ -125,12 +126,28 @@ def assert_one_line_error(result, *fragments):
 @pytest.mark.parametrize("overrides, fragments", [
     (["loss=foo"], ["unknown loss option 'foo'", "aomd_mode2", "triplet"]),  # before Hydra starts
     (["eval.recall_k=[1,5000]"], ["eval.recall_k", "test split has only"]),  # once the data is there
-    (["loss=aomd_mode2", "teacher.checkpoint=/nonexistent/teacher.pt"], ["/nonexistent/teacher.pt does not exist"]),
+    # before the data is read: the job claims no record
+    (["loss=aomd_mode2", "teacher.checkpoint=/nonexistent/teacher.pt"],
+     ["teacher.checkpoint: Checkpoint /nonexistent/teacher.pt does not exist"]),
 ])
 def test_bad_input_exits_with_one_line(tmp_path, overrides, fragments):
     result = run_module("aomd.train", "logger=none", "train.progress=false", "dataset.num_classes=24",
                         "dataset.images_per_class=8", f"hydra.run.dir={tmp_path}", *overrides)
     assert_one_line_error(result, *fragments)
+    if "teacher.checkpoint" in fragments[0]:
+        assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_single_run_failing_after_it_claimed_its_folder_records_the_failure(tmp_path):
+    """Attention Transfer between a GoogLeNet teacher and a ResNet18 student at 40 px fails when
+    the objective is built, after the data is read and the job's metrics.json written: the
+    record says failed, with the error, not "running" for good."""
+    result = run_module("aomd.train", "logger=none", "train.progress=false", "dataset.num_classes=24",
+                        "dataset.images_per_class=8", "dataset.base_size=40", "dataset.image_size=40", "loss=at",
+                        "teacher.backbone=googlenet", f"hydra.run.dir={tmp_path}")
+    assert_one_line_error(result, "Attention Transfer compares stages 2-4 of equal spatial sizes")
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed" and "Attention Transfer compares stages 2-4" in record["error"]
 
 
 @pytest.mark.parametrize("overrides, fragments", [

@@ -20,7 +20,7 @@ from aomd.data import RetrievalData
 from aomd.errors import ConfigError, cannot_write
 from aomd.jobs import train_network
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
-from aomd.models.checkpoint import check_architecture
+from aomd.models.checkpoint import CheckpointError, check_architecture
 from aomd.records import content_digest, finished_record, read_record, unfinished_run_id
 from aomd.runtime import Runtime
 from aomd.tracking import RunInfo
@@ -146,6 +146,19 @@ def earlier_version_teacher(cfg: DictConfig, files_digest: str) -> Path | None:
     `files_digest` joined the teacher's identity gave it, if there is one: it may have been
     trained on other files, so it is named to the user, never used unasked."""
     return finished_teacher(default_teacher_dir(cfg)) if files_digest else None
+
+
+def check_given_teacher(cfg: DictConfig) -> None:
+    """Raise a clear error, before any data is read, when `teacher.checkpoint` is set but is not a
+    checkpoint of the configured teacher architecture."""
+    if not cfg.teacher.checkpoint:
+        return
+    path = Path(cfg.teacher.checkpoint).expanduser()
+    try:
+        payload = read_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"teacher.checkpoint: {error}") from None
+    check_architecture(payload, teacher_architecture(cfg), "teacher", path)
 
 
 def load_teacher(cfg: DictConfig, teacher: EmbeddingNet, data: RetrievalData, runtime: Runtime) -> Path:

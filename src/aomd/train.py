@@ -24,9 +24,9 @@ from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
 from aomd import preemption, resume
 from aomd.records import (NOT_IDENTITY_KEYS, claim_record, content_digest, finished_by_this_slurm_job, finished_record,
-                          is_record_of, read_record, record_interruption, unfinished_run_id)
+                          is_record_of, read_record, record_failure, record_interruption, unfinished_run_id)
 from aomd.runtime import Runtime
-from aomd.teachers import load_teacher, teacher_warnings
+from aomd.teachers import check_given_teacher, load_teacher, teacher_warnings
 from aomd.tracking import RunInfo, run_name, swept_keys
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def train(cfg: DictConfig) -> float:
         cfg.logger.group = "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
     runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
+    if distils(cfg.loss):
+        check_given_teacher(cfg)
     # the data before the networks: a wrong dataset.root is reported before any weight download
     data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
     # after the checks of bad input, which leave the folder as it was
@@ -106,31 +108,37 @@ def train(cfg: DictConfig) -> float:
     earlier_run = unfinished_run_id(earlier, overrides)  # an earlier start of this job that wrote no last.pt
     run_id = earlier_run if cfg.train.resume == "auto" else None  # which the job starts again in
     claim_record(out_dir, overrides, continues=resume_from is not None)
-    if resume_from is None:
-        resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides), run_id=earlier_run)
-    runtime.seed_everything(cfg.train.seed)
-    student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
-    teacher = None
-    if distils(cfg.loss):
-        # built without weights now for its shapes; the weights are loaded (or trained) below
-        teacher = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, False)
-    objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
+    try:
+        if resume_from is None:
+            resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides), run_id=earlier_run)
+        runtime.seed_everything(cfg.train.seed)
+        student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
+        teacher = None
+        if distils(cfg.loss):
+            # built without weights now for its shapes; the weights are loaded (or trained) below
+            teacher = EmbeddingNet(cfg.teacher.backbone, cfg.teacher.embedding_size, True, False)
+        objective = build_objective(cfg.loss, cfg.sampler, student, teacher, cfg.dataset.image_size)
 
-    teacher_metrics = None
-    if teacher is not None:
-        try:
-            path = load_teacher(cfg, teacher, data, runtime)
-        except (SystemExit, KeyboardInterrupt):  # stopped by a signal while the teacher trained
-            record_interruption(out_dir, f"{preemption.last_stop or 'stopped'} (training its teacher)")
-            raise
-        log.info("Teacher: %s", path)
-        teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
-        for warning in teacher_warnings(path, teacher_metrics, selection_metric(cfg.eval.recall_k)):
-            log.warning(warning)
-    best = train_network(data, student, objective, runtime, OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.eval),
-                         out_dir, "student", run_info(cfg), teacher, teacher_metrics,
-                         identity=identity, resume_from=resume_from, run_id=run_id)
-    return best[metric]
+        teacher_metrics = None
+        if teacher is not None:
+            try:
+                path = load_teacher(cfg, teacher, data, runtime)
+            except (SystemExit, KeyboardInterrupt):  # stopped by a signal while the teacher trained
+                record_interruption(out_dir, f"{preemption.last_stop or 'stopped'} (training its teacher)")
+                raise
+            log.info("Teacher: %s", path)
+            teacher_metrics = evaluate(teacher, data.test, data.image_size, cfg.eval, runtime, cfg.train.progress)
+            for warning in teacher_warnings(path, teacher_metrics, selection_metric(cfg.eval.recall_k)):
+                log.warning(warning)
+        best = train_network(data, student, objective, runtime, OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.eval),
+                             out_dir, "student", run_info(cfg), teacher, teacher_metrics,
+                             identity=identity, resume_from=resume_from, run_id=run_id)
+        return best[metric]
+    except Exception as error:
+        # the tracker records a failure once training started, and a sweep's every failure; a
+        # single run's earlier failure (its teacher, its objective) would leave "running" for good
+        record_failure(out_dir, error, overrides)
+        raise
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
