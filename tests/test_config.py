@@ -104,6 +104,7 @@ def test_rkd_turns_off_l2_normalisation():
     ("train.batch_size=6", "at least 2 x train.images_per_class"),
     ("train.epochs=two", "train.epochs"),
     ("train.seed=-1", "train.seed must be between 0 and 2\\*\\*32 - 1"),
+    ("train.lr_decay_epochs=[0,-5]", "train.lr_decay_epochs must list epochs numbered from 1 .*, got \\[0, -5\\]"),
     ("train.seed=4294967296", "train.seed must be between 0 and 2\\*\\*32 - 1"),
     ("eval.recall_k=[0]", "eval.recall_k"),
     ("logger.mode=sometimes", "logger.mode"),
@@ -256,7 +257,11 @@ def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["loss=aomd_mode2", "loss.global_weight=0", "loss.local_weight=0"], "both 0"),
     (["+teacher.train.epoch=3"], "teacher.train.epoch"),
-    (["teacher.train.lr=-1"], "teacher.train.lr must be positive"),
+    (["loss=sp", "teacher.train.lr=-1"], "teacher.train.lr must be positive"),
+    # a key the teacher recipe inherits from train is named as the teacher's, and where it came from
+    (["loss=sp", "train.batch_size=8", "teacher.train.images_per_class=5"],
+     r"teacher.train.batch_size \(8\) must be at least 2 x teacher.train.images_per_class \(10\) so that every batch "
+     r"holds negatives \(the keys teacher.train leaves null take train's values\).$"),
     (["loss=darkrank", "loss.permute_len=200"], "loss.permute_len"),
     (["loss.triplet_ratio=0"], "nothing to train"),
     (["loss.sp_ratio=-1"], "loss.sp_ratio must be 0 or more"),
@@ -264,6 +269,11 @@ def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
 def test_loss_and_teacher_recipe_are_checked_up_front(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(*overrides))
+
+
+def test_the_teacher_recipe_is_checked_only_where_a_teacher_is_trained():
+    for overrides in (["teacher.train.lr=-1"], ["loss=sp", "teacher.checkpoint=/teachers/best.pt", "teacher.train.lr=-1"]):
+        assert validate(compose(*overrides)).teacher.train.lr == -1  # triplet has no teacher; a given one is not trained
 
 
 def test_teacher_identity_follows_the_recipe_not_the_logging(tmp_path):

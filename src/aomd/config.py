@@ -163,6 +163,9 @@ def check_train(train, prefix: str = "train") -> None:
     _require(train.lr > 0, f"{prefix}.lr must be positive, got {train.lr}.")
     _require(train.weight_decay >= 0, f"{prefix}.weight_decay must be 0 or more, got {train.weight_decay}.")
     _require(train.lr_decay_gamma > 0, f"{prefix}.lr_decay_gamma must be positive, got {train.lr_decay_gamma}.")
+    _require(all(epoch >= 1 for epoch in train.lr_decay_epochs),
+             f"{prefix}.lr_decay_epochs must list epochs numbered from 1 (from each, the learning rate is "
+             f"multiplied by lr_decay_gamma), got {list(train.lr_decay_epochs)}.")
     _require(train.images_per_class >= 2,
              f"{prefix}.images_per_class must be at least 2 so that batches hold positive pairs, got {train.images_per_class}.")
     _require(train.batch_size >= 2 * train.images_per_class,
@@ -214,9 +217,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(cfg.embedding_size >= 1, f"embedding_size must be at least 1, got {cfg.embedding_size}.")
     _require(cfg.teacher.embedding_size >= 1, f"teacher.embedding_size must be at least 1, got {cfg.teacher.embedding_size}.")
     check_train(cfg.train)
-    check_train(teacher_recipe(cfg), "teacher.train")
     check_loss(cfg.loss, cfg.train)
-    if distils(cfg.loss) and not cfg.teacher.checkpoint:
+    if distils(cfg.loss) and not cfg.teacher.checkpoint:  # the job may train its teacher: the recipe matters
+        try:
+            check_train(teacher_recipe(cfg), "teacher.train")
+        except ConfigError as error:
+            raise ConfigError(f"{str(error).removesuffix('.')} (the keys teacher.train leaves null take train's values).") from None
         check_teacher_objective(cfg.teacher, teacher_recipe(cfg))
     for prefix, sampler in (("sampler", cfg.sampler), ("teacher.sampler", cfg.teacher.sampler)):
         if isinstance(sampler, DictConfig) and "cutoff" in sampler and "nonzero_loss_cutoff" in sampler:
