@@ -52,6 +52,7 @@ def _isolate(patch: pytest.MonkeyPatch, cache_dir: Path) -> None:
     patch.setenv("AOMD_CACHE_DIR", str(cache_dir))
     patch.setenv("WANDB_MODE", "disabled")
     patch.setenv("WANDB_SILENT", "true")
+    patch.delenv("WANDB_DIR", raising=False)  # the tests read each job's runs from its folder
     for variable in ("XDG_CACHE_HOME", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         patch.setenv(variable, str(cache_dir / "home" / variable.lower()))
     # compilations go to the session's folder (unless one is given): a compilation killed part-way in

@@ -154,3 +154,24 @@ def test_online_mode_never_reaches_wandbs_login_prompt_without_a_key(tmp_path):
                                 stdin=subprocess.DEVNULL, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip().splitlines()[-1] == expected, result.stdout
+
+
+def test_wandb_dir_moves_the_run_files_out_of_the_job_folder(tmp_path, monkeypatch):
+    """W&B's own WANDB_DIR (a scratch disk, say) is where the run files go; metrics.json stays."""
+    from types import SimpleNamespace
+
+    from aomd.tracking import RunInfo, Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "scratch"))
+    logger = SimpleNamespace(enabled=True, mode="offline", init_timeout=5, project="aomd-test", entity=None, group=None,
+                             name=None, tags=[])
+    tracker = Tracker(RunInfo(logger, {"train": {"lr": 0.1}}, "scratch"), tmp_path / "job", "student", {"train_images": 4})
+    tracker.log_epoch({"epoch": 0, "recall@1": 0.25}, True)
+    run_id = tracker.run_id
+    tracker.finish()
+    (run,) = (tmp_path / "scratch" / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run)
+    assert logged["id"] == run_id and logged["summary"]["best/recall@1"] == 0.25
+    assert not (tmp_path / "job" / "wandb").exists()
+    assert json.loads((tmp_path / "job" / "metrics.json").read_text())["wandb_run_id"] == run_id

@@ -30,6 +30,7 @@ from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.errors import UserError
 from aomd.models import CheckpointError, read_checkpoint
 from aomd.records import FINISHED, identity_overrides, is_record_of, override_key, read_record
+from aomd.tracking import wandb_dir
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def forget_earlier_run(out_dir: Path, its_own: bool, run_id: str | None = None) 
     last = Path(out_dir) / LAST
     training = training_state(last) if its_own and last.is_file() else None
     run_ids = {training.get("wandb_run_id") if training is not None else None, run_id if its_own else None} - {None}
-    for files in (Path(out_dir) / "wandb").glob("*run-*") if run_ids else ():
+    for files in (wandb_dir(Path(out_dir)) / "wandb").glob("*run-*") if run_ids else ():
         if files.is_dir() and files.name.rsplit("-", 1)[-1] in run_ids:
             log.info("Removing %s, the W&B files of the run this job replaces.", files)
             shutil.rmtree(files, ignore_errors=True)

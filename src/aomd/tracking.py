@@ -61,6 +61,12 @@ def swept_keys(sweep_dir: Path, sweeper_params: dict | None) -> set[str]:
     return {key.lstrip("+~") for key in keys}
 
 
+def wandb_dir(out_dir: Path) -> Path:
+    """The folder whose `wandb/` holds a job's W&B run files: `$WANDB_DIR` when it is set (W&B's
+    own setting, e.g. for a scratch disk), else the job's folder, beside its metrics.json."""
+    return Path(os.environ["WANDB_DIR"]).expanduser() if os.environ.get("WANDB_DIR") else out_dir
+
+
 class Tracker:
     """Records one job: its `JobRecord`, a W&B run (when `logger.enabled` and mode is not
     disabled) and a console line per epoch."""
@@ -82,11 +88,11 @@ class Tracker:
                 name=logger.name or run.run_name,
                 job_type=job_type,
                 tags=[*logger.tags, *run.tags],
-                dir=str(out_dir),
+                dir=str(wandb_dir(out_dir)),
                 config={**flatten(run.config), **{f"runtime.{k}": v for k, v in (runtime or {}).items()}},
                 reinit="finish_previous",
             )
-            self.run = _start_run(logger.mode, logger.init_timeout, out_dir, id=resume_id,
+            self.run = _start_run(logger.mode, logger.init_timeout, wandb_dir(out_dir), id=resume_id,
                                   resume="allow" if resume_id else None,  # a resumed job continues its run
                                   **self._init)
             if self.run is not None:  # in metrics.json at once: a job killed before its first last.pt keeps its run
@@ -207,7 +213,7 @@ class Tracker:
 _online_failed = False  # once an online run could not start, later jobs of this process go offline at once
 
 
-def _start_run(mode: str, init_timeout: float, out_dir: Path, **kwargs):
+def _start_run(mode: str, init_timeout: float, files_dir: Path, **kwargs):
     """`wandb.init`; an online run that cannot start (no API key, no server) becomes an offline
     run with one warning saying how to upload it, so W&B never stops a job. In a sweep the
     warning comes once: the jobs after it start offline directly."""
@@ -227,9 +233,9 @@ def _start_run(mode: str, init_timeout: float, out_dir: Path, **kwargs):
         except Exception as error:  # noqa: BLE001 - UsageError (no key), CommError (no server), timeouts
             _online_failed = True
             log.warning("W&B could not start an online run (%s: %s); logging offline instead: upload later with "
-                        "`wandb sync %s/wandb/offline-run-*`.", type(error).__name__, _first_line(error), out_dir)
+                        "`wandb sync %s/wandb/offline-run-*`.", type(error).__name__, _first_line(error), files_dir)
     elif mode == "online":
-        log.info("W&B online was unavailable earlier in this process; logging offline to %s/wandb.", out_dir)
+        log.info("W&B online was unavailable earlier in this process; logging offline to %s/wandb.", files_dir)
     try:
         return wandb.init(mode="offline" if mode == "online" else mode, **kwargs)
     except Exception as error:  # noqa: BLE001 - e.g. a value W&B refuses (a tag over 64 characters)
