@@ -164,6 +164,36 @@ def assert_resumes_to(uninterrupted: Path, stopped: Path, args: list[str], messa
         assert_same_checkpoint(uninterrupted / "checkpoints" / name, stopped / "checkpoints" / name)
 
 
+TWO_EPOCHS_LAST = [*TINY, "train.epochs=2", "train.iters_per_epoch=4", "eval.select=last", "logger=none"]
+
+
+def checkpoint_epochs(folder: Path) -> dict[str, int]:
+    """{file name: epoch of its metrics} of the run's checkpoints."""
+    return {path.name: torch.load(path, weights_only=True)["metrics"]["epoch"] for path in (folder / "checkpoints").glob("*.pt")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, after_kill, message", [
+    # best.next.pt of epoch 2 written, last.pt of epoch 2 not: best.pt stays the best last.pt records (1)
+    ("last", {"best.pt": 1, "last.pt": 1, "best.next.pt": 2}, "Resuming after epoch 1 of 2"),
+    # last.pt of epoch 2 written, best.next.pt not yet best.pt: the resumed job completes the step
+    ("commit", {"best.pt": 1, "last.pt": 2, "best.next.pt": 2}, "Completing"),
+])
+def test_a_job_killed_while_its_best_pt_changes_resumes_with_the_best_pt_its_last_pt_records(where, after_kill, message, tmp_path):
+    """eval.select=last makes every epoch the selected one. Killed as epoch 2's checkpoints are
+    written, the folder never pairs a last.pt with a best.pt of an epoch it does not record as the
+    best, and the resumed job ends as one never killed."""
+    uninterrupted = tmp_path / "uninterrupted"
+    train(uninterrupted, *TWO_EPOCHS_LAST, tiny=False)
+    killed = tmp_path / "killed"
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    result = run_module("aomd.train", *TWO_EPOCHS_LAST, f"hydra.run.dir={killed}",
+                        env={"AOMD_PLUGINS": "checkpoint_kill_plugin", "PYTHONPATH": path, "AOMD_TEST_KILL": f"{where}@2"})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert checkpoint_epochs(killed) == after_kill
+    assert_resumes_to(uninterrupted, killed, TWO_EPOCHS_LAST, message)
+    assert checkpoint_epochs(killed) == {"best.pt": 2, "last.pt": 2}
+
 def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly(uninterrupted, tmp_path):
     # step 7 of 4 x 4: the third step of epoch 2; the step finishes, then the job saves and stops
     result = run_module("aomd.train", *FOUR_EPOCHS, f"hydra.run.dir={tmp_path}", env=signalled_at_step("SIGTERM", 7))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -285,6 +286,10 @@ def fit(
     practice), the best validation Recall@1 ("val") or the last ("last"). Writes
     `checkpoints/best.pt` (the selected epoch) and `checkpoints/last.pt` under `out_dir`, from a
     background thread while training goes on (`CheckpointWriter`); both are on disk when fit returns.
+    A newly selected epoch is written to `best.next.pt` and becomes `best.pt` only once the
+    `last.pt` that records it as the best is on disk: a job killed in between (SIGKILL, a lost
+    node) resumes from the earlier `last.pt` with the `best.pt` that goes with it
+    (`settle_next_best`), never with a `best.pt` of an epoch it trains again.
 
     A stop signal (SIGTERM, SIGINT, SIGUSR1, SLURM's SIGUSR2: `aomd.preemption`) waits for the step in
     progress (or the evaluation), then `last.pt` is written with the place in the epoch
@@ -327,25 +332,35 @@ def fit(
     scaler = step.scaler
     sampler = loader.sampler
 
+    next_best_written = False  # best.next.pt holds the selected epoch, not yet best.pt
+
+    def commit_best() -> None:
+        nonlocal next_best_written
+        if next_best_written:
+            writer.replace(checkpoints / NEXT_BEST, checkpoints / BEST)
+            next_best_written = False
+
     def save_last(epoch: int, sampler_state: dict[str, Any], partial: dict[str, Any] | None = None) -> None:
         """`last.pt` after the finished `epoch`; with `partial`, also the steps so far of the epoch
-        after it (and `sampler_state` is the sampler's state at that epoch's start)."""
+        after it (and `sampler_state` is the sampler's state at that epoch's start). A selected
+        epoch waiting in best.next.pt becomes best.pt after it."""
         training = {"epoch": epoch, "identity": identity, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "best": best, "history": history, "partial": partial,
                     "random": resume_state.random_states(sampler_state, step.augment_rng), **(checkpoint_extra or {})}
-        writer.save(checkpoints / "last.pt", student, metrics=history[-1] if history else None,
+        writer.save(checkpoints / LAST, student, metrics=history[-1] if history else None,
                     objective=objective.state_dict(), training=training, input=network_input)
+        commit_best()
 
     def stop_after_saving(where: str) -> None:
         try:
             writer.wait()  # last.pt on disk before the signal acts (submitit requeues the job from it)
         except Exception as error:  # noqa: BLE001 - a full disk: the signal still acts, or the job is not requeued
             log.error("Could not write %s (%s: %s); the job stops as asked and continues from the last one written "
-                      "before.", checkpoints / "last.pt", type(error).__name__, error)
-        stop.stop(where, str(checkpoints / "last.pt"))
+                      "before.", checkpoints / LAST, type(error).__name__, error)
+        stop.stop(where, str(checkpoints / LAST))
 
     def evaluate_epoch(epoch: int, losses: dict[str, float], should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-        nonlocal best
+        nonlocal best, next_best_written
         record = {"epoch": epoch, **losses, **evaluator(student, should_stop=should_stop)}
         if validator is not None:
             record.update({f"val/{key}": value for key, value in validator(student, "validate", should_stop).items()})
@@ -353,7 +368,8 @@ def fit(
             best is None or eval_spec.select == "last" or record[selected_by] > best[selected_by])
         if is_best:
             best = record
-            writer.save(checkpoints / "best.pt", student, metrics=record, objective=objective.state_dict(), input=network_input)
+            writer.save(checkpoints / NEXT_BEST, student, metrics=record, objective=objective.state_dict(), input=network_input)
+            next_best_written = True
         history.append(record)
         on_epoch(record, is_best)
         return record
@@ -362,8 +378,10 @@ def fit(
     preemption.last_stop = None
     # the writer waits for its writes before the signals' handlers go (its exit runs first)
     with StopSignals() as stop, CheckpointWriter() as writer:
+        settle_next_best(checkpoints, resume)
         if resume is None:
             evaluate_epoch(0, {})
+            commit_best()  # no last.pt before epoch 1's: a job killed before it starts over
             first_epoch = 1
             if stop.requested:
                 save_last(0, resume_state.sampler_state(sampler))
@@ -452,3 +470,26 @@ def fit(
         if train.epochs == 0:
             save_last(0, resume_state.sampler_state(sampler))
     return best
+
+
+BEST, NEXT_BEST, LAST = "best.pt", "best.next.pt", "last.pt"
+
+
+def settle_next_best(checkpoints: Path, resume: dict[str, Any] | None) -> None:
+    """Finish or undo the step from best.next.pt to best.pt that a killed job left half done: the
+    resumed `last.pt` (`resume`) records that epoch as the best (its best.pt is then best.next.pt),
+    or it does not (the epoch is trained again, and best.pt is still the best of what it records)."""
+    next_best = checkpoints / NEXT_BEST
+    if not next_best.is_file():
+        return
+    selected = ((resume or {}).get("training") or {}).get("best") or {}
+    try:
+        waiting = torch.load(next_best, map_location="cpu", weights_only=True)["metrics"]
+    except Exception:  # noqa: BLE001 - killed while it was written: not the best of anything resumed
+        waiting = None
+    if waiting is not None and selected.get("epoch") == waiting.get("epoch") and resume is not None:
+        log.info("Completing %s: %s holds epoch %d, which %s records as the best.", checkpoints / BEST, next_best,
+                 waiting["epoch"], LAST)
+        os.replace(next_best, checkpoints / BEST)
+    else:
+        next_best.unlink()

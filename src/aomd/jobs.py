@@ -8,7 +8,7 @@ from typing import Any
 
 from aomd.data import RetrievalData
 from aomd import preemption
-from aomd.engine import fit
+from aomd.engine import fit, settle_next_best
 from aomd.losses.objective import Objective
 from aomd.metrics import selection_metric
 from aomd.models import EmbeddingNet
@@ -31,6 +31,7 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
     of this job that wrote no last.pt, which the job starts again in."""
     state = read_state(resume_from, identity) if resume_from is not None else None
     if state is not None:
+        settle_next_best(resume_from.parent, state)  # the run continued may have been killed as its best.pt changed
         copy_best_checkpoint(resume_from.parent / "best.pt", out_dir / "checkpoints" / "best.pt")
     selection = {"select": eval_spec.select, "metric": selection_metric(eval_spec.recall_k, eval_spec.select)}
     tracker = Tracker(run, out_dir, job_type, data.summary(), runtime.describe(), selection,

@@ -7,7 +7,7 @@ import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -61,10 +61,17 @@ class CheckpointWriter:
         # blocking: the writer's thread sleeps on them rather than spinning
         copies_done = [torch.cuda.current_stream(device).record_event(torch.cuda.Event(blocking=True))
                        for device in copied_on]
+        self._submit(_write, Path(path), payload, copies_done)
+
+    def replace(self, source: str | Path, target: str | Path) -> None:
+        """Rename `source` to `target` once every checkpoint asked for before is on disk."""
+        self._submit(os.replace, source, target)
+
+    def _submit(self, task: Callable[..., None], *args: Any) -> None:
         while self._pending and (len(self._pending) >= self._max_pending or self._pending[0].done()):
             self._pending[0].result()  # a stop signal raising while this waits leaves the write queued
             self._pending.popleft()
-        self._pending.append(self._pool.submit(_write, Path(path), payload, copies_done))
+        self._pending.append(self._pool.submit(task, *args))
 
     def wait(self) -> None:
         while self._pending:
