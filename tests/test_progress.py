@@ -52,3 +52,17 @@ def test_a_training_job_without_a_terminal_logs_its_epochs_and_evaluations(no_te
     assert f"epoch 1/1: {22 * batch}/{22 * batch} img (100%)" in text
     assert "loss=" in text  # the loss of ten steps before, shown from step 20
     assert "evaluate: " in text
+
+
+def test_without_a_terminal_lines_are_plain_text_logged_once(no_terminal, monkeypatch):
+    """Nested bars' cursor moves are not lines; work of unknown length shows its count and rate;
+    a bar closing with the line it showed last does not log it twice."""
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    with progress.progress_bar(total=2, desc="outer", unit="img") as outer:
+        for _ in progress.progress_bar((i for i in range(3)), desc="inner", unit="batch", position=1, leave=False):
+            pass
+        outer.update(2)
+    lines = progress_lines(no_terminal)
+    assert lines and not any("\x1b" in line for line in lines)
+    assert "inner: 3 batch [" in "\n".join(lines)
+    assert [line for line in lines if line.startswith("outer: 2/2 img (100%)")] and len(lines) == len(set(lines))
