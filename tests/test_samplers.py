@@ -152,6 +152,9 @@ def test_distance_weighted_weights_sum_to_one_when_all_are_subnormal():
     assert (raw.sum(1) > 0).all() and (raw.sum(1) < 1e-30).all()  # the case: no row empty, every sum tiny
     torch.testing.assert_close(weights.sum(1), torch.ones(64))
     assert (weights[~negative] == 0).all()
+    # a batch of one class: no anchor has a negative, every row is 0 (not 0/0)
+    alone = DistanceWeightedNegatives().weights(dist[:8, :8], negative[:8, :8], 128)
+    assert torch.equal(alone, torch.zeros(8, 8))
 
 def test_distance_weighted_draws_follow_the_weights():
     torch.manual_seed(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import aomd
-from conftest import TINY, run_module, strip_timing, train
+from conftest import TINY, run_module, signalled_at_step, strip_timing, train
 from test_config import assert_one_line_error
 
 
@@ -134,6 +134,18 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(short_run, tmp_pa
                         "logger=none", f"hydra.run.dir={tmp_path}")
     assert_one_line_error(result, "holds a resnet18-128 but the configuration asks for a resnet50-512; pass a matching "
                                   "checkpoint, or teacher.backbone=resnet18 teacher.embedding_size=128 to use this one.")
+
+
+def test_ctrl_c_while_the_teacher_is_evaluated_records_the_job_as_interrupted(short_run, tmp_path):
+    """Ctrl-C before the student's training (here in the given teacher's test evaluation, the
+    job's first) ends the job with one line, and its metrics.json says interrupted, not running."""
+    run_dir, _ = short_run
+    result = run_module("aomd.train", *TINY, "loss=aomd_mode2", f"teacher.checkpoint={run_dir}/checkpoints/best.pt",
+                        "teacher.backbone=resnet18", "teacher.embedding_size=128", "logger=none", f"hydra.run.dir={tmp_path}",
+                        env=signalled_at_step("SIGINT", "eval1"))
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "aomd.train: interrupted; the same command with hydra.run.dir=" in result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
 
 
 @pytest.mark.slow

@@ -222,6 +222,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         try:
             check_train(teacher_recipe(cfg), "teacher.train")
         except ConfigError as error:
+            inherited = [key for key, value in cfg.teacher.train.items() if value is None]
+            if not any(re.search(rf"teacher\.train\.{key}\b", str(error)) for key in inherited):
+                raise
             raise ConfigError(f"{str(error).removesuffix('.')} (the keys teacher.train leaves null take train's values).") from None
         check_teacher_objective(cfg.teacher, teacher_recipe(cfg))
     for prefix, sampler in (("sampler", cfg.sampler), ("teacher.sampler", cfg.teacher.sampler)):

@@ -54,10 +54,10 @@ READING_KEYS = {"cache_dir", "in_memory", "decode_workers", "progress"}
 
 
 def mismatch_warnings(checkpoint: str, trained_on: dict, expected: dict, trained: dict | None, evaluated: dict) -> list[str]:
-    """What differs between the data `checkpoint` was trained on and this evaluation's, each
-    difference said once: the images (`trained_on`, recorded in the checkpoint, against
-    `expected`: dataset name, base_size, image_size), then the overrides that give the evaluation
-    the training run's data (from the run's `dataset` settings `trained`, against `evaluated`)."""
+    """What differs between the data `checkpoint` was trained on and this evaluation's: the images
+    (`trained_on`, recorded in the checkpoint, against `expected`: dataset name, base_size,
+    image_size), then all the overrides that give the evaluation the training run's data (from
+    the run's `dataset` settings `trained`, against `evaluated`; the sizes again among them)."""
     warnings = []
     if trained_on and any(trained_on.get(key) != value for key, value in expected.items()):
         # another dataset may be the point (transfer); other sizes rarely are

@@ -139,6 +139,9 @@ def train(cfg: DictConfig) -> float:
         # single run's earlier failure (its teacher, its objective) would leave "running" for good
         record_failure(out_dir, error, overrides)
         raise
+    except (SystemExit, KeyboardInterrupt):  # Ctrl-C or a signal before the tracker's own record
+        record_interruption(out_dir, preemption.last_stop or "stopped before its training started")
+        raise
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")

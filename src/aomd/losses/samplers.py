@@ -118,7 +118,8 @@ class DistanceWeightedNegatives(NegativeSampler):
         return super().forward(F.normalize(embeddings.detach().float(), dim=1), labels)
 
     def weights(self, dist: torch.Tensor, negative_mask: torch.Tensor, dim: int) -> torch.Tensor:
-        """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows); each row sums to 1."""
+        """Sampling probabilities [N, N] of each negative (columns) for each anchor (rows); the row of
+        an anchor with a negative in the batch sums to 1, the others are 0."""
         dist = dist.float()  # which weights underflow is part of the recipe: float32's, as the reference's
         itself = torch.eye(len(dist), dtype=torch.bool, device=dist.device)
         s = dist.masked_fill(itself, 1.0).clamp(min=self.cutoff, max=1.999)  # max: log(1 - s^2/4) stays finite
@@ -135,8 +136,9 @@ class DistanceWeightedNegatives(NegativeSampler):
         # The weights left may all be subnormal (every negative far beyond a positive, as at 128-d
         # with tight clusters): their sum is then below any fixed clamp. Scaling each row to a
         # maximum of 1 first makes every sum at least 1; the draws do not depend on a row's scale.
-        weights = weights / weights.amax(1, keepdim=True)
-        return weights / weights.sum(1, keepdim=True)
+        tiny = torch.finfo(weights.dtype).tiny  # rows without a negative stay 0, not 0/0
+        weights = weights / weights.amax(1, keepdim=True).clamp(min=tiny)
+        return weights / weights.sum(1, keepdim=True).clamp(min=tiny)
 
     def choose(self, dist, anchors, positives, negative_mask, dim) -> Triplets:
         return _one_per_pair(self.weights(dist, negative_mask, dim)[anchors], anchors, positives)
