@@ -4,7 +4,6 @@ process at one point of an epoch's saving, as a lost node would. $AOMD_TEST_KILL
 "commit@N" as best.next.pt of epoch N is about to become best.pt (last.pt of epoch N is on disk)."""
 import os
 import signal
-from pathlib import Path
 
 import torch
 
@@ -15,23 +14,17 @@ _epoch = int(_epoch)
 _write = checkpoint._write
 
 
-def _killing_write(path, payload, *args, **kwargs):
+def _killing_write(path, payload, copies_done=(), then_rename=None):
     training = payload.get("training") or {}
     if _where == "last" and path.name == "last.pt" and training.get("epoch") == _epoch and not training.get("partial"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _write(path, payload, *args, **kwargs)
-
-
-def _killing_replace(source, target):
-    if _where == "commit" and torch.load(source, weights_only=True)["metrics"]["epoch"] == _epoch:
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.replace(source, target)
-
-
-def _replace(self, source, target):
-    assert Path(source).name == "best.next.pt" and Path(target).name == "best.pt"
-    self._submit(_killing_replace, source, target)
+    _write(path, payload, copies_done)
+    if then_rename is not None:
+        source, target = then_rename
+        assert (source.name, target.name) == ("best.next.pt", "best.pt")
+        if _where == "commit" and torch.load(source, weights_only=True)["metrics"]["epoch"] == _epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(source, target)
 
 
 checkpoint._write = _killing_write
-checkpoint.CheckpointWriter.replace = _replace

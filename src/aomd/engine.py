@@ -334,22 +334,18 @@ def fit(
 
     next_best_written = False  # best.next.pt holds the selected epoch, not yet best.pt
 
-    def commit_best() -> None:
-        nonlocal next_best_written
-        if next_best_written:
-            writer.replace(checkpoints / NEXT_BEST, checkpoints / BEST)
-            next_best_written = False
-
     def save_last(epoch: int, sampler_state: dict[str, Any], partial: dict[str, Any] | None = None) -> None:
         """`last.pt` after the finished `epoch`; with `partial`, also the steps so far of the epoch
         after it (and `sampler_state` is the sampler's state at that epoch's start). A selected
-        epoch waiting in best.next.pt becomes best.pt after it."""
+        epoch waiting in best.next.pt becomes best.pt once last.pt is on disk."""
+        nonlocal next_best_written
         training = {"epoch": epoch, "identity": identity, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "best": best, "history": history, "partial": partial,
                     "random": resume_state.random_states(sampler_state, step.augment_rng), **(checkpoint_extra or {})}
         writer.save(checkpoints / LAST, student, metrics=history[-1] if history else None,
-                    objective=objective.state_dict(), training=training, input=network_input)
-        commit_best()
+                    objective=objective.state_dict(), training=training, input=network_input,
+                    then_rename=(checkpoints / NEXT_BEST, checkpoints / BEST) if next_best_written else None)
+        next_best_written = False
 
     def stop_after_saving(where: str) -> None:
         try:
@@ -368,8 +364,10 @@ def fit(
             best is None or eval_spec.select == "last" or record[selected_by] > best[selected_by])
         if is_best:
             best = record
-            writer.save(checkpoints / NEXT_BEST, student, metrics=record, objective=objective.state_dict(), input=network_input)
-            next_best_written = True
+            # epoch 0 is evaluated before any last.pt: a job killed before its first starts over
+            writer.save(checkpoints / (BEST if epoch == 0 else NEXT_BEST), student, metrics=record,
+                        objective=objective.state_dict(), input=network_input)
+            next_best_written = epoch > 0
         history.append(record)
         on_epoch(record, is_best)
         return record
@@ -381,7 +379,6 @@ def fit(
         settle_next_best(checkpoints, resume)
         if resume is None:
             evaluate_epoch(0, {})
-            commit_best()  # no last.pt before epoch 1's: a job killed before it starts over
             first_epoch = 1
             if stop.requested:
                 save_last(0, resume_state.sampler_state(sampler))

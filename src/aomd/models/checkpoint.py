@@ -7,7 +7,7 @@ import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -55,23 +55,19 @@ class CheckpointWriter:
         self._failures: list[Exception] = []  # kept here: a stop signal may interrupt `wait` between two writes
         self._max_pending = max_pending
 
-    def save(self, path: str | Path, model: EmbeddingNet, **extra: Any) -> None:
+    def save(self, path: str | Path, model: EmbeddingNet, then_rename: tuple[Path, Path] | None = None,
+             **extra: Any) -> None:
+        """Queue the checkpoint; with `then_rename` (source, target), rename source to target
+        once it is on disk."""
         copied_on: set[torch.device] = set()
         payload = _payload(model, extra, copy=True, copied_on=copied_on)
         # blocking: the writer's thread sleeps on them rather than spinning
         copies_done = [torch.cuda.current_stream(device).record_event(torch.cuda.Event(blocking=True))
                        for device in copied_on]
-        self._submit(_write, Path(path), payload, copies_done)
-
-    def replace(self, source: str | Path, target: str | Path) -> None:
-        """Rename `source` to `target` once every checkpoint asked for before is on disk."""
-        self._submit(os.replace, source, target)
-
-    def _submit(self, task: Callable[..., None], *args: Any) -> None:
         while self._pending and (len(self._pending) >= self._max_pending or self._pending[0].done()):
             self._pending[0].result()  # a stop signal raising while this waits leaves the write queued
             self._pending.popleft()
-        self._pending.append(self._pool.submit(task, *args))
+        self._pending.append(self._pool.submit(_write, Path(path), payload, copies_done, then_rename))
 
     def wait(self) -> None:
         while self._pending:
@@ -119,7 +115,8 @@ def _payload(model: EmbeddingNet, extra: dict[str, Any], copy: bool,
     }, copy, copied_on)
 
 
-def _write(path: Path, payload: dict[str, Any], copies_done: Sequence[torch.cuda.Event] = ()) -> None:
+def _write(path: Path, payload: dict[str, Any], copies_done: Sequence[torch.cuda.Event] = (),
+           then_rename: tuple[Path, Path] | None = None) -> None:
     for event in copies_done:  # the payload's asynchronous copies from the device (CheckpointWriter.save)
         event.synchronize()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +130,8 @@ def _write(path: Path, payload: dict[str, Any], copies_done: Sequence[torch.cuda
         os.replace(tmp, path)  # readers never see a half-written checkpoint
     finally:
         tmp.unlink(missing_ok=True)  # a write that failed, or a `save_checkpoint` stopped half-way, leaves nothing
+    if then_rename is not None:
+        os.replace(*then_rename)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
