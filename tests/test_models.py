@@ -192,6 +192,28 @@ def test_unavailable_pretrained_weights_say_what_to_do(monkeypatch):
     assert "resnet50-" in message  # names the weight file to copy
 
 
+def test_a_plugin_backbone_whose_builder_fails_raises_the_builders_error(monkeypatch):
+    from aomd.models import backbones
+
+    def builder(pretrained):
+        raise RuntimeError("the plugin's weights are not on this machine")
+
+    monkeypatch.setitem(backbones.STAGES, "plugin_net", ("layer1", "layer2", "layer3", "layer4"))
+    monkeypatch.setitem(backbones.BUILDERS, "plugin_net", builder)
+    with pytest.raises(RuntimeError, match="the plugin's weights are not on this machine"):
+        backbones.build_backbone("plugin_net", pretrained=True)
+
+
+def test_a_checkpoint_of_a_backbone_this_process_does_not_know_names_aomd_plugins(tmp_path):
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, EmbeddingNet("resnet18", 8, pretrained=False))
+    payload = torch.load(path, weights_only=True)
+    payload["architecture"]["backbone"] = "plugin_net"  # registered by a plugin not loaded here
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"holds a plugin_net network, a backbone this process does not know; if a "
+                                              r"plugin registers it, name the plugin's module in AOMD_PLUGINS\.$"):
+        load_model(path)
+
 def _fresh_stages(model, images):
     """The stages of `model` on `images`, from a fresh network with the same weights."""
     fresh = EmbeddingNet(model.architecture.backbone, model.architecture.embedding_size).eval()

@@ -209,6 +209,27 @@ def test_a_signal_in_the_middle_of_an_epoch_saves_it_and_the_run_resumes_exactly
 
 
 @pytest.mark.slow
+def test_a_resumed_job_needs_no_imagenet_weights(tmp_path):
+    """A job with backbone.pretrained=true loads ImageNet weights when it starts; resumed, its
+    last.pt holds the whole network, so weights that are no longer there (a node without them,
+    no network) do not stop it."""
+    import torchvision
+
+    torch_home = tmp_path / "torch"
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    stand_in = torch_home / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    stand_in.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), stand_in)  # stands in for the download
+    args = [*TINY, "train.epochs=2", "train.iters_per_epoch=4", "logger=none", "backbone.pretrained=true",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_module("aomd.train", *args, env={**signalled_at_step("SIGTERM", 5), "TORCH_HOME": str(torch_home)})
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    stand_in.unlink()
+    result = run_module("aomd.train", *args, env={"TORCH_HOME": str(torch_home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming in epoch 2 of 2 after step 1 of 4" in result.stdout + result.stderr
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name, when, workers, where, resumed", [
     # the loader worker gets the signal too; the batches are drawn in the training process, so a
     # worker does not change the history. With a worker, each epoch's reading starts before the

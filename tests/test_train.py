@@ -122,6 +122,8 @@ def test_load_model_embeds_a_batch_of_image_files(short_run, tmp_path):
     batch = aomd.preprocess(images, **sizes)
     assert torch.equal(batch, eval_transform(stored, 64))  # images already at base_size: only the crop and normalisation
     assert aomd.preprocess([Image.fromarray(stored[0].numpy()).resize((100, 80))], **sizes).shape == (1, 3, 64, 64)
+    for one in (tmp_path / "a.png", str(tmp_path / "a.png")):  # one image, not a list: a batch of one
+        assert torch.equal(aomd.preprocess(one, **sizes), batch[:1])
     with torch.no_grad():
         embeddings = model(batch)
     assert embeddings.shape == (3, 128)

@@ -78,15 +78,16 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
     recipe = teacher_recipe(cfg)
     log.info("Training the teacher %s-%d on %s into %s (once; later jobs reuse it).",
              teacher.backbone, teacher.embedding_size, data.name, out_dir)
+    resume_from = resume.source("auto", out_dir)
     runtime.seed_everything(recipe.seed)
-    model = EmbeddingNet(teacher.backbone, teacher.embedding_size, True, teacher.pretrained)
+    # a resumed training's last.pt holds the whole network: no ImageNet weights to load (or download) first
+    model = EmbeddingNet(teacher.backbone, teacher.embedding_size, True, teacher.pretrained and resume_from is None)
     objective = build_objective(teacher.loss, teacher.sampler, model, None, cfg.dataset.image_size)
     OmegaConf.save(teacher, out_dir / "config.yaml")
     # the recipe that runs, not teacher.train's keys (null where they follow train)
     config = {"teacher": {k: v for k, v in OmegaConf.to_container(teacher, resolve=True).items() if k != "train"},
               "train": OmegaConf.to_container(recipe, resolve=True),
               "dataset": OmegaConf.to_container(cfg.dataset, resolve=True)}
-    resume_from = resume.source("auto", out_dir)
     run_id = None if resume_from else unfinished_run_id(read_record(out_dir))
     if resume_from is None:  # a teacher killed before its first last.pt: its earlier W&B folder goes
         resume.forget_earlier_run(out_dir, its_own=True, run_id=run_id)

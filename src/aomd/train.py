@@ -112,7 +112,9 @@ def train(cfg: DictConfig) -> float:
         if resume_from is None:
             resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides), run_id=earlier_run)
         runtime.seed_everything(cfg.train.seed)
-        student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize, cfg.backbone.pretrained)
+        # a resumed job's last.pt holds the whole network: no ImageNet weights to load (or download) first
+        student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize,
+                               cfg.backbone.pretrained and resume_from is None)
         teacher = None
         if distils(cfg.loss):
             # built without weights now for its shapes; the weights are loaded (or trained) below

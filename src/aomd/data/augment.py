@@ -103,11 +103,14 @@ def input_spec(dataset: str, base_size: int, image_size: int) -> dict[str, Any]:
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
-def preprocess(images: Sequence[str | Path | Image.Image], base_size: int = 256, image_size: int = 224) -> torch.Tensor:
-    """Image files or PIL images -> float [N, 3, image_size, image_size], as the evaluation of
-    `aomd.train` feeds a network: resized to `base_size` x `base_size` (bilinear), centre crop,
-    ImageNet normalisation. A trained network's sizes are in its checkpoint (`model.input` of
-    `aomd.load_model`)."""
+def preprocess(images: Sequence[str | Path | Image.Image] | str | Path | Image.Image, base_size: int = 256,
+               image_size: int = 224) -> torch.Tensor:
+    """Image files or PIL images (or one) -> float [N, 3, image_size, image_size], as the
+    evaluation of `aomd.train` feeds a network: resized to `base_size` x `base_size` (bilinear),
+    centre crop, ImageNet normalisation. A trained network's sizes are in its checkpoint
+    (`model.input` of `aomd.load_model`)."""
+    if isinstance(images, (str, Path, Image.Image)):  # one image: a batch of one, not a path's characters
+        images = [images]
     if not images:
         raise ValueError("preprocess got no images; pass a list of image files or PIL images.")
     if image_size > base_size:

@@ -52,7 +52,7 @@ def build_backbone(name: str, pretrained: bool, transform_input: bool | None = N
     try:
         model = BUILDERS[name](pretrained) if name in BUILDERS else torchvision.models.get_model(name, weights=weights, **kwargs)
     except Exception as error:  # no network, proxy, corrupt download: all mean the same to the user
-        if not pretrained:
+        if not pretrained or name in BUILDERS:  # a plugin's builder: its own error says what went wrong
             raise
         target = torchvision.models.get_model_weights(name).DEFAULT
         raise PretrainedWeightsUnavailable(

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from aomd.errors import UserError
+from aomd.models.backbones import STAGES
 from aomd.models.embedding import Architecture, EmbeddingNet
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Embeddin
     computed.
     """
     payload = read_checkpoint(path)
+    backbone = payload["architecture"]["backbone"]
+    if backbone not in STAGES:
+        raise CheckpointError(f"Checkpoint {path} holds a {backbone} network, a backbone this process does not know; if a "
+                              f"plugin registers it, name the plugin's module in AOMD_PLUGINS.")
     model = EmbeddingNet(**payload["architecture"], pretrained=False)
     model.load_state_dict(payload["model"])
     model.input = payload.get("input")
