@@ -1,5 +1,7 @@
 """Sweeps of the real entrypoint: loss configs, presets, W&B grouping, failures, reruns, launchers."""
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,31 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     report = run_module("aomd.report", str(tmp_path))
     assert report.returncode == 0, report.stderr
     assert "train.lr must be positive" in (tmp_path / "report.md").read_text()
+
+
+def test_the_summary_counts_job_folders_nested_by_their_overrides(tmp_path):
+    """hydra.sweep.subdir=${hydra.job.override_dirname} with a value holding "/" (a path) nests
+    the job folders: the summary still finds both jobs, and the failed one sets the exit status."""
+    cache = os.environ["AOMD_CACHE_DIR"]
+    _, result = sweep(tmp_path, "train.lr=-1,1e-3", f"paths.cache_dir={cache}",
+                      "hydra.sweep.subdir=${hydra.job.override_dirname}", returncode=1)
+    assert "1 of 2 jobs finished" in result.stdout
+    assert re.search(rf"job \S*paths.cache_dir={re.escape(cache)},\S*train.lr=-1 failed: ConfigError: train.lr must be positive",
+                     result.stdout), result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
+    """A trial that fails (here a sampled train.lr of -1) is a failed trial for Optuna, not the end
+    of the search: the other trials run, and the best value is the finished trials' best."""
+    jobs, result = sweep(tmp_path, "preset=optuna_aomd", "hydra.sweeper.n_trials=4", "train.lr=choice(-1.0,0.001)",
+                         returncode=1)
+    failed = [j for j in jobs.values() if j["status"] == "failed"]
+    finished = [j for j in jobs.values() if j["status"] == "finished"]
+    assert len(jobs) == 4 and failed and finished and all("train.lr must be positive" in j["error"] for j in failed)
+    assert f"{len(finished)} of 4 jobs finished" in result.stdout
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(max(j["best"]["val/recall@1"] for j in finished))
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from aomd import preemption
 from aomd.config import check_before_start, chooses_other_configs, config_dir
 from aomd.errors import UserError
 from aomd.records import FINISHED, RUNNING, read_record, record_failure
+from aomd.report import find_job_dirs
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,11 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str) -> float:
+def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str) -> float | None:
     """Run a task function. A single run ends on bad input with one line on stderr and exit code 2;
     in a sweep, a failed job (bad value, NaN, out of memory, ...) is recorded in its metrics.json
-    and returns NaN, so the other jobs go on. Ctrl-C ends it with one line and exit code 130."""
+    and returns None, so the other jobs go on (an Optuna sweep records it as a failed trial: a NaN
+    would crash hydra-optuna-sweeper). Ctrl-C ends it with one line and exit code 130."""
     try:
         return task(cfg)
     except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback; a sweep ends too
@@ -46,7 +47,7 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
             record_failure(job_dir, error, list(HydraConfig.get().overrides.task))
             log.error("Job %s failed: %s: %s", HydraConfig.get().job.num, type(error).__name__, error,
                       exc_info=not isinstance(error, UserError))
-            return math.nan
+            return None
         if isinstance(error, UserError):
             print(f"{program}: error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -137,8 +138,9 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        states = {job.parent.name: read_record(job.parent) for job in sorted(sweep_dir.glob("*/.hydra"))
-                  if (job / "overrides.yaml").is_file() and (job / "overrides.yaml").stat().st_mtime >= self.started}
+        written = [job / ".hydra" / "overrides.yaml" for job in find_job_dirs(sweep_dir)]  # nested subdirs too
+        states = {path.parents[1].relative_to(sweep_dir).as_posix(): read_record(path.parents[1]) for path in written
+                  if path.is_file() and path.stat().st_mtime >= self.started}
         unfinished = {name: s or {} for name, s in states.items() if (s or {}).get("status") != FINISHED}
         print(f"\nSweep {sweep_dir}: {len(states) - len(unfinished)} of {len(states)} jobs finished.", flush=True)
         for name, state in unfinished.items():
