@@ -1,8 +1,8 @@
 """Train an embedding network: `python -m aomd.train [group=option ...] [key=value ...]`.
 
 Composes the parts of a job from the validated config (the student, the teacher a distillation
-loss needs, the objective, the data, the runtime), trains and evaluates; returns the best test
-Recall@1 so Hydra sweepers can optimise it.
+loss needs, the objective, the data, the runtime), trains and evaluates; returns the selected
+epoch's Recall@1 (test, or validation with eval.select=val) so Hydra sweepers can optimise it.
 """
 from __future__ import annotations
 
