@@ -37,13 +37,17 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_the_summary_counts_job_folders_nested_by_their_overrides(tmp_path):
     """hydra.sweep.subdir=${hydra.job.override_dirname} with a value holding "/" (a path) nests
-    the job folders: the summary still finds both jobs, and the failed one sets the exit status."""
+    the job folders: the summary still finds both jobs, and the failed one sets the exit status.
+    The folders' names leave out the overrides that do not identify a job (logger.*, paths.*)."""
     cache = os.environ["AOMD_CACHE_DIR"]
-    _, result = sweep(tmp_path, "train.lr=-1,1e-3", f"paths.cache_dir={cache}",
-                      "hydra.sweep.subdir=${hydra.job.override_dirname}", returncode=1)
+    # a triplet job reads no teacher: teacher.checkpoint is only a value holding "/" that identifies the job
+    _, result = sweep(tmp_path, "train.lr=-1,1e-3", "teacher.checkpoint=/teachers/best.pt", f"paths.cache_dir={cache}",
+                      "logger.mode=disabled", "hydra.sweep.subdir=${hydra.job.override_dirname}", returncode=1)
     assert "1 of 2 jobs finished" in result.stdout
-    assert re.search(rf"job \S*paths.cache_dir={re.escape(cache)},\S*train.lr=-1 failed: ConfigError: train.lr must be positive",
+    assert re.search(r"job \S*teacher.checkpoint=/teachers/best.pt,\S*train.lr=-1 failed: ConfigError: train.lr must be positive",
                      result.stdout), result.stdout[-2000:]
+    folders = [path.parent.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("metrics.json")]
+    assert len(folders) == 2 and not any("paths." in folder or "logger." in folder for folder in folders), folders
 
 
 

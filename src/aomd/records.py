@@ -79,8 +79,15 @@ def identity_overrides(overrides: Iterable[str], with_seed: bool = True) -> list
 def not_identity_keys() -> list[str]:
     """The keys Hydra's `override_dirname` leaves out (conf/train.yaml): those that do not
     identify a job. The seed stays, so `hydra.sweep.subdir=${hydra.job.override_dirname}` gives
-    each seed a folder of its own."""
-    return [*NOT_IDENTITY_KEYS, "hydra/launcher"]
+    each seed a folder of its own. Hydra leaves out whole keys, not prefixes: the keys under
+    `NOT_IDENTITY_PREFIXES` that the configuration has are listed one by one (`hydra.*` overrides
+    never reach override_dirname)."""
+    from dataclasses import fields
+
+    from aomd.schema import LoggerSchema
+
+    under_prefixes = [f"logger.{field.name}" for field in fields(LoggerSchema)] + ["paths.cache_dir", "paths.teachers_dir"]
+    return [*NOT_IDENTITY_KEYS, "hydra/launcher", *under_prefixes]
 
 
 if not OmegaConf.has_resolver("aomd.not_identity_keys"):
