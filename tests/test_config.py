@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from aomd.config import config_dir, validate
 from aomd.errors import ConfigError
-from conftest import compose, run_module
+from conftest import TINY, compose, run_module
 
 from pathlib import Path
 
@@ -149,6 +149,17 @@ def test_a_single_run_failing_after_it_claimed_its_folder_records_the_failure(tm
     assert_one_line_error(result, "Attention Transfer compares stages 2-4 of equal spatial sizes")
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "failed" and "Attention Transfer compares stages 2-4" in record["error"]
+
+
+def test_a_teacher_whose_training_diverges_is_named_with_its_own_keys(tmp_path):
+    """The student's error says the teacher's training failed: its "lower train.lr" is about
+    teacher.train.lr."""
+    result = run_module("aomd.train", *TINY, "loss=sp", "teacher.train.lr=1e12", "logger=none", f"hydra.run.dir={tmp_path}",
+                        env={"AOMD_CACHE_DIR": str(tmp_path / "cache")})  # a teacher of its own, not the session's
+    assert_one_line_error(result, "Training the teacher into ", "failed: The training loss became nan in epoch 1; lower "
+                          "train.lr or the loss ratios (the teacher's recipe is teacher.train.*, whose null keys follow train.*).")
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("TeacherTrainingFailed: Training the teacher")
 
 
 @pytest.mark.parametrize("overrides, fragments", [

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from aomd import resume
 from aomd.build import build_objective
 from aomd.data import RetrievalData
-from aomd.errors import ConfigError, cannot_write
+from aomd.errors import ConfigError, UserError, cannot_write
 from aomd.jobs import train_network
 from aomd.models import Architecture, EmbeddingNet, read_checkpoint
 from aomd.models.checkpoint import CheckpointError, check_architecture
@@ -26,6 +26,10 @@ from aomd.runtime import Runtime
 from aomd.tracking import RunInfo
 
 log = logging.getLogger(__name__)
+
+
+class TeacherTrainingFailed(UserError):
+    """The managed teacher's training stopped on bad input (a diverged loss, device memory)."""
 
 
 def teacher_architecture(cfg: DictConfig) -> Architecture:
@@ -130,7 +134,11 @@ def teacher_checkpoint(cfg: DictConfig, data: RetrievalData, runtime: Runtime) -
                                   f"teacher.checkpoint=<path> or allow training it.{hint}")
             if earlier:
                 log.warning("Training a new teacher into %s.%s", out_dir, hint)
-            train_teacher(cfg, data, out_dir, runtime)
+            try:
+                train_teacher(cfg, data, out_dir, runtime)
+            except UserError as error:  # its message names train.* keys: the teacher's are teacher.train.*
+                raise TeacherTrainingFailed(f"Training the teacher into {out_dir} failed: {str(error).removesuffix('.')} "
+                                            f"(the teacher's recipe is teacher.train.*, whose null keys follow train.*).") from error
     finally:
         lock.release()
     return path
