@@ -162,9 +162,9 @@ def main_to_device(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=300, help="JPEGs to generate (default 300)")
+    parser.add_argument("--images", type=int, default=None, help="JPEGs to generate (default 300; --to-device: 4000)")
     parser.add_argument("--classes", type=int, default=30, help="class folders (default 30)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32; --to-device: 128")
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per path (default 8)")
     parser.add_argument("--workers", default=None, help="DataLoader workers, the same for every path (--to-device: default auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
@@ -178,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.to_device:
-        args.images = args.images if args.images != 300 else 4000
-        args.batch_size = args.batch_size if args.batch_size != 32 else 128
+        args.images, args.batch_size = args.images or 4000, args.batch_size or 128
         return main_to_device(args)
     args.workers = int(args.workers or 0)
+    args.images, args.batch_size = args.images or 300, args.batch_size or 32
 
     with tempfile.TemporaryDirectory(prefix="aomd-bench-") as tmp:
         root, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"

@@ -169,7 +169,11 @@ def verdicts_of(results: dict[str, dict[str, dict]], compiled: bool, cuda: bool)
                             f"(target >= 1.8: {'OK' if speedup >= 1.8 else 'MISSED'}){job_fp32}")
         elif mode in results.get("fp32", {}):
             speedup = results["fp32"][mode]["seconds"] / bf16
-            verdicts.append(f"{mode}: bf16{layout} is {speedup:.2f}x fp32{layout} (target >= 1.8: {'OK' if speedup >= 1.8 else 'MISSED'})")
+            # the 1.8x target is against fp32 in the standard layout; the job's fp32 (channels_last on
+            # CUDA) is a faster baseline, so judging it here would read a met target as missed
+            judged = ("the 1.8x target is not judged without the standard-layout fp32 pass" if cuda
+                      else f"target >= 1.8: {'OK' if speedup >= 1.8 else 'MISSED'}")
+            verdicts.append(f"{mode}: bf16{layout} is {speedup:.2f}x fp32{layout} ({judged})")
     return verdicts
 
 

@@ -115,7 +115,8 @@ def test_recipe_epoch_splits_each_epoch_into_training_evaluation_and_checkpoints
     assert recipe["compiled_graphs"] == 0  # not compiled
     # the rate of the epochs after the warm-up (here the second): 5 batches of 16 on the CPU
     assert recipe["training_images_per_second"] == pytest.approx(5 * 16 / recipe["training_seconds"][1])
-    assert recipe["training_speedup_over_reference"] == pytest.approx(recipe["training_images_per_second"] / 618)
+    # the reference recipe's figures come from its shapes: a CPU's smaller recipe gives none
+    assert not {"recipe_minutes", "speedup_over_reference", "training_speedup_over_reference"} & set(recipe)
     assert "s training," in result.stdout and "s evaluation," in result.stdout and "s checkpoints)" in result.stdout
 
 
@@ -255,3 +256,11 @@ def test_the_floor_sends_the_stages_the_gradients_aomd_sends_them_and_its_verdic
     assert verdicts == ["bf16 aomd_mode2: step / floor 1.08 (target <= 1.10: OK)",
                         "aomd_mode2: bf16 + channels_last is 2.00x fp32 in the standard layout, the issue's baseline "
                         "(target >= 1.8: OK)"]
+    # without that pass (gpu_check.sh leaves it out) the job's fp32 uses channels_last too: a faster
+    # baseline than the target's, so the ratio is stated and not judged
+    assert verdicts_of({"bf16": {"aomd_mode1": {**row, "seconds": 0.0266}},
+                        "fp32": {"aomd_mode1": {**row, "seconds": 0.0401}}}, False, True) == [
+        "bf16 aomd_mode1: step / floor 1.08 (target <= 1.10: OK)",
+        "fp32 aomd_mode1: step / floor 1.08 (target <= 1.10: OK)",
+        "aomd_mode1: bf16 + channels_last is 1.51x fp32 + channels_last "
+        "(the 1.8x target is not judged without the standard-layout fp32 pass)"]
