@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -155,6 +156,8 @@ def test_a_record_another_configuration_left_in_the_folder_is_not_this_jobs_resu
     assert report.describe_unfinished(jobs[0]) == "metrics.json is another configuration's, loss=triplet: not started yet"
     rows = aggregate(jobs)
     assert [(r.label, r.n) for r in rows] == [("loss=rkd", 1), ("loss=sp", 0)]
+    assert main([str(tmp_path)]) == 0  # the summary counts it as its own line does: not started
+    assert "2 jobs (1 finished, 1 not started) in 2 configurations." in (tmp_path / "report.md").read_text()
 
 
 def test_a_managed_teachers_folder_reads_as_a_finished_job(tmp_path: Path):
@@ -172,7 +175,23 @@ def test_a_metric_that_is_not_finite_does_not_stop_the_report(tmp_path: Path):
     (row,) = aggregate(read_sweep(tmp_path))
     assert row.n == 2 and math.isnan(row.mean["recall@1"]) and math.isnan(row.std["recall@1"])
     assert row.mean["recall@2"] == pytest.approx(0.6) and row.std["recall@2"] == 0.0
+    write_job(tmp_path, "2", ["loss=sp"], loss="sp", metrics=m(0.4, 0.6, 0.2))
     assert main([str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "report.md").read_text())
+    # ranked: the rows with a finite value; the NaN row comes after them, unnumbered
+    assert rows["loss=sp"][0] == "1" and rows["loss=triplet"][0] == "-" and rows["loss=triplet"][3] == "nan ± nan"
+
+
+def test_a_metric_fewer_seeds_measured_says_how_many(tmp_path: Path):
+    """A folder mixing records with and without a metric (an older version's): its mean comes from
+    fewer seeds than the row's n, and a single value has no spread to show."""
+    for seed in (0, 1):
+        metrics = {**m(0.5 + seed / 10, 0.7, 0.2), **({"recall@4": 0.9} if seed else {})}
+        write_job(tmp_path, str(seed), ["loss=sp", f"train.seed={seed}"], loss="sp", seed=seed, metrics=metrics)
+    (row,) = aggregate(read_sweep(tmp_path))
+    assert row.n == 2 and row.count == {"recall@4": 1, "last/recall@4": 1}
+    assert report.format_cell(row, "recall@4") == "90.00 (n=1)"
+    assert report.format_cell(row, "recall@1") == expected_cell([0.5, 0.6])
 
 
 def test_read_sweep_rejects_a_missing_or_empty_directory(tmp_path: Path):
@@ -250,14 +269,43 @@ def test_a_seed_run_twice_counts_once_and_is_listed(tmp_path: Path, capsys):
     assert "## Jobs repeating a seed (2)" in report and "- job `second/1`: `loss=sp`, seed 1: repeats job `first/1`" in report
     assert table_rows(report)["loss=sp"][2] == "2"  # n: two seeds, and no job reads as unfinished
     assert "## Jobs repeating a seed (2)" in capsys.readouterr().out
-    # folders without .hydra/ (managed teachers' runs) have no seed to compare: each counts
-    for name in ("a", "b"):
+
+def without_hydra_folder(job: Path, record: dict) -> None:
+    """A job folder as `hydra.output_subdir=null` or a copy without dot-folders leaves it: its
+    metrics.json, updated with `record`, says what it is."""
+    shutil.rmtree(job / ".hydra")
+    metrics = json.loads((job / "metrics.json").read_text())
+    (job / "metrics.json").write_text(json.dumps({**metrics, **record}))
+
+
+def test_folders_without_hydra_are_grouped_by_their_records_overrides(tmp_path: Path):
+    """No .hydra/: the overrides metrics.json records identify the job (pooling such folders
+    mixed datasets and losses into one row); a managed teacher's folder is a row of its own."""
+    jobs = [("sp-cub", ["loss=sp", "dataset=cub200", "train.seed=0"], 0.3),
+            ("rkd-0", ["loss=rkd", "loss.aomd_ratio=10", "train.seed=0"], 0.5),
+            ("rkd-1", ["loss=rkd", "loss.aomd_ratio=10", "train.seed=1"], 0.7),
+            ("rkd-default-seed", ["loss=rkd", "loss.aomd_ratio=10"], 0.9)]
+    for name, overrides, r1 in jobs:
+        job = write_job(tmp_path / "sweep", name, overrides, metrics=m(r1, 0.8, 0.2))
+        without_hydra_folder(job, {"overrides": overrides, "job_type": "student"})
+    rkd, sp = aggregate(read_sweep(tmp_path / "sweep"))
+    assert sp.key == ("dataset=cub200", "loss=sp") and sp.n == 1 and sp.loss == "sp"
+    assert rkd.key == ("loss.aomd_ratio=10", "loss=rkd") and rkd.aomd_ratio == 10.0
+    # the job without a seed override ran conf/train.yaml's seed 0: a repeat of rkd-0
+    assert rkd.n == 2 and sorted(rkd.seeds) == [0, 1] and rkd.mean["recall@1"] == pytest.approx(0.6)
+    assert [(job.name, first.name) for job, first in rkd.repeats] == [("rkd-default-seed", "rkd-0")]
+    for name in ("cub200-1a2b3c4d-resnet50-512-224px-imagenet", "cars196-5e6f7a8b-resnet50-512-224px-imagenet"):
         job = write_job(tmp_path / "teachers", name, [], metrics=m(0.6, 0.7, 0.2))
-        for file in (job / ".hydra").iterdir():
-            file.unlink()
-        (job / ".hydra").rmdir()
-    (teachers,) = aggregate(read_sweep(tmp_path / "teachers"))
-    assert teachers.n == 2 and teachers.repeats == []
+        without_hydra_folder(job, {"overrides": None, "job_type": "teacher"})
+    teachers = aggregate(read_sweep(tmp_path / "teachers"))
+    assert sorted(row.label for row in teachers) == ["teacher cars196-5e6f7a8b-resnet50-512-224px-imagenet",
+                                                    "teacher cub200-1a2b3c4d-resnet50-512-224px-imagenet"]
+    assert all(row.n == 1 and row.repeats == [] for row in teachers)
+    # a record that does not say what it is is listed as unreadable, not pooled with others
+    job = write_job(tmp_path / "unknown", "0", [], metrics=m(0.6, 0.7, 0.2))
+    without_hydra_folder(job, {"overrides": None, "job_type": "student"})
+    (unknown,) = read_sweep(tmp_path / "unknown")
+    assert unknown.status == report.UNREADABLE and "configuration is unknown" in unknown.error
 
 
 def test_metric_keys_order_recall_by_k_then_map():
@@ -461,3 +509,30 @@ def test_the_selection_lines_name_the_selected_epochs_and_the_untrained_one(tmp_
     text = write_report(tmp_path).markdown
     assert "2 jobs (2 finished) in 1 configuration." in text
     assert "- `loss=sp`: Recall@1 40.00 ± 3.54 at the selected epochs 0, 3 (0: before training); " in text
+
+
+def ratio_row(mode: int, ratio: float, *rest: str) -> ConfigRow:
+    key = (f"loss.aomd_ratio={ratio}", f"loss.mode={mode}", *rest)
+    return ConfigRow(key, " ".join(key), key, "aomd_mode2", ratio, mode, mean={"recall@1": 0.5}, std={"recall@1": 0.0})
+
+
+def test_ratio_plot_draws_a_grid_as_lines_and_a_search_as_points_per_mode():
+    """A grid (modes x ratios) is a line per mode, dodged a few percent; a search (each trial its
+    own weights: lines of one point) would be a legend of trials and points dodged far off their
+    ratio, so it is drawn as points per mode, at their true ratios."""
+    grid = [ratio_row(mode, ratio) for mode in (1, 2) for ratio in (1, 10, 100)]
+    lines = report.ratio_series(grid)
+    assert [(s.label, [r.aomd_ratio for r in s.rows], s.joined) for s in lines] == [
+        ("mode 1", [1, 10, 100], True), ("mode 2", [1, 10, 100], True)]
+    assert [s.dodge for s in lines] == pytest.approx([0.985, 1.015])
+    # other overrides that differ name the line, shortened as in the table; the dodge stays within 5%
+    weights = [ratio_row(2, ratio, f"loss.local_weight={w}") for w in (0.123456789, 0.5, 1.5, 2.5, 3.5, 4.5)
+               for ratio in (1, 10)]
+    lines = report.ratio_series(weights)
+    assert lines[0].label == "mode 2 (loss.local_weight=0.1235)"
+    assert min(s.dodge for s in lines) == pytest.approx(0.95) and max(s.dodge for s in lines) == pytest.approx(1.05)
+    search = [ratio_row(trial % 2 + 1, 10 + trial, f"loss.global_weight={trial / 7}") for trial in range(20)]
+    points = report.ratio_series(search)
+    assert [(s.label, len(s.rows), s.joined, s.dodge) for s in points] == [("mode 1", 10, False, 1.0),
+                                                                             ("mode 2", 10, False, 1.0)]
+    assert points[0].rows[0].aomd_ratio == 10

@@ -6,8 +6,9 @@ Reads every job of a multirun sweep directory and writes, into the sweep directo
   "mean ± std" over the seeds (`train.seed`), best first; the jobs that did not finish
   (failed, still running, no metrics.json) are listed below it, never dropped;
 * `recall_vs_aomd_ratio.png`: Recall@1 against `loss.aomd_ratio` (log axis), one line per
-  `loss.mode` (only when some job has a non-zero `aomd_ratio`);
-* `baselines.png`: Recall@1 of every configuration as horizontal bars, best on top.
+  configuration but its ratio, or points per `loss.mode` for a search (`ratio_series`; only when
+  some job has a non-zero `aomd_ratio`);
+* `baselines.png`: Recall@1 of every configuration as horizontal bars, in the table's order.
 
 The table is printed to stdout as well. See docs/report.md for the user's side.
 
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from aomd.config import config_dir
 from aomd.errors import UserError
 from aomd.records import (FINISHED, METRICS_FILE, RETRIEVAL_KEYS, SEED_KEY, VALIDATION_PREFIX, identity_overrides,
                            is_record_of, override_key, read_record)
@@ -161,7 +163,7 @@ def read_job(job_dir: Path, name: str) -> Job:
         overrides=tuple(overrides),
         config_overrides=config_overrides(overrides),
         loss=_get(hydra_cfg, "hydra.runtime.choices.loss"),
-        seed=_get(config, SEED_KEY, _seed_from_overrides(overrides)),
+        seed=_get(config, SEED_KEY, _override_value(overrides, SEED_KEY)),
         aomd_ratio=_as_float(_get(config, "loss.aomd_ratio")),
         mode=_get(config, "loss.mode"),
     )
@@ -174,6 +176,17 @@ def read_job(job_dir: Path, name: str) -> Job:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
         return Job(name, job_dir, UNREADABLE, error=f"cannot read {METRICS_FILE}: {_first_line(error)}", **fields)
+    if not (hydra_dir / "overrides.yaml").is_file():
+        # no .hydra/ (hydra.output_subdir=null, or results copied without it): the record's own
+        # overrides say which configuration it is; pooling such jobs would mix configurations
+        if isinstance(metrics.get("overrides"), list):
+            fields.update(_fields_from_overrides([str(o) for o in metrics["overrides"]]))
+        elif metrics.get("job_type") == "teacher":
+            # a managed teacher's folder (under paths.teachers_dir): its name says which teacher it is
+            fields.update(config_overrides=(f"teacher {job_dir.name}",), loss="triplet")
+        else:
+            return Job(name, job_dir, UNREADABLE, error=f"no .hydra/overrides.yaml, and {METRICS_FILE} does not "
+                                                        "record the job's overrides: its configuration is unknown")
     if metrics.get("overrides") is not None and (hydra_dir / "overrides.yaml").is_file() and not is_record_of(metrics, overrides):
         # a sweep rerun with other values into this folder: the job of .hydra/ has not claimed it yet
         return Job(name, job_dir, MISSING, error=f"{METRICS_FILE} is another configuration's, "
@@ -188,11 +201,27 @@ def read_job(job_dir: Path, name: str) -> Job:
                epochs_evaluated=len(metrics.get("history") or []), error=metrics.get("error"), **fields)
 
 
-def _seed_from_overrides(overrides: Sequence[str]) -> Any:
+def _override_value(overrides: Sequence[str], key: str) -> Any:
+    """The value `key=value` among `overrides` gives `key` (YAML-parsed, as Hydra reads it); None without one."""
     for override in overrides:
-        if override_key(override) == SEED_KEY and "=" in override:
-            return override.split("=", 1)[1]
+        if override_key(override) == key and "=" in override:
+            text = override.split("=", 1)[1]
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
     return None
+
+
+def _fields_from_overrides(overrides: list[str]) -> dict[str, Any]:
+    """A job's `Job` fields read from its overrides alone: a key they leave out has its default
+    (the loss group's is triplet, without an AOMD term; the seed's is conf/train.yaml's)."""
+    seed = _override_value(overrides, SEED_KEY)
+    return dict(overrides=tuple(overrides), config_overrides=config_overrides(overrides),
+                loss=_override_value(overrides, "loss") or "triplet",
+                seed=seed if seed is not None else _get(_load_yaml(Path(config_dir()) / "train.yaml"), SEED_KEY),
+                aomd_ratio=_as_float(_override_value(overrides, "loss.aomd_ratio")),
+                mode=_override_value(overrides, "loss.mode"))
 
 
 def _first_line(error: BaseException) -> str:
@@ -229,7 +258,8 @@ class ConfigRow:
     `mean` and `std` map each metric of the finished jobs' best epoch ("recall@1", ..., "map@r";
     fractions) to its mean and sample standard deviation over those jobs (std 0 for one job).
     `n` is the number of finished seeds (a job repeating a seed counts once: `repeats`), `jobs`
-    all jobs of the configuration, finished or not.
+    all jobs of the configuration, finished or not. `count` maps a metric to how many of those
+    seeds measured it, when fewer than n did (jobs of older versions lack some metrics).
     """
 
     key: tuple[str, ...]
@@ -241,6 +271,7 @@ class ConfigRow:
     jobs: list[Job] = field(default_factory=list)
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
 
     @property
     def finished(self) -> list[Job]:
@@ -356,6 +387,7 @@ def aggregate(jobs: Iterable[Job]) -> list[ConfigRow]:
         # is not finite (statistics.stdev fails on NaN)
         row.std = {key: (statistics.stdev(v) if all(map(math.isfinite, v)) else math.nan) if len(v) > 1 else 0.0
                    for key, v in values.items()}
+        row.count = {key: len(v) for key, v in values.items() if len(v) < row.n}
     ranked_by = ranking_metric(list(rows.values()))
 
     def rank(row: ConfigRow) -> tuple:
@@ -422,12 +454,13 @@ def percent(value: float) -> str:
 
 
 def format_cell(row: ConfigRow, key: str) -> str:
-    """"45.67 ± 1.23" (percent, 2 decimals); the mean alone for one seed; "-" when not measured."""
+    """"45.67 ± 1.23" (percent, 2 decimals); the mean alone for one seed; "-" when not measured;
+    "(n=1)" after it when fewer seeds than the row's n measured it."""
     if key not in row.mean:
         return "-"
-    if row.n < 2:
-        return percent(row.mean[key])
-    return f"{percent(row.mean[key])} ± {percent(row.std[key])}"
+    count = row.count.get(key, row.n)
+    text = percent(row.mean[key]) if count < 2 else f"{percent(row.mean[key])} ± {percent(row.std[key])}"
+    return text if count == row.n else f"{text} (n={count})"
 
 
 def _code(text: str) -> str:
@@ -464,8 +497,11 @@ def render_table(rows: Sequence[ConfigRow], labels: dict[tuple[str, ...], str] |
     keys = [ranked_by] * ranked_by.startswith(VALIDATION_PREFIX) + metric_keys(rows)  # what ranks the rows, first
     header = ["#", "configuration", "n", *map(metric_title, keys)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:", ":---", "---:"] + ["---:"] * len(keys)) + "|"]
-    for rank, row in enumerate(rows, 1):
-        cells = [str(rank) if row.n else "-", _code(labels[row.key]), _n_cell(row), *(format_cell(row, key) for key in keys)]
+    rank = 0
+    for row in rows:
+        ranked = math.isfinite(row.mean.get(ranked_by, math.nan))  # rows without a finite value come last, unranked
+        rank += ranked
+        cells = [str(rank) if ranked else "-", _code(labels[row.key]), _n_cell(row), *(format_cell(row, key) for key in keys)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -532,7 +568,9 @@ def render_report(sweep_dir: Path, jobs: Sequence[Job], rows: Sequence[ConfigRow
     labels = short_labels(rows)
     counts: dict[str, int] = {}
     for job in jobs:
-        counts[job.status] = counts.get(job.status, 0) + 1
+        # a MISSING job with an error holds another configuration's metrics.json: it is not started
+        status = "not started" if job.status == MISSING and job.error else job.status
+        counts[status] = counts.get(status, 0) + 1
     status_text = ", ".join(f"{count} {'without metrics.json' if status == MISSING else status}"
                             for status, count in sorted(counts.items(), key=lambda s: (s[0] != FINISHED, s[0])))
     primary = metric_title(primary_metric(rows))
@@ -591,58 +629,90 @@ def _plottable(row: ConfigRow, metric: str) -> bool:
     return metric in row.mean and math.isfinite(row.mean[metric]) and math.isfinite(row.std[metric])
 
 
-def plot_recall_vs_ratio(rows: Sequence[ConfigRow], path: Path) -> str | None:
-    """Recall@1 (mean, std error bars) against loss.aomd_ratio on a log axis, one line per
-    loss.mode (and per other override that differs between the AOMD configurations).
-    Writes `path` and returns None, or returns why there is nothing to plot."""
-    metric = primary_metric(rows)
-    points = [row for row in rows if row.aomd_ratio > 0 and _plottable(row, metric)]
-    if not points:
-        return "no finished job with a non-zero loss.aomd_ratio"
-    # a line = the configurations equal but for their aomd_ratio override
+MAX_LINES = 8  # more lines than this (or mostly one-point lines, as a search draws them): a scatter
+MAX_RATIO_TICKS = 8  # more swept ratios than this: the log axis's own ticks (one label per ratio would overlap)
+
+
+@dataclass
+class RatioSeries:
+    """One series of the ratio plot: `rows` (by aomd_ratio) drawn at x = ratio x `dodge`, joined
+    by a line when `joined`."""
+
+    label: str
+    rows: list[ConfigRow]
+    dodge: float = 1.0
+    joined: bool = True
+
+
+def ratio_series(points: Sequence[ConfigRow]) -> list[RatioSeries]:
+    """The series of the ratio plot: a line per configuration but its aomd_ratio (labelled by
+    loss.mode and the other overrides that differ between lines); when there are more than
+    `MAX_LINES` or most would be one point (a search: `preset=optuna_aomd` gives each trial its
+    own weights), unjoined points per loss.mode instead."""
     lines: dict[tuple, list[ConfigRow]] = {}
     for row in points:
         rest = tuple(o for o in row.key if override_key(o) != "loss.aomd_ratio")
         lines.setdefault((str(row.mode), rest), []).append(row)
+    if len(lines) > MAX_LINES or 2 * sum(len(members) > 1 for members in lines.values()) < len(lines):
+        by_mode: dict[str, list[ConfigRow]] = {}
+        for row in points:
+            by_mode.setdefault(str(row.mode), []).append(row)
+        return [RatioSeries(f"mode {mode}", sorted(members, key=lambda r: r.aomd_ratio), joined=False)
+                for mode, members in sorted(by_mode.items())]
     shared = set.intersection(*(set(rest) for _, rest in lines))
+    # lines are shifted apart by a few percent of a ratio (5% either way at most) so equal points
+    # and their error bars stay distinguishable; the ticks mark the true ratios
+    step = min(0.03, 0.1 / max(len(lines) - 1, 1))
+    series = []
+    for i, ((mode, rest), members) in enumerate(sorted(lines.items())):
+        extra = [display_override(o) for o in rest if o not in shared and override_key(o) != "loss.mode"]
+        series.append(RatioSeries(f"mode {mode}" + (f" ({' '.join(extra)})" if extra else ""),
+                                  sorted(members, key=lambda r: r.aomd_ratio), 1 + step * (i - (len(lines) - 1) / 2)))
+    return series
+
+
+def plot_recall_vs_ratio(rows: Sequence[ConfigRow], path: Path) -> str | None:
+    """Recall@1 (mean, std error bars) against loss.aomd_ratio on a log axis, in the series of
+    `ratio_series`. Writes `path` and returns None, or returns why there is nothing to plot."""
+    metric = primary_metric(rows)
+    points = [row for row in rows if row.aomd_ratio > 0 and _plottable(row, metric)]
+    if not points:
+        return "no finished job with a non-zero loss.aomd_ratio"
     fig = _figure(7.5, 4.8)
     ax = fig.add_subplot()
-    for i, ((mode, rest), members) in enumerate(sorted(lines.items())):
-        members.sort(key=lambda r: r.aomd_ratio)
-        extra = [o for o in rest if o not in shared and override_key(o) != "loss.mode"]
-        label = f"mode {mode}" + (f" ({' '.join(extra)})" if extra else "")
-        # lines are shifted apart by a few percent of a ratio so equal points and their error bars
-        # stay distinguishable; the ticks mark the true ratios
-        dodge = 1 + 0.03 * (i - (len(lines) - 1) / 2)
-        ax.errorbar([r.aomd_ratio * dodge for r in members], [100 * r.mean[metric] for r in members],
-                    yerr=[100 * r.std[metric] for r in members], marker="o", capsize=4, label=label)
+    for series in ratio_series(points):
+        ax.errorbar([r.aomd_ratio * series.dodge for r in series.rows], [100 * r.mean[metric] for r in series.rows],
+                    yerr=[100 * r.std[metric] for r in series.rows], marker="o", capsize=4, label=series.label,
+                    linestyle="-" if series.joined else "none")
     teacher = _single_teacher_value(points, metric)
     if teacher is not None:
         ax.axhline(100 * teacher, color="gray", linestyle="--", linewidth=1, label="teacher")
     ax.set_xscale("log")
     ratios = sorted({r.aomd_ratio for r in points})
-    # label the swept ratios themselves: log-axis decades alone hide which values were run
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+    if len(ratios) <= MAX_RATIO_TICKS:
+        # label the swept ratios themselves: log-axis decades alone hide which values were run
+        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    ax.xaxis.set_major_locator(FixedLocator(ratios))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticklabels([f"{r:g}" for r in ratios])
+        ax.xaxis.set_major_locator(FixedLocator(ratios))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticklabels([f"{r:.4g}" for r in ratios])
     if len(ratios) == 1:
         ax.set_xlim(ratios[0] / 2, ratios[0] * 2)
     ax.set_xlabel("loss.aomd_ratio (log scale)")
     ax.set_ylabel(f"{metric_title(metric)} (%)")
     ax.set_title(f"{metric_title(metric)} against AOMD ratio (mean ± std over seeds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
+    # outside the axes, right of them: it never hides a point
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(path, bbox_inches="tight")
     return None
 
 
 def plot_configurations(rows: Sequence[ConfigRow], path: Path) -> str | None:
     """Recall@1 of each configuration with a finished job as horizontal bars (std error bars), in
-    the table's order (best on top; by validation Recall@1 when the jobs selected on it); AOMD configurations (non-zero aomd_ratio) in another colour than the baselines.
+    the table's order (best on top; by validation Recall@1 when the jobs selected on it, as the
+    title then says); AOMD configurations (non-zero aomd_ratio) in another colour than the baselines.
     Writes `path` and returns None, or returns why there is nothing to plot."""
     metric = primary_metric(rows)
     shown = [row for row in rows if _plottable(row, metric)]
@@ -672,7 +742,9 @@ def plot_configurations(rows: Sequence[ConfigRow], path: Path) -> str | None:
     right = max([m + s for m, s in zip(means, stds)] + ([100 * teacher] if teacher is not None else []))
     ax.set_xlim(0, right * 1.12 + 3)  # room for the value labels
     ax.set_xlabel(f"{metric_title(metric)} (%)")
-    ax.set_title(f"{metric_title(metric)} per configuration (mean ± std over seeds)")
+    ranked_by = ranking_metric(rows)
+    order = "" if ranked_by == metric else f", ordered by {metric_title(ranked_by)}"  # the table's order: say so
+    ax.set_title(f"{metric_title(metric)} per configuration (mean ± std over seeds{order})")
     ax.grid(True, axis="x", alpha=0.3)
     if len(handles) > 1:  # outside the axes, right of them: it never hides a bar
         ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
