@@ -4,9 +4,11 @@ import os
 import signal
 import threading
 
+import numpy as np
 import pytest
 
 from aomd import preemption
+from aomd.data import images
 from aomd.preemption import StopSignals
 
 
@@ -108,10 +110,34 @@ def test_the_preemption_signal_after_sigterm_makes_the_stop_a_requeue_after_the_
 
 
 def test_a_signal_after_the_last_check_acts_when_the_guard_exits(restore_handlers):
+    """...and says why, as stop() does: the job's record and the line saying how to continue it read it."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    seen = []
+    signal.signal(signal.SIGUSR1, lambda *_: seen.append(preemption.last_stop))
     with pytest.raises(SystemExit):
         with StopSignals():
             os.kill(os.getpid(), signal.SIGTERM)
+    with StopSignals():
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert seen == ["stopped by SIGUSR1 after its last saved state; the job run again in the same folder "
+                    "continues from there"] and preemption.last_stop is None
+
+
+def _signal_dispositions(paths, size):
+    """A decode task that reports, as its "failures", what the worker does on each stop signal."""
+    return (np.zeros((len(paths), size, size, 3), np.uint8),
+            [(i, str(signal.getsignal(signum))) for i, signum in enumerate(preemption.stop_signals()[:len(paths)])])
+
+
+def test_the_decode_workers_of_a_cache_build_ignore_the_stop_signals(restore_handlers, monkeypatch):
+    """SLURM signals every process of the job: a decode worker forked with submitit's handler
+    would requeue the job and write its checkpoint file too, racing the job's own."""
+    for signum in preemption.stop_signals():
+        signal.signal(signum, lambda *_: None)  # a Python handler, as submitit installs
+    monkeypatch.setattr(images, "_decode_chunk", _signal_dispositions)
+    chunks = list(images.decode_all([f"{n}.jpg" for n in range(8)], 4, workers=2, chunk_size=4))
+    reasons = [reason for chunk in chunks for _, reason in chunk.failed]
+    assert len(reasons) == 2 * len(preemption.stop_signals()[:4]) and set(reasons) == {str(signal.SIG_IGN)}
 
 
 def test_an_ignored_signal_stays_ignored_and_other_threads_install_nothing(restore_handlers):

@@ -78,10 +78,15 @@ class StopSignals:
         return self
 
     def __exit__(self, exc_type, *exc_info: Any) -> None:
+        global last_stop
         previous = self._uninstall()
         if self.requested is not None and exc_type is None:  # came after the owner's last check
             signum, self.requested = self.requested, None
+            # for the job's record and the line saying how to continue it, as stop() sets it
+            last_stop = (f"stopped by {signal.Signals(signum).name} after its last saved state; the job run again "
+                         "in the same folder continues from there")
             _act(previous.get(signum, signal.SIG_DFL), signum, None)
+            last_stop = None
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():

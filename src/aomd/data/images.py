@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from aomd.preemption import ignore_in_worker
 from aomd.progress import progress_bar
 from aomd.runtime import usable_cpus
 
@@ -118,7 +119,9 @@ def decode_all(
                 yield _chunk(start, len(chunk), *_decode_chunk(chunk, size))
                 bar.update(len(chunk))
             return
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context())
+        # the stop signals are the job's: a forked worker running submitit's handler would requeue
+        # the job and write its checkpoint too, racing the job's own
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=ignore_in_worker)
         pending: deque[tuple[int, int, Future]] = deque()
 
         def submit(start: int) -> None:
