@@ -13,8 +13,8 @@ from aomd.build import instantiate_node
 from aomd.config import validate
 from aomd.errors import ConfigError
 from aomd.losses.terms import TERMS, distillation_terms, loss_defaults
-from aomd.records import (claim_record, finished_record, identity_overrides, not_identity_keys, read_record,
-                          record_failure, record_interruption)
+from aomd.records import (JobRecord, claim_record, finished_record, identity_overrides, not_identity_keys, read_record,
+                          record_failure, record_interruption, unfinished_run_id)
 from conftest import TINY, compose
 
 
@@ -68,6 +68,12 @@ def test_one_rule_says_what_identifies_a_job(tmp_path):
                                                                                             *overrides[1:]]}))
     assert finished_record(tmp_path, overrides) and not finished_record(tmp_path, ["loss=sp"])
     assert finished_record(tmp_path, overrides[::-1])  # the same job, its overrides in another order
+    # an error or a signal after the job finished (as its W&B run closed; submitit's
+    # UncompletedJobError as the time limit came) takes nothing from its results
+    record_failure(tmp_path, RuntimeError("boom"), overrides)
+    record_interruption(tmp_path, "stopped by SIGUSR2 after its last saved state")
+    assert finished_record(tmp_path, overrides) and "error" not in read_record(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "running", "overrides": overrides}))
     record_failure(tmp_path, RuntimeError("boom"))
     assert read_record(tmp_path)["status"] == "failed" and finished_record(tmp_path) is None
 
@@ -89,6 +95,15 @@ def test_a_job_claims_its_folder_from_another_configurations_record(tmp_path):
     assert read_record(tmp_path) == own
     claim_record(tmp_path, ["loss=sp"], continues=False)  # started over (train.resume=never)
     assert read_record(tmp_path)["history"] == []
+    # a job started again in the W&B run of an earlier start that wrote no last.pt keeps naming it,
+    # so a stop before its W&B run starts does not make the next start open a second one
+    claim_record(tmp_path, ["loss=sp"], continues=False, run_id="2x7kq9")
+    assert read_record(tmp_path) == {"status": "running", "overrides": ["loss=sp"], "best": None, "history": [],
+                                     "wandb_run_id": "2x7kq9"}
+    record_interruption(tmp_path, "stopped by SIGTERM before its training started")
+    assert unfinished_run_id(read_record(tmp_path), ["loss=sp"]) == "2x7kq9"
+    JobRecord(tmp_path, "student", {}, ["loss=sp"], run_id="2x7kq9")  # the tracker's record, before W&B starts
+    assert read_record(tmp_path)["wandb_run_id"] == "2x7kq9"
 
 
 def test_a_job_that_fails_before_claiming_its_folder_does_not_mark_another_jobs_record(tmp_path):

@@ -135,6 +135,28 @@ def test_a_run_continued_from_another_folder_is_checked_before_any_work(tmp_path
     assert "Delete it" not in str(error.value) and str(error.value).endswith(resume.OTHER_SOURCE)
 
 
+def test_a_job_run_again_in_its_folder_continues_its_own_progress_whatever_train_resume_says(tmp_path, monkeypatch):
+    """Started from another folder (train.resume=<folder>) and stopped, a job requeued by SLURM (or
+    run again as its stop line says) goes on from its own last.pt, not from that folder again;
+    with train.resume=never, a SLURM requeue of the job that started over continues it too (it
+    would otherwise start over on every requeue), and nothing else does."""
+    source = leave_run(tmp_path / "source", "interrupted", NOW, "now")
+    own = leave_run(tmp_path / "job", "interrupted", NOW, "now")
+    assert resume.job_source(str(tmp_path / "source"), tmp_path / "job", NOW, "now", sweep_job=False) == own
+    assert resume.job_source(str(tmp_path / "source"), tmp_path / "fresh", NOW, "now", sweep_job=False) == source
+    leave_run(tmp_path / "other", "interrupted", EARLIER, "earlier")  # another job's run here: not continued
+    assert resume.job_source(str(tmp_path / "source"), tmp_path / "other", NOW, "now", sweep_job=False) == source
+    assert resume.job_source("never", tmp_path / "job", NOW, "now", sweep_job=False) is None
+    record = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    (tmp_path / "job" / "metrics.json").write_text(json.dumps({**record, "slurm_job_id": "4242"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert resume.job_source("never", tmp_path / "job", NOW, "now", sweep_job=False) is None  # its first start
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resume.job_source("never", tmp_path / "job", NOW, "now", sweep_job=False) == own
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another SLURM job with train.resume=never: starts over
+    assert resume.job_source("never", tmp_path / "job", NOW, "now", sweep_job=False) is None
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     """The run folder of FOUR_EPOCHS run to its end, once for the tests that stop the same job."""
@@ -269,6 +291,19 @@ def test_a_run_continued_in_another_folder_starts_there_with_its_best_pt(uninter
     assert best_epoch <= 2  # chosen before the stop: no epoch of the continued run writes best.pt
     # the fp16 gradient scaler is not part of the job: a run saved in fp32 continues with a fresh one
     assert_resumes_to(uninterrupted, other, [*FOUR_EPOCHS, f"train.resume={stopped}"], "Resuming in epoch 3 of 4 after step 1 of 4")
+
+
+@pytest.mark.slow
+def test_a_run_started_over_and_stopped_says_to_continue_it_with_train_resume_auto(tmp_path):
+    """train.resume=never in the same command would start it over again: its stop line says so."""
+    args = [*TINY, "logger=none", "train.epochs=2", "train.iters_per_epoch=3"]
+    result = run_module("aomd.train", *args, "train.resume=never", f"hydra.run.dir={tmp_path}",
+                        env=signalled_at_step("SIGTERM", 4))
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert f"the same command with hydra.run.dir={tmp_path} train.resume=auto continues it" in result.stderr
+    result = run_module("aomd.train", *args, "train.resume=auto", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0 and "Resuming in epoch 2 of 2 after step 1 of 3" in result.stdout + result.stderr, \
+        result.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from aomd import preemption
 from aomd.config import check_before_start, chooses_other_configs, config_dir
 from aomd.errors import UserError
-from aomd.records import FINISHED, RUNNING, read_record, record_failure
+from aomd.records import FINISHED, RUNNING, override_key, read_record, record_failure
 from aomd.report import find_job_dirs
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,13 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
 
 
 def continuation_override() -> str:
-    """The override that runs a job again in its own folder (the default folders are named by the
-    time of the command, so the same command alone would start over in a new one)."""
+    """The overrides that run a job again in its own folder (the default folders are named by the
+    time of the command, so the same command alone would start over in a new one), and
+    train.resume=auto in place of a train.resume=never that would start it over again."""
     hydra_cfg = HydraConfig.get()
-    if in_multirun():
-        return f"hydra.sweep.dir={hydra_cfg.sweep.dir}"
-    return f"hydra.run.dir={hydra_cfg.runtime.output_dir}"
+    folder = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if in_multirun() else f"hydra.run.dir={hydra_cfg.runtime.output_dir}"
+    resume = [o.split("=", 1)[-1] for o in hydra_cfg.overrides.task if override_key(o) == "train.resume"]
+    return f"{folder} train.resume=auto" if resume and resume[-1] == "never" else folder
 
 
 def start(argv: list[str], config_name: str, program: str) -> None:

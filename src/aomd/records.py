@@ -146,12 +146,17 @@ def finished_record(job_dir: str | Path, overrides: list[str] | None = None) -> 
     return record
 
 
+def requeued_by_slurm(record: dict[str, Any] | None) -> bool:
+    """Whether this process is a requeue (SLURM_RESTART_COUNT > 0) of the SLURM job that wrote `record`."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    return bool(record and requeued and job_id and record.get("slurm_job_id") == job_id)
+
+
 def finished_by_this_slurm_job(record: dict[str, Any] | None) -> bool:
     """Whether `record` was finished by the SLURM job this process runs in, before SLURM requeued
     it (the time limit's signal came as the job ended): the requeued job has nothing left to do."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-    return bool(record and requeued and job_id and record.get("status") == FINISHED and record.get("slurm_job_id") == job_id)
+    return requeued_by_slurm(record) and record.get("status") == FINISHED
 
 
 def unfinished_run_id(record: dict[str, Any] | None, overrides: list[str] | None = None) -> str | None:
@@ -163,27 +168,32 @@ def unfinished_run_id(record: dict[str, Any] | None, overrides: list[str] | None
     return record.get("wandb_run_id")
 
 
-def claim_record(job_dir: Path, overrides: list[str], continues: bool) -> None:
+def claim_record(job_dir: Path, overrides: list[str], continues: bool, run_id: str | None = None) -> None:
     """Make the folder's metrics.json this job's before any work. A record another job left there
     (a sweep rerun with other values into the same folder numbers) would otherwise show that
     job's results under this job's overrides until this one's training starts, and for good if it
     is stopped before (e.g. while its teacher trains). Only a job that `continues` its own
-    unfinished run keeps its record."""
+    unfinished run keeps its record. `run_id`, the W&B run this start goes on in (an earlier
+    start's, `unfinished_run_id`), stays in the new record: stopped again before its W&B run
+    starts, the job would otherwise open a second run next time."""
     record = read_record(job_dir)
     if not (continues and record is not None and is_record_of(record, overrides)):
         job_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(job_dir / METRICS_FILE, _fresh_record(overrides))
+        write_json_atomic(job_dir / METRICS_FILE, {**_fresh_record(overrides), **({"wandb_run_id": run_id} if run_id else {})})
 
 
 def record_failure(job_dir: Path, error: BaseException, overrides: list[str] | None = None) -> None:
     """Make the job's metrics.json say it failed (the tracker already does once training started);
-    a record another job of these `overrides`' folder left is replaced, not marked."""
+    a record another job of these `overrides`' folder left is replaced, not marked. A finished
+    record stays: an error after it was written (W&B closing, submitit's UncompletedJobError as
+    the time limit came) takes nothing from the results."""
     _record_stop(job_dir, FAILED, f"{type(error).__name__}: {error}", overrides)
 
 
 def record_interruption(job_dir: Path, reason: str) -> None:
     """Make a job stopped by a signal before its own training started (e.g. while its teacher
-    trained) say so in its metrics.json; once training started, the tracker does."""
+    trained) say so in its metrics.json; once training started, the tracker does. A finished
+    record stays (a signal as the W&B run closed)."""
     _record_stop(job_dir, INTERRUPTED, reason)
 
 
@@ -196,7 +206,7 @@ def _record_stop(job_dir: Path, status: str, error: str, overrides: list[str] | 
     record = read_record(job_dir)
     if record is None or overrides is not None and not is_record_of(record, overrides):
         record = _fresh_record(overrides)
-    if record.get("status") != status:
+    if record.get("status") not in (status, FINISHED):
         record.update(status=status, error=error)
         job_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(job_dir / METRICS_FILE, record)
@@ -206,13 +216,16 @@ class JobRecord:
     """The metrics.json of one job being run (see the module docstring)."""
 
     def __init__(self, job_dir: Path, job_type: str, dataset: dict[str, int], overrides: list[str] | None = None,
-                 runtime: dict[str, Any] | None = None, selection: dict[str, str] | None = None):
+                 runtime: dict[str, Any] | None = None, selection: dict[str, str] | None = None,
+                 run_id: str | None = None):
         self.path = Path(job_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state: dict[str, Any] = {
             "status": RUNNING, "job_type": job_type, "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "overrides": None if overrides is None else identity_overrides(overrides),
             "runtime": runtime, "selection": selection, "best": None, "last": None, "history": [], "dataset": dataset,
+            # the W&B run this start goes on in, kept until the run starts (`claim_record`)
+            **({"wandb_run_id": run_id} if run_id else {}),
         }
         self.save()
 

@@ -29,7 +29,7 @@ import torch
 from aomd.data.sampler import ClassBalancedBatchSampler
 from aomd.errors import UserError
 from aomd.models import CheckpointError, read_checkpoint
-from aomd.records import FINISHED, identity_overrides, is_record_of, override_key, read_record
+from aomd.records import FINISHED, identity_overrides, is_record_of, override_key, read_record, requeued_by_slurm
 from aomd.tracking import wandb_dir
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,10 @@ def job_source(setting: str, out_dir: Path, overrides: list[str], identity: Iden
     (`sweep_job`: a sweep rerun with other values into the same folders) starts over in its place
     with a warning, and a single job stops with one line saying what differs, rather than discard
     a run the user may have pointed `hydra.run.dir` to by mistake."""
+    if setting != "auto":
+        own = own_unfinished_run(setting, out_dir, overrides, identity)
+        if own is not None:
+            return own
     path = source(setting, out_dir)
     if setting != "auto":
         if path is not None:  # another job's or damaged: said now, not after a teacher trains
@@ -163,6 +167,26 @@ def job_source(setting: str, out_dir: Path, overrides: list[str], identity: Iden
     if path is not None and not finished:
         read_state(path, identity, overrides)  # this job's run, but a damaged last.pt or another code's: said now
     return None if finished else path
+
+
+def own_unfinished_run(setting: str, out_dir: Path, overrides: list[str], identity: Identity) -> Path | None:
+    """The `last.pt` of the folder's own unfinished run of this job, which a job run again in its
+    folder continues whatever `train.resume` says: with `<run folder>`, the progress it made since
+    it started from there (a SLURM requeue, or the same command run again, would otherwise start
+    from that folder again and discard it); with `never`, only on a SLURM requeue of the job that
+    started over (`requeued_by_slurm`), which would otherwise start over on every requeue and never
+    finish a run longer than the time limit. None otherwise."""
+    path = Path(out_dir) / LAST
+    record = read_record(out_dir)
+    if not path.is_file() or record is None or record.get("status") == FINISHED or not is_record_of(record, overrides):
+        return None
+    if setting == "never" and not requeued_by_slurm(record):
+        return None
+    if not is_written_by(training_state(path), identity):
+        return None
+    log.info("Continuing this folder's own unfinished run (%s) rather than train.resume=%s: it went on from there.",
+             path, setting)
+    return path
 
 
 def changes(earlier: list[str], overrides: list[str]) -> str:

@@ -74,7 +74,7 @@ class Tracker:
     def __init__(self, run: RunInfo, out_dir: Path, job_type: str, dataset_summary: dict[str, int],
                  runtime: dict[str, Any] | None = None, selection: dict[str, str] | None = None,
                  resume_id: str | None = None):
-        self.record = JobRecord(out_dir, job_type, dataset_summary, run.overrides, runtime, selection)
+        self.record = JobRecord(out_dir, job_type, dataset_summary, run.overrides, runtime, selection, resume_id)
         if runtime:
             log.info("Running on %s (%s), precision %s%s%s.", runtime["device"], runtime["device_name"], runtime["precision"],
                      ", channels_last" if runtime["channels_last"] else "", ", compiled" if runtime["compile"] else "")

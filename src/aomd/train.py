@@ -107,10 +107,12 @@ def train(cfg: DictConfig) -> float:
     earlier = read_record(out_dir)
     earlier_run = unfinished_run_id(earlier, overrides)  # an earlier start of this job that wrote no last.pt
     run_id = earlier_run if cfg.train.resume == "auto" else None  # which the job starts again in
-    claim_record(out_dir, overrides, continues=resume_from is not None)
+    claim_record(out_dir, overrides, continues=resume_from is not None, run_id=run_id)
     try:
         if resume_from is None:
-            resume.forget_earlier_run(out_dir, its_own=earlier is None or is_record_of(earlier, overrides), run_id=earlier_run)
+            # a folder without a record of this job holds another job's last.pt (or none): its W&B files stay
+            resume.forget_earlier_run(out_dir, its_own=earlier is not None and is_record_of(earlier, overrides),
+                                      run_id=earlier_run)
         runtime.seed_everything(cfg.train.seed)
         # a resumed job's last.pt holds the whole network: no ImageNet weights to load (or download) first
         student = EmbeddingNet(cfg.backbone.name, cfg.embedding_size, cfg.l2normalize,
