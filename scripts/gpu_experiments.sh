@@ -27,7 +27,7 @@ rm -f "$out"/anatomy*.* "$out/summary.md"   # no figure of an earlier run in thi
 bench step_anatomy.py 170 120 anatomy.md python benchmarks/step_anatomy.py --losses aomd_mode1,aomd_mode2 \
   --settings default,unfused_adapters --rounds 3 --steps 8 --warmup 2 --json "$out/anatomy.json"
 bench "step_anatomy.py (compiled)" 200 5 anatomy_compiled.md python benchmarks/step_anatomy.py --losses aomd_mode2 \
-  --precisions bf16 --settings compiled,compiled_cl_inputs --rounds 2 --steps 8 --warmup 2 --json "$out/anatomy_compiled.json"
+  --precisions bf16 --settings compiled_cl_inputs,compiled --rounds 2 --steps 8 --warmup 2 --json "$out/anatomy_compiled.json"
 
 python - "$out" <<'PY' | tee "$out/summary.md"
 import json, sys
