@@ -109,6 +109,32 @@ def test_a_complete_cache_is_read_where_its_lock_cannot_be_taken(tmp_path, monke
         load_synthetic(**{**kwargs, "num_classes": 6})
 
 
+def test_a_full_disk_or_quota_and_an_unreadable_dataset_file_are_one_line_with_their_own_advice(tmp_path, monkeypatch):
+    """A quota full during the build (disk_usage saw room) names the cache; a dataset file this
+    user may not read names that file, not the cache folder (which it can write)."""
+    from conftest import compose
+
+    from aomd.build import load_data
+    from aomd.config import validate
+
+    def quota_exceeded(path, *args):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")  # h5py's, without a file name
+
+    monkeypatch.setattr(cache, "build_cache", quota_exceeded)
+    with pytest.raises(DatasetError, match=r"The dataset cache synthetic-\w+\.h5 did not fit in .* \(Disk quota exceeded\); "
+                                           r"free space or quota there, or point paths.cache_dir"):
+        load_synthetic(num_classes=4, images_per_class=4, base_size=36, image_size=32, cache_dir=tmp_path)
+
+    def unreadable_dataset_file(path, *args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/cub200/images/005.Crested_Auklet")
+
+    monkeypatch.setattr(cache, "build_cache", unreadable_dataset_file)
+    cfg = validate(compose("dataset.base_size=36", "dataset.image_size=32", f"dataset.cache_dir={tmp_path}"))
+    with pytest.raises(DatasetError, match=r"^Cannot read /data/cub200/images/005.Crested_Auklet \(Permission denied\); "
+                                           r"give this user read access to the dataset, or point dataset.root"):
+        load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
+
+
 def test_class_balanced_batches_follow_the_recipe():
     labels = np.repeat(np.arange(40), 7)
     sampler = ClassBalancedBatchSampler(labels, batch_size=128, images_per_class=5, num_batches=20, seed=0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -10,6 +11,7 @@ from hydra.utils import instantiate
 
 from aomd.config import check_test_size
 from aomd.data import RetrievalData
+from aomd.data.errors import DatasetError
 from aomd.data.splits import hold_out_validation
 from aomd.errors import ConfigError
 from aomd.losses.objective import NetworkShape, Objective
@@ -53,11 +55,20 @@ def build_objective(loss, sampler, student: EmbeddingNet, teacher: EmbeddingNet 
     )
 
 
+def build_dataset(dataset, **options: Any) -> RetrievalData:
+    """The RetrievalData of a `dataset` node (its loader's `options` added), its cache built if needed."""
+    try:
+        return instantiate_node(dataset, "dataset", **options)
+    except PermissionError as error:  # the cache's own folder is aomd.data.cache's error, with its own advice
+        raise DatasetError(f"Cannot read {os.fsdecode(error.filename or '') or 'the dataset'} ({error.strerror}); "
+                           "give this user read access to the dataset, or point dataset.root to a copy it can read.") from None
+
+
 def load_data(dataset, batch_size: int | None, eval_spec) -> RetrievalData:
     """The data of a `dataset` node, checked against the training batch size (None: not for
     training) and `eval.recall_k`; with `eval.select=val`, `eval.val_classes` training classes
     (default a fifth, at least 2) are held out as the validation split."""
-    data = instantiate_node(dataset, "dataset")
+    data = build_dataset(dataset)
     if eval_spec.select == "val" and batch_size is not None:
         classes = data.train.num_classes
         held_out = eval_spec.val_classes or max(2, round(classes / 5))  # one class would score 100% every epoch

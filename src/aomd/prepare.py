@@ -22,7 +22,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from aomd.build import instantiate_node
+from aomd.build import build_dataset
 from aomd.cli import run_task, start
 from aomd.config import check_test_size, config_dir, validate
 from aomd.data.benchmarks import ARCHIVES
@@ -87,7 +87,7 @@ def prepare(cfg: DictConfig) -> None:
     root = Path(root).expanduser().resolve() if root else None
 
     # the on-demand reader, whatever dataset.in_memory says: verifying streams the file
-    data: RetrievalData = instantiate_node(cfg.dataset, "dataset", in_memory=False)
+    data: RetrievalData = build_dataset(cfg.dataset, in_memory=False)
     shared = set(np.unique(data.train.labels).tolist()) & set(np.unique(data.test.labels).tolist())
     # a folder dataset's train/ and test/ may name one class in both (its listing warned); the
     # benchmarks' splits are class-disjoint by definition, so there shared classes mean a bad cache

@@ -21,6 +21,7 @@ concurrent jobs build a cache once and never read a half-written one. A build ki
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -203,11 +204,25 @@ def ensure_cache(path: Path, key: Mapping, fill: Callable[[h5py.File], None]) ->
         finally:
             lock.release()
     except OSError as error:
-        if not cannot_write(error):
-            raise
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # a quota: disk_usage showed room before the build
+            raise DatasetError(f"The dataset cache {path.name} did not fit in {path.parent} ({error.strerror or 'no space'}); "
+                               f"free space or quota there, or point paths.cache_dir (or AOMD_CACHE_DIR) to a folder "
+                               f"with room for it.") from error
+        if not (cannot_write(error) and _within(error.filename, path.parent)):
+            raise  # not the cache's: a dataset file this user may not read is the dataset's error (aomd.build)
         raise DatasetError(f"Cannot build the dataset cache in {path.parent} ({error.strerror}); point "
                            f"paths.cache_dir (or AOMD_CACHE_DIR) to a folder this user can write.") from error
     return path
+
+
+def _within(filename: str | bytes | None, folder: Path) -> bool:
+    """Whether an OSError's `filename` is `folder`, in it, or a folder on its path (None: a file
+    of h5py's, which writes only the cache)."""
+    if filename is None:
+        return True
+    failed = Path(os.fsdecode(filename)).absolute()
+    folder = folder.absolute()
+    return failed == folder or folder in failed.parents or failed in folder.parents
 
 
 def other_caches(path: Path) -> list[Path]:
