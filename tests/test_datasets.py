@@ -613,7 +613,7 @@ def test_images_of_other_modes_decode_to_the_rgb_they_show(tmp_path, mode):
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
-def test_bad_image_stops_the_build_or_is_skipped(tmp_path, caplog, damage):
+def test_bad_image_stops_the_build_or_is_skipped(tmp_path, caplog, damage, monkeypatch):
     root = make_folder(tmp_path, classes=4, per_class=3)
     bad = root / "class_03" / "img1.jpg"
     if damage == "corrupt":
@@ -626,6 +626,20 @@ def test_bad_image_stops_the_build_or_is_skipped(tmp_path, caplog, damage):
         load_folder(root, **options(tmp_path))
     assert str(bad) in str(error.value) and "dataset.skip_bad_images=true" in str(error.value)
     assert not list((tmp_path / "cache").glob("*.h5"))
+    # the next job (a sweep's) fails at once with the same message, without decoding the dataset again
+    decoded = []
+    real_decode = packing.decode_all
+    monkeypatch.setattr(packing, "decode_all", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    with pytest.raises(BadImageError) as again:
+        load_folder(root, **options(tmp_path))
+    assert str(again.value).startswith(str(error.value)) and "not decoded again" in str(again.value) and not decoded
+    # once the file is replaced (its size or time changed) the next build decodes again
+    assert snapshot(root) == before
+    os.utime(bad, ns=(bad.stat().st_atime_ns, bad.stat().st_mtime_ns + 10**9))
+    with pytest.raises(BadImageError) as third:
+        load_folder(root, **options(tmp_path))
+    assert decoded and "not decoded again" not in str(third.value)
+    before = snapshot(root)  # the loads below write nothing under the root
 
     caplog.set_level(logging.WARNING)
     data = load_folder(root, **options(tmp_path, skip_bad_images=True))
@@ -639,6 +653,7 @@ def test_bad_image_stops_the_build_or_is_skipped(tmp_path, caplog, damage):
     load_folder(root, **options(tmp_path, skip_bad_images=True))
     assert "1 unreadable images were left out" in caplog.text
     assert snapshot(root) == before
+    assert not list((tmp_path / "cache").glob("*.failed"))  # the build that skipped it forgot the failure
 
 
 def test_parallel_build_names_every_bad_image_of_both_splits(tmp_path, caplog):

@@ -10,10 +10,11 @@ Nothing under the dataset root is written: the cache lives under `cache_dir`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 import h5py
@@ -25,6 +26,7 @@ from aomd.data.images import decode_all
 from aomd.data.layout import DatasetListing, SplitFiles, check_counts
 from aomd.data.splits import RetrievalData
 from aomd.errors import ConfigError
+from aomd.records import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,12 @@ def open_listing(
         "files": listing.digest(),
     }
 
+    path = cache_file(cache_dir, listing.name, key)
+    failure = FailedBuild(path)
+
     def fill(h5: h5py.File) -> None:
+        if not skip_bad_images:  # a sweep's every job would otherwise decode the whole dataset to fail the same way
+            failure.raise_if_unchanged()
         splits = _located_files(listing)
         _check_disk_space(listing, base_size, Path(cache_dir).expanduser())
         unreadable = []
@@ -70,10 +77,13 @@ def open_listing(
             unreadable += _pack_split(h5, split, files, listing, base_size, skip_bad_images, decode_workers, progress,
                                       write=skip_bad_images or not unreadable)
         if unreadable and not skip_bad_images:
-            raise BadImageError(_unreadable_message(unreadable, listing.obtain))
+            message = _unreadable_message(unreadable, listing.obtain)
+            failure.record(message, [file for file, _ in unreadable])
+            raise BadImageError(message)
         write_skipped(h5, unreadable)
 
-    path = ensure_cache(cache_file(cache_dir, listing.name, key), key, fill)
+    path = ensure_cache(path, key, fill)
+    failure.forget()
     log.info("%s: reading the cache %s", listing.name, path)
     _report_skipped(path, listing, skip_bad_images)
     train, test = (read_split(path, split, in_memory) for split in ("train", "test"))
@@ -128,6 +138,45 @@ def _pack_split(h5: h5py.File, split: str, files: SplitFiles, listing: DatasetLi
     if write:
         writer.finish(files.labels[keep], [str(p) for p, k in zip(files.files, keep) if k])
     return unreadable
+
+
+class FailedBuild:
+    """`<cache>.failed`: the unreadable images that failed the last build of a cache, so that the
+    next job (a sweep's next, or one waiting at the lock) fails at once instead of decoding the
+    whole dataset again, until one of those files changes (replaced) or the build skips them."""
+
+    def __init__(self, cache_path: Path):
+        self.path = cache_path.with_name(cache_path.name + ".failed")
+
+    def record(self, message: str, files: list[str]) -> None:
+        state = {"message": message, "files": {file: _signature(file) for file in files}}
+        with suppress(OSError):  # a folder this user may only read: the next job decodes again
+            write_json_atomic(self.path, state)
+
+    def raise_if_unchanged(self) -> None:
+        try:
+            state = json.loads(self.path.read_text())
+            unchanged = all(_signature(file) == list(signature) for file, signature in state["files"].items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # none, or unreadable: build
+        if not unchanged:
+            self.forget()
+            return
+        raise BadImageError(f"{state['message']} (found by an earlier build of {self.path.name[:-len('.failed')]}, "
+                            f"recorded in {self.path}: not decoded again until one of those files changes)")
+
+    def forget(self) -> None:
+        with suppress(OSError):
+            self.path.unlink(missing_ok=True)
+
+
+def _signature(file: str) -> list[int] | None:
+    """A file's (size, modification time in ns): what changes when it is replaced; None when gone."""
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _unreadable_message(unreadable: list[tuple[str, str]], obtain: str, shown: int = 3) -> str:
