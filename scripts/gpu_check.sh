@@ -38,24 +38,17 @@ else
   echo "ran one test at a time: pytest-xdist is not installed" | tee -a "$out/tests.log"
 fi
 # stopped at its limit, the tier leaves the benchmarks their share of the check. Its tests of what
-# changed since a card last ran the tier run first, so that a tier cut short has run those
-tier_deadline=$((SECONDS + tier_limit))
+# changed since a card last ran the tier run first (AOMD_TESTS_FIRST, tests/conftest.py), in the one
+# pytest run whose processes take the longest tests of both kinds side by side, so that a tier cut
+# short has run those
 not_yet_on_a_card="fused_adapters or holds_the_values or never_waits or samplers_draw or compiled_networks or channels_last_batches"
-for pass in "$not_yet_on_a_card" "not ($not_yet_on_a_card)"; do
-  echo "== gpu tier: -k \"$pass\" ==" >> "$out/tests.log"
-  left=$((tier_deadline - SECONDS))
-  if [ "$left" -le 5 ]; then
-    echo "stopped by the tier's limit of $tier_limit s (AOMD_GPU_TESTS_TIMEOUT) before -k \"$pass\"" | tee -a "$out/tests.log"
-    status=1; continue
-  fi
-  # SIGINT at the limit, not SIGTERM: pytest then still writes the failures it saw and its result line
-  timeout -s INT -k "$KILL_GRACE" "$left" python -m pytest tests/test_gpu.py -m gpu -k "$pass" -q -rs -p no:cacheprovider --durations=8 \
-    ${parallel[@]+"${parallel[@]}"} 2>&1 | tee -a "$out/tests.log"
-  tier_status="${PIPESTATUS[0]}"
-  [ "$tier_status" -eq 0 ] || status=1
-  [ "$tier_status" -eq 124 ] && echo "stopped by the tier's limit of $tier_limit s (AOMD_GPU_TESTS_TIMEOUT) in -k \"$pass\"" \
-    | tee -a "$out/tests.log"
-done
+echo "== gpu tier, first the tests of: $not_yet_on_a_card ==" >> "$out/tests.log"
+# SIGINT at the limit, not SIGTERM: pytest then still writes the failures it saw and its result line
+AOMD_TESTS_FIRST="$not_yet_on_a_card" timeout -s INT -k "$KILL_GRACE" "$tier_limit" python -m pytest tests/test_gpu.py -m gpu \
+  -q -rs -p no:cacheprovider --durations=8 ${parallel[@]+"${parallel[@]}"} 2>&1 | tee -a "$out/tests.log"
+tier_status="${PIPESTATUS[0]}"
+[ "$tier_status" -eq 0 ] || status=1
+[ "$tier_status" -eq 124 ] && echo "stopped by the tier's limit of $tier_limit s (AOMD_GPU_TESTS_TIMEOUT)" | tee -a "$out/tests.log"
 lap "gpu test tier"
 # Each benchmark stops at its share of what is left of the check's budget (AOMD_GPU_CHECK_SECONDS),
 # keeping `reserve` seconds for the parts after it; a part out of time is skipped and says so

@@ -1,6 +1,7 @@
 """The benchmark scripts run where CI runs (the CPU, small shapes) and say what they measured;
 their figures are checked by people on real hardware (docs/benchmarks.md), never by tests."""
 import json
+import os
 import subprocess
 import sys
 
@@ -172,9 +173,9 @@ def test_the_gpu_check_summary_has_every_verdict_each_part_s_time_and_the_failur
     result reaches summary.md with the seconds it took, and a failed benchmark makes the check exit 1."""
     result, summary = run_with_stand_in_python("scripts/gpu_check.sh", tmp_path, failing="data_loading.py")
     assert result.returncode == 1, result.stdout + result.stderr
-    # two passes: the tests of what no card has run yet, then the rest
+    # one pytest run, the tests of what no card has run yet first
     assert "device: Stand-in card" in summary
-    assert "gpu test tier (first the tests of what no card has run yet): 1 failed, 3 passed in 1.00s; 1 failed, 3 passed in 1.00s\n" in summary
+    assert "gpu test tier (first the tests of what no card has run yet): 1 failed, 3 passed in 1.00s\n" in summary
     for script in ("train_step.py", "data_loading.py", "recipe_epoch.py"):
         assert f"- verdict of {script}" in summary
     times = summary.split("## time\n")[1].splitlines()
@@ -264,3 +265,19 @@ def test_the_floor_sends_the_stages_the_gradients_aomd_sends_them_and_its_verdic
         "fp32 aomd_mode1: step / floor 1.08 (target <= 1.10: OK)",
         "aomd_mode1: bf16 + channels_last is 1.51x fp32 + channels_last "
         "(the 1.8x target is not judged without the standard-layout fp32 pass)"]
+
+
+def test_the_tests_named_first_are_collected_first_and_the_rest_keep_their_order():
+    """AOMD_TESTS_FIRST (tests/conftest.py), with which gpu_check.sh runs the tests of what no card
+    has run yet before the others in its one pytest run."""
+    def collected(**env: str) -> list[str]:
+        result = subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "--collect-only", "-q", "-p",
+                                 "no:cacheprovider"], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-2000:]
+        return [line for line in result.stdout.splitlines() if "::" in line]
+
+    plain = collected()
+    first = collected(AOMD_TESTS_FIRST="never_waits or holds_the_values")
+    picked = [test for test in plain if "never_waits" in test or "holds_the_values" in test]
+    assert len(picked) > 2 and sorted(first) == sorted(plain)
+    assert first == picked + [test for test in plain if test not in picked]
