@@ -68,14 +68,17 @@ def test_one_rule_says_what_identifies_a_job(tmp_path):
                                                                                             *overrides[1:]]}))
     assert finished_record(tmp_path, overrides) and not finished_record(tmp_path, ["loss=sp"])
     assert finished_record(tmp_path, overrides[::-1])  # the same job, its overrides in another order
-    # an error or a signal after the job finished (as its W&B run closed; submitit's
-    # UncompletedJobError as the time limit came) takes nothing from its results
+    # a rerun (skip_finished=false) that fails before it claims the folder: the earlier run's
+    # results must not read as this run's
     record_failure(tmp_path, RuntimeError("boom"), overrides)
-    record_interruption(tmp_path, "stopped by SIGUSR2 after its last saved state")
-    assert finished_record(tmp_path, overrides) and "error" not in read_record(tmp_path)
-    (tmp_path / "metrics.json").write_text(json.dumps({"status": "running", "overrides": overrides}))
-    record_failure(tmp_path, RuntimeError("boom"))
     assert read_record(tmp_path)["status"] == "failed" and finished_record(tmp_path) is None
+    # an error or a signal after this process finished the job (as its W&B run closed; submitit's
+    # UncompletedJobError as the time limit came) takes nothing from its results
+    job = JobRecord(tmp_path / "job", "student", {}, overrides)
+    job.finish("finished")
+    record_failure(tmp_path / "job", RuntimeError("boom"), overrides)
+    record_interruption(tmp_path / "job", "stopped by SIGUSR2 after its last saved state")
+    assert finished_record(tmp_path / "job", overrides) and "error" not in read_record(tmp_path / "job")
 
 
 def test_a_job_claims_its_folder_from_another_configurations_record(tmp_path):

@@ -142,7 +142,11 @@ def test_a_job_run_again_in_its_folder_continues_its_own_progress_whatever_train
     would otherwise start over on every requeue), and nothing else does."""
     source = leave_run(tmp_path / "source", "interrupted", NOW, "now")
     own = leave_run(tmp_path / "job", "interrupted", NOW, "now")
+    # a run of this job the folder holds that did not start from there: the explicit source wins
+    assert resume.job_source(str(tmp_path / "source"), tmp_path / "job", NOW, "now", sweep_job=False) == source
+    torch.save({"architecture": {}, "model": {}, "training": {"identity": "now", "started_from": str(source.resolve())}}, own)
     assert resume.job_source(str(tmp_path / "source"), tmp_path / "job", NOW, "now", sweep_job=False) == own
+    assert resume.job_source(str(source), tmp_path / "job", NOW, "now", sweep_job=False) == own  # named by its last.pt
     assert resume.job_source(str(tmp_path / "source"), tmp_path / "fresh", NOW, "now", sweep_job=False) == source
     leave_run(tmp_path / "other", "interrupted", EARLIER, "earlier")  # another job's run here: not continued
     assert resume.job_source(str(tmp_path / "source"), tmp_path / "other", NOW, "now", sweep_job=False) == source
@@ -291,6 +295,22 @@ def test_a_run_continued_in_another_folder_starts_there_with_its_best_pt(uninter
     assert best_epoch <= 2  # chosen before the stop: no epoch of the continued run writes best.pt
     # the fp16 gradient scaler is not part of the job: a run saved in fp32 continues with a fresh one
     assert_resumes_to(uninterrupted, other, [*FOUR_EPOCHS, f"train.resume={stopped}"], "Resuming in epoch 3 of 4 after step 1 of 4")
+    # what a stop and a requeue here would go on from (resume.own_unfinished_run)
+    training = torch.load(other / "checkpoints" / "last.pt", weights_only=True)["training"]
+    assert training["started_from"] == str((stopped / "checkpoints" / "last.pt").resolve())
+
+
+@pytest.mark.slow
+def test_a_single_run_with_train_resume_never_requeued_after_it_finished_is_done(tmp_path):
+    """The time limit's signal came as the run ended: SLURM's requeue of the same job runs the same
+    command, whose train.resume=never would train it all again."""
+    args = [*TINY, "logger=none", "train.resume=never", f"hydra.run.dir={tmp_path}"]
+    result = run_module("aomd.train", *args, env={"SLURM_JOB_ID": "77"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    stamp = (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns
+    result = run_module("aomd.train", *args, env={"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"})
+    assert result.returncode == 0 and "by this SLURM job, before it was requeued" in result.stdout + result.stderr
+    assert (tmp_path / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow

@@ -33,13 +33,11 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
     try:
         return task(cfg)
     except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback; a sweep ends too
-        print(f"{program}: interrupted; the same command with {continuation_override()} continues it "
-              f"(train.resume=auto).", file=sys.stderr, flush=True)
+        print(f"{program}: interrupted; {continuation()}.", file=sys.stderr, flush=True)
         sys.exit(130)
     except SystemExit:  # a stop signal acted after the job saved (aomd.preemption): where to continue it
         if preemption.last_stop:
-            print(f"{program}: {preemption.last_stop.split(';')[0]}; the same command with {continuation_override()} "
-                  f"continues it (train.resume=auto).", file=sys.stderr, flush=True)
+            print(f"{program}: {preemption.last_stop.split(';')[0]}; {continuation()}.", file=sys.stderr, flush=True)
         raise
     except Exception as error:
         if in_multirun():
@@ -54,14 +52,18 @@ def run_task(task: Callable[[DictConfig], float], cfg: DictConfig, program: str)
         raise
 
 
-def continuation_override() -> str:
-    """The overrides that run a job again in its own folder (the default folders are named by the
-    time of the command, so the same command alone would start over in a new one), and
-    train.resume=auto in place of a train.resume=never that would start it over again."""
+def continuation() -> str:
+    """How a stopped job continues: "the same command with <override> continues it", the override
+    that runs it again in its own folder (the default folders are named by the time of the
+    command, so the same command alone would start over in a new one), with train.resume=auto in
+    place of a train.resume=never that would start it over again (resume.own_unfinished_run: a
+    train.resume=<folder> job goes on from its own folder)."""
     hydra_cfg = HydraConfig.get()
     folder = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if in_multirun() else f"hydra.run.dir={hydra_cfg.runtime.output_dir}"
     resume = [o.split("=", 1)[-1] for o in hydra_cfg.overrides.task if override_key(o) == "train.resume"]
-    return f"{folder} train.resume=auto" if resume and resume[-1] == "never" else folder
+    if resume and resume[-1] == "never":
+        return f"the same command with {folder} train.resume=auto continues it"
+    return f"the same command with {folder} continues it" + ("" if resume else " (train.resume=auto)")
 
 
 def start(argv: list[str], config_name: str, program: str) -> None:

@@ -30,9 +30,12 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
     continues where it stopped, in the same W&B run; `run_id` is the W&B run of an earlier start
     of this job that wrote no last.pt, which the job starts again in."""
     state = read_state(resume_from, identity) if resume_from is not None else None
+    started_from = None  # the last.pt of another folder this run started from (train.resume=<folder>)
     if state is not None:
         settle_next_best(resume_from.parent, state)  # the run continued may have been killed as its best.pt changed
         copy_best_checkpoint(resume_from.parent / "best.pt", out_dir / "checkpoints" / "best.pt")
+        own = resume_from.resolve() == (out_dir / "checkpoints" / "last.pt").resolve()
+        started_from = state["training"].get("started_from") if own else str(resume_from.resolve())
     selection = {"select": eval_spec.select, "metric": selection_metric(eval_spec.recall_k, eval_spec.select)}
     tracker = Tracker(run, out_dir, job_type, data.summary(), runtime.describe(), selection,
                       resume_id=(state or {}).get("training", {}).get("wandb_run_id") or run_id)
@@ -41,7 +44,8 @@ def train_network(data: RetrievalData, model: EmbeddingNet, objective: Objective
             tracker.log_teacher(teacher_metrics)
         best = fit(model, objective, data, recipe, eval_spec, runtime, out_dir, tracker.log_epoch, teacher,
                    best_from_epoch, identity=current_identity(identity), resume=state, on_restore=tracker.restore,
-                   checkpoint_extra={"wandb_run_id": tracker.run_id})
+                   # started_from: run again here, the job goes on from its own last.pt (resume.own_unfinished_run)
+                   checkpoint_extra={"wandb_run_id": tracker.run_id, "started_from": started_from})
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal (preemption, time limit, Ctrl-C): resumable
         tracker.interrupt(preemption.last_stop or f"stopped by {type(stop).__name__}")
         raise

@@ -184,17 +184,23 @@ def claim_record(job_dir: Path, overrides: list[str], continues: bool, run_id: s
 
 def record_failure(job_dir: Path, error: BaseException, overrides: list[str] | None = None) -> None:
     """Make the job's metrics.json say it failed (the tracker already does once training started);
-    a record another job of these `overrides`' folder left is replaced, not marked. A finished
-    record stays: an error after it was written (W&B closing, submitit's UncompletedJobError as
-    the time limit came) takes nothing from the results."""
+    a record another job of these `overrides`' folder left is replaced, not marked. A record this
+    process finished stays: an error after it was written (W&B closing, submitit's
+    UncompletedJobError as the time limit came) takes nothing from the results."""
     _record_stop(job_dir, FAILED, f"{type(error).__name__}: {error}", overrides)
 
 
 def record_interruption(job_dir: Path, reason: str) -> None:
     """Make a job stopped by a signal before its own training started (e.g. while its teacher
-    trained) say so in its metrics.json; once training started, the tracker does. A finished
-    record stays (a signal as the W&B run closed)."""
+    trained) say so in its metrics.json; once training started, the tracker does. A record this
+    process finished stays (a signal as the W&B run closed)."""
     _record_stop(job_dir, INTERRUPTED, reason)
+
+
+# the job folders whose record this process wrote as finished: an error or a stop after that (W&B
+# closing) leaves it finished; a finished record found in the folder (an earlier run's, which a
+# rerun with skip_finished=false failed to replace) does not stay finished
+_FINISHED_HERE: set[Path] = set()
 
 
 def _fresh_record(overrides: list[str] | None) -> dict[str, Any]:
@@ -206,7 +212,8 @@ def _record_stop(job_dir: Path, status: str, error: str, overrides: list[str] | 
     record = read_record(job_dir)
     if record is None or overrides is not None and not is_record_of(record, overrides):
         record = _fresh_record(overrides)
-    if record.get("status") not in (status, FINISHED):
+    finished_here = record.get("status") == FINISHED and Path(job_dir).resolve() in _FINISHED_HERE
+    if record.get("status") != status and not finished_here:
         record.update(status=status, error=error)
         job_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(job_dir / METRICS_FILE, record)
@@ -263,6 +270,8 @@ class JobRecord:
         if error:
             self.state["error"] = error
         self.save()
+        if status == FINISHED:
+            _FINISHED_HERE.add(self.path.parent.resolve())
 
     def save(self) -> None:
         write_json_atomic(self.path, self.state)

@@ -170,22 +170,27 @@ def job_source(setting: str, out_dir: Path, overrides: list[str], identity: Iden
 
 
 def own_unfinished_run(setting: str, out_dir: Path, overrides: list[str], identity: Identity) -> Path | None:
-    """The `last.pt` of the folder's own unfinished run of this job, which a job run again in its
-    folder continues whatever `train.resume` says: with `<run folder>`, the progress it made since
-    it started from there (a SLURM requeue, or the same command run again, would otherwise start
-    from that folder again and discard it); with `never`, only on a SLURM requeue of the job that
-    started over (`requeued_by_slurm`), which would otherwise start over on every requeue and never
-    finish a run longer than the time limit. None otherwise."""
+    """The `last.pt` of the folder's own unfinished run of this job that a job run again in its
+    folder continues although `train.resume` is not auto: with `<run folder>`, the run that
+    started from that very last.pt (its `started_from`) or a SLURM requeue's (run again, the job
+    would otherwise start from that folder again and discard its progress); with `never`, a SLURM
+    requeue's (`requeued_by_slurm`), which would otherwise start over on every requeue and never
+    finish a run longer than the time limit. None otherwise: an explicit train.resume wins over
+    another run of the folder."""
     path = Path(out_dir) / LAST
     record = read_record(out_dir)
     if not path.is_file() or record is None or record.get("status") == FINISHED or not is_record_of(record, overrides):
         return None
-    if setting == "never" and not requeued_by_slurm(record):
+    training = training_state(path)
+    if not is_written_by(training, identity):
         return None
-    if not is_written_by(training_state(path), identity):
+    if requeued_by_slurm(record):
+        why = "this SLURM job's, requeued"
+    elif setting != "never" and training.get("started_from") == str(source(setting, out_dir).resolve()):
+        why = "it started from there"
+    else:
         return None
-    log.info("Continuing this folder's own unfinished run (%s) rather than train.resume=%s: it went on from there.",
-             path, setting)
+    log.info("Continuing this folder's own unfinished run %s rather than train.resume=%s (%s).", path, setting, why)
     return path
 
 

@@ -85,9 +85,9 @@ def train(cfg: DictConfig) -> float:
                     "the sweep.", hydra_cfg.runtime.choices.get("preset"))
     previous = finished_record(out_dir, overrides)
     # a SLURM job requeued after it finished this job (the time limit's signal came as it ended)
-    # is done, even where skip_finished=false asked this sweep to run its jobs again
+    # is done, even where skip_finished=false or train.resume=never asked to run it again
     requeued_when_done = finished_by_this_slurm_job(previous)
-    if previous and (in_multirun() and (cfg.skip_finished or requeued_when_done) or
+    if previous and (requeued_when_done or in_multirun() and cfg.skip_finished or
                      not in_multirun() and cfg.train.resume == "auto"):
         log.info("Skipping %s: its metrics.json says finished (%s).", out_dir,
                  "by this SLURM job, before it was requeued" if requeued_when_done else
