@@ -128,6 +128,14 @@ def test_a_full_disk_or_quota_and_an_unreadable_dataset_file_are_one_line_with_t
     def unreadable_dataset_file(path, *args):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/cub200/images/005.Crested_Auklet")
 
+    class CacheFolderNotEnterable(type(tmp_path)):  # Path.exists raises there (Python 3.11)
+        def exists(self, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    with pytest.raises(DatasetError, match=r"^Cannot read the dataset cache .*x.h5 \(Permission denied\); give this "
+                                           r"user read access to it, or point paths.cache_dir"):
+        cache.is_complete(CacheFolderNotEnterable(tmp_path / "x.h5"), {})
+
     monkeypatch.setattr(cache, "build_cache", unreadable_dataset_file)
     cfg = validate(compose("dataset.base_size=36", "dataset.image_size=32", f"dataset.cache_dir={tmp_path}"))
     with pytest.raises(DatasetError, match=r"^Cannot read /data/cub200/images/005.Crested_Auklet \(Permission denied\); "

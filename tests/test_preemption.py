@@ -2,7 +2,10 @@
 have done without the guard (in-process; the end-to-end runs are in test_resume and test_slurm)."""
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -150,3 +153,50 @@ def test_an_ignored_signal_stays_ignored_and_other_threads_install_nothing(resto
     thread.start()
     thread.join()
     assert installed == [{}]
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+import numpy as np
+from aomd.data import images
+
+def slow_chunk(paths, size):
+    time.sleep(120)
+    return np.zeros((len(paths), size, size, 3), np.uint8), []
+
+images._decode_chunk = slow_chunk
+print(os.getpid(), flush=True)
+for _ in images.decode_all([f"{n}.jpg" for n in range(8)], 4, workers=2, chunk_size=4):
+    pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, which a container's init may never reap, does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_decode_workers_end_with_a_job_killed_by_its_stop_signal(tmp_path):
+    """Ignoring the stop signals, a decode worker of a job killed by SIGTERM (a process group's
+    `kill`, `timeout`) would wait for tasks for good, and a `... | tee` of the job never end."""
+    job = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        pid = int(job.stdout.readline())
+        children_file = f"/proc/{pid}/task/{pid}/children"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(open(children_file).read().split()) < 2:
+            time.sleep(0.1)
+        workers = [int(child) for child in open(children_file).read().split()]
+        assert len(workers) == 2
+        job.send_signal(signal.SIGTERM)
+        job.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(map(_alive, workers)):
+            time.sleep(0.1)
+        assert not any(map(_alive, workers))
+    finally:
+        job.kill()

@@ -57,9 +57,9 @@ def cache_file(cache_dir: str | Path, name: str, key: Mapping) -> Path:
 
 def is_complete(path: Path, key: Mapping) -> bool:
     """True when `path` is a finished cache built from `key` in the current format."""
-    if not path.exists():
-        return False
     try:
+        if not path.exists():  # raises PermissionError (Python 3.11) where the cache folder cannot be entered
+            return False
         with h5py.File(path, "r") as h5:
             return (
                 bool(h5.attrs.get("complete", False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -70,6 +71,11 @@ def _decode_chunk(paths: Sequence[str], size: int) -> tuple[np.ndarray, list[tup
     return stacked, failures
 
 
+def unreadable_files(paths: Sequence[str], size: int) -> list[tuple[int, str]]:
+    """(position in `paths`, reason) of each file that cannot be decoded, in this process."""
+    return _decode_chunk(paths, size)[1]
+
+
 @dataclass
 class DecodedChunk:
     """Consecutive files `start .. start + count - 1` of a decode_all() list, decoded.
@@ -119,9 +125,8 @@ def decode_all(
                 yield _chunk(start, len(chunk), *_decode_chunk(chunk, size))
                 bar.update(len(chunk))
             return
-        # the stop signals are the job's: a forked worker running submitit's handler would requeue
-        # the job and write its checkpoint too, racing the job's own
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=ignore_in_worker)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_start_decode_worker,
+                                   initargs=(os.getpid(),))
         pending: deque[tuple[int, int, Future]] = deque()
 
         def submit(start: int) -> None:
@@ -141,6 +146,22 @@ def decode_all(
         finally:
             # on an error or a closed generator, do not run the queued tasks
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_decode_worker(parent: int) -> None:
+    """A decode worker ignores the stop signals, which are the job's (forked with submitit's
+    handler, it would requeue the job and write its checkpoint too, racing the job's own), and
+    so ends with its parent instead: killed when the parent dies (Linux), or at once if it already
+    has. Otherwise a job killed by its process group's SIGTERM would leave its workers waiting for
+    tasks for good, and a `... | tee` of its output would never end."""
+    ignore_in_worker()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _chunk(start: int, count: int, images: np.ndarray, failures: list[tuple[int, str]]) -> DecodedChunk:

@@ -22,7 +22,7 @@ import numpy as np
 
 from aomd.data.cache import SplitWriter, cache_file, ensure_cache, read_skipped, read_split, write_skipped
 from aomd.data.errors import BadImageError, DatasetError
-from aomd.data.images import decode_all
+from aomd.data.images import decode_all, unreadable_files
 from aomd.data.layout import DatasetListing, SplitFiles, check_counts
 from aomd.data.splits import RetrievalData
 from aomd.errors import ConfigError
@@ -69,7 +69,7 @@ def open_listing(
 
     def fill(h5: h5py.File) -> None:
         if not skip_bad_images:  # a sweep's every job would otherwise decode the whole dataset to fail the same way
-            failure.raise_if_unchanged()
+            failure.raise_if_still_unreadable(base_size)
         splits = _located_files(listing)
         _check_disk_space(listing, base_size, Path(cache_dir).expanduser())
         unreadable = []
@@ -141,42 +141,33 @@ def _pack_split(h5: h5py.File, split: str, files: SplitFiles, listing: DatasetLi
 
 
 class FailedBuild:
-    """`<cache>.failed`: the unreadable images that failed the last build of a cache, so that the
-    next job (a sweep's next, or one waiting at the lock) fails at once instead of decoding the
-    whole dataset again, until one of those files changes (replaced) or the build skips them."""
+    """`<cache>.failed`: the unreadable images that failed the last build of a cache. The next
+    build (a sweep's next job, or one that waited at the lock) decodes those files first: when they
+    still fail, it fails at once with the same error instead of decoding the whole dataset again
+    (hours for SOP); when one of them reads now (replaced, its permissions fixed, a network error
+    gone), it forgets the failure and builds."""
 
     def __init__(self, cache_path: Path):
         self.path = cache_path.with_name(cache_path.name + ".failed")
 
     def record(self, message: str, files: list[str]) -> None:
-        state = {"message": message, "files": {file: _signature(file) for file in files}}
         with suppress(OSError):  # a folder this user may only read: the next job decodes again
-            write_json_atomic(self.path, state)
+            write_json_atomic(self.path, {"message": message, "files": files})
 
-    def raise_if_unchanged(self) -> None:
+    def raise_if_still_unreadable(self, base_size: int) -> None:
         try:
             state = json.loads(self.path.read_text())
-            unchanged = all(_signature(file) == list(signature) for file, signature in state["files"].items())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return  # none, or unreadable: build
-        if not unchanged:
-            self.forget()
-            return
-        raise BadImageError(f"{state['message']} (found by an earlier build of {self.path.name[:-len('.failed')]}, "
-                            f"recorded in {self.path}: not decoded again until one of those files changes)")
+            message, files = str(state["message"]), [str(file) for file in state["files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # none, or damaged: build
+        if files and len(unreadable_files(files, base_size)) == len(files):
+            raise BadImageError(f"{message} (found by an earlier build of this cache: those files still cannot be read, "
+                                f"so the dataset was not decoded again)")
+        self.forget()
 
     def forget(self) -> None:
         with suppress(OSError):
             self.path.unlink(missing_ok=True)
-
-
-def _signature(file: str) -> list[int] | None:
-    """A file's (size, modification time in ns): what changes when it is replaced; None when gone."""
-    try:
-        stat = os.stat(file)
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _unreadable_message(unreadable: list[tuple[str, str]], obtain: str, shown: int = 3) -> str:
