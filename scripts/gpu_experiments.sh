@@ -45,7 +45,7 @@ anatomy = out / "anatomy.json"
 print("# GPU experiments\n")
 print(f"device: {json.loads(anatomy.read_text())['device'] if anatomy.is_file() else 'unknown'}\n")
 for name, title in (("anatomy.md", "training step: fused against eager adapters"),
-                    ("anatomy_compiled.md", "bf16 step: compiled, compiled with channels_last batches (eager: above)")):
+                    ("anatomy_compiled.md", "bf16 step: compiled with channels_last batches, compiled (eager: above)")):
     print(f"## {title}\n")
     cut = [line for line in ((out / name).read_text().splitlines() if (out / name).is_file() else [])
            if "out of the script's time" in line or "stopped at its limit" in line]

@@ -284,12 +284,15 @@ def test_folders_without_hydra_are_grouped_by_their_records_overrides(tmp_path: 
     jobs = [("sp-cub", ["loss=sp", "dataset=cub200", "train.seed=0"], 0.3),
             ("rkd-0", ["loss=rkd", "loss.aomd_ratio=10", "train.seed=0"], 0.5),
             ("rkd-1", ["loss=rkd", "loss.aomd_ratio=10", "train.seed=1"], 0.7),
-            ("rkd-default-seed", ["loss=rkd", "loss.aomd_ratio=10"], 0.9)]
+            ("rkd-default-seed", ["loss=rkd", "loss.aomd_ratio=10"], 0.9),
+            ("aomd-defaults", ["loss=aomd_mode1"], 0.4)]
     for name, overrides, r1 in jobs:
         job = write_job(tmp_path / "sweep", name, overrides, metrics=m(r1, 0.8, 0.2))
         without_hydra_folder(job, {"overrides": overrides, "job_type": "student"})
-    rkd, sp = aggregate(read_sweep(tmp_path / "sweep"))
+    rkd, aomd, sp = aggregate(read_sweep(tmp_path / "sweep"))
     assert sp.key == ("dataset=cub200", "loss=sp") and sp.n == 1 and sp.loss == "sp"
+    # the values the overrides leave at their defaults come from the config they compose to
+    assert (aomd.loss, aomd.aomd_ratio, aomd.mode, aomd.jobs[0].seed) == ("aomd_mode1", 200.0, 1, 0)
     assert rkd.key == ("loss.aomd_ratio=10", "loss=rkd") and rkd.aomd_ratio == 10.0
     # the job without a seed override ran conf/train.yaml's seed 0: a repeat of rkd-0
     assert rkd.n == 2 and sorted(rkd.seeds) == [0, 1] and rkd.mean["recall@1"] == pytest.approx(0.6)

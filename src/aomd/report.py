@@ -39,7 +39,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from aomd.config import config_dir
 from aomd.errors import UserError
 from aomd.records import (FINISHED, METRICS_FILE, RETRIEVAL_KEYS, SEED_KEY, VALIDATION_PREFIX, identity_overrides,
                            is_record_of, override_key, read_record)
@@ -214,14 +213,20 @@ def _override_value(overrides: Sequence[str], key: str) -> Any:
 
 
 def _fields_from_overrides(overrides: list[str]) -> dict[str, Any]:
-    """A job's `Job` fields read from its overrides alone: a key they leave out has its default
-    (the loss group's is triplet, without an AOMD term; the seed's is conf/train.yaml's)."""
-    seed = _override_value(overrides, SEED_KEY)
-    return dict(overrides=tuple(overrides), config_overrides=config_overrides(overrides),
-                loss=_override_value(overrides, "loss") or "triplet",
-                seed=seed if seed is not None else _get(_load_yaml(Path(config_dir()) / "train.yaml"), SEED_KEY),
-                aomd_ratio=_as_float(_override_value(overrides, "loss.aomd_ratio")),
-                mode=_override_value(overrides, "loss.mode"))
+    """A job's `Job` fields from its recorded overrides, with the config they compose to giving the
+    values they leave at a default (a loss option's aomd_ratio and mode, the seed). Overrides this
+    installation cannot compose (a plugin's option) give only what they set themselves."""
+    from aomd.config import compose
+
+    fields = dict(overrides=tuple(overrides), config_overrides=config_overrides(overrides))
+    try:
+        cfg = compose(overrides, with_hydra=True)
+    except UserError:
+        return {**fields, "loss": _override_value(overrides, "loss"), "seed": _override_value(overrides, SEED_KEY),
+                "aomd_ratio": _as_float(_override_value(overrides, "loss.aomd_ratio")),
+                "mode": _override_value(overrides, "loss.mode")}
+    return {**fields, "loss": cfg.hydra.runtime.choices.get("loss"), "seed": cfg.train.seed,
+            "aomd_ratio": _as_float(cfg.loss.get("aomd_ratio")), "mode": cfg.loss.get("mode")}
 
 
 def _first_line(error: BaseException) -> str:
@@ -289,7 +294,7 @@ class ConfigRow:
         first_of_seed: dict[str, Job] = {}
         counted, repeats = [], []
         for job in (job for job in self.jobs if job.status == FINISHED):
-            # a job without a seed (a folder without .hydra/, a managed teacher's) repeats nothing
+            # a job without a seed (a managed teacher's folder) repeats nothing
             first = first_of_seed.get(str(job.seed)) if job.seed is not None else None
             if first is not None:
                 repeats.append((job, first))
