@@ -281,3 +281,13 @@ def test_the_tests_named_first_are_collected_first_and_the_rest_keep_their_order
     picked = [test for test in plain if "never_waits" in test or "holds_the_values" in test]
     assert len(picked) > 2 and sorted(first) == sorted(plain)
     assert first == picked + [test for test in plain if test not in picked]
+
+
+def test_the_device_path_keeps_the_sizes_it_is_given(tmp_path):
+    """--to-device has its own defaults (4,000 images, batches of 128); sizes given are kept, also
+    those equal to the other mode's defaults."""
+    out = tmp_path / "data_path.json"
+    result = run_script("benchmarks/data_loading.py", "--to-device", "--device", "cpu", "--images", "300",
+                        "--batch-size", "32", "--seconds", "0.5", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["batch_size"] == 32 and "300 images of" in result.stdout

@@ -128,6 +128,13 @@ def test_a_full_disk_or_quota_and_an_unreadable_dataset_file_are_one_line_with_t
     def unreadable_dataset_file(path, *args):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/cub200/images/005.Crested_Auklet")
 
+    def cannot_make_the_cache_folder(path, *args):  # mkdir of paths.cache_dir fails at a folder above it
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path.parent))
+
+    monkeypatch.setattr(cache, "build_cache", cannot_make_the_cache_folder)
+    with pytest.raises(DatasetError, match=r"Cannot build the dataset cache in .* point paths.cache_dir"):
+        load_synthetic(num_classes=4, images_per_class=4, base_size=36, image_size=32, cache_dir=tmp_path)
+
     class CacheFolderNotEnterable(type(tmp_path)):  # Path.exists raises there (Python 3.11)
         def exists(self, *args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied", str(self))

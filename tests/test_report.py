@@ -539,3 +539,10 @@ def test_ratio_plot_draws_a_grid_as_lines_and_a_search_as_points_per_mode():
     assert [(s.label, len(s.rows), s.joined, s.dodge) for s in points] == [("mode 1", 10, False, 1.0),
                                                                              ("mode 2", 10, False, 1.0)]
     assert points[0].rows[0].aomd_ratio == 10
+
+
+def test_the_ratio_plot_of_a_search_renders_its_points_with_the_axis_own_ticks(tmp_path: Path):
+    """20 trials (more ratios than can each be labelled): the scatter and the log axis's ticks render."""
+    search = [ratio_row(trial % 2 + 1, 10 + 5 * trial, f"loss.global_weight={trial / 7}") for trial in range(20)]
+    assert report.plot_recall_vs_ratio(search, tmp_path / "search.png") is None
+    assert (tmp_path / "search.png").read_bytes()[:8] == PNG_MAGIC
