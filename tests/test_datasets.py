@@ -395,6 +395,15 @@ def test_folder_names_a_better_root_when_the_classes_are_near(tmp_path):
     with pytest.raises(DatasetError, match=f"{classes / 'a'} holds 2 images directly, not in class folders; .*"
                                            f"\\(class folders are in {classes}: set dataset.root={classes}\\)"):
         load_folder(classes / "a", **options(tmp_path))
+    # train/ and val/ (a common layout): the test classes' folder is to be named test/
+    split = tmp_path / "split"
+    for folder in ("train", "val"):
+        for name in ("a", "b"):
+            write_jpeg(split / folder / f"{folder}_{name}" / "0.jpg", 0)
+    with pytest.raises(DatasetError, match=re.escape(f"(train/ has no test/ beside it: rename val/ to test/ to test on "
+                                                     f"its classes, or set dataset.root={split / 'train'} to split "
+                                                     f"train/'s classes)")):
+        load_folder(split, **options(tmp_path))
 
 
 def test_published_counts_are_checked_on_the_full_dataset(cub_root, caplog):

@@ -82,6 +82,12 @@ def _too_few_classes(root: Path, classes: int) -> DatasetError:
                else f"holds {classes} class folder{'s' * (classes != 1)} with images, where at least 2 are needed")
     better = root.parent if loose and holds_class_folders(root.parent) else find_below(root, holds_class_folders)
     hint = f" (class folders are in {better}: set dataset.root={better})" if better else ""
+    if (root / "train").is_dir() and not (root / "test").is_dir():  # e.g. train/ and val/
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "train" and holds_class_folders(p))
+        hint = (f" (train/ has no test/ beside it: rename {others[0]}/ to test/ to test on its classes, or set "
+                f"dataset.root={root / 'train'} to split train/'s classes)" if others else
+                f" (train/ has no test/ beside it: add the test classes' folders in test/, or set "
+                f"dataset.root={root / 'train'} to split train/'s classes)")
     return DatasetError(f"folder: {root} {problem}; expected {LAYOUT}, found: {describe(root)}{hint}; {OBTAIN}.")
 
 
