@@ -406,6 +406,18 @@ def test_folder_names_a_better_root_when_the_classes_are_near(tmp_path):
         load_folder(split, **options(tmp_path))
 
 
+def test_files_of_other_kinds_in_class_folders_are_named(tmp_path, caplog):
+    """A phone's .heic photos among the JPEGs would silently shrink their classes."""
+    root = make_folder(tmp_path, classes=4, per_class=3)
+    for name in ("class_00/IMG_1.HEIC", "class_00/IMG_2.heic", "class_02/notes.txt", "class_02/.DS_Store"):
+        (root / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        data = load_folder(root, **options(tmp_path))
+    assert len(data.train) + len(data.test) == 12
+    assert f"Ignoring 3 files of other kinds than .bmp/.gif/.jpeg/.jpg/.png/.tif/.tiff/.webp in the class folders of " \
+           f"{root} (.heic: 2, .txt: 1); convert those that are images." in caplog.text
+
+
 def test_published_counts_are_checked_on_the_full_dataset(cub_root, caplog):
     listing = benchmarks.list_cub200(cub_root)
     caplog.set_level(logging.INFO)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from aomd.data.errors import DatasetError
-from aomd.data.images import is_image_file
+from aomd.data.images import IMAGE_EXTENSIONS, is_image_file
 
 log = logging.getLogger(__name__)
 
@@ -211,21 +211,34 @@ def class_folders(folder: Path, nested: bool = False) -> list[tuple[str, list[Pa
     files sorted by name. Hidden entries are ignored. With `nested`, a subfolder `X` holding no
     images but subfolders `Y` that do gives the classes "X/Y" (a class name with a "/", such as
     Cars196's "Ram C/V Cargo Van Minivan 2012", extracted as two folders)."""
-    classes = []
+    classes, other_files = [], Counter()
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
-            files = _image_files(entry.path)
+            files, others = _image_files(entry.path)
             if files:
                 classes.append((entry.name, files))
+                other_files += others
             elif nested and (inner := [(f"{entry.name}/{name}", files) for name, files in class_folders(Path(entry.path))]):
                 classes += inner
             else:
                 log.warning("Ignoring %s: it holds no image files.", entry.path)
+    if other_files:  # e.g. .heic or .avif photos, which would silently shrink their classes
+        kinds = ", ".join(f"{extension or '(none)'}: {count}" for extension, count in other_files.most_common())
+        log.warning("Ignoring %d files of other kinds than %s in the class folders of %s (%s); convert those that "
+                    "are images.", sum(other_files.values()), "/".join(sorted(IMAGE_EXTENSIONS)), folder, kinds)
     return classes
 
 
-def _image_files(folder: str) -> list[Path]:
-    return sorted(Path(e.path) for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+def _image_files(folder: str) -> tuple[list[Path], Counter]:
+    """The image files in `folder` (sorted), and how many other files it holds per extension."""
+    images, others = [], Counter()
+    for entry in os.scandir(folder):
+        if entry.is_file() and not entry.name.startswith("."):
+            if is_image_file(entry.name):
+                images.append(Path(entry.path))
+            else:
+                others[os.path.splitext(entry.name)[1].lower()] += 1
+    return sorted(images), others
 
 
 def read_table(path: Path, columns: int, *, header: bool = False, obtain: str) -> list[list[str]]:
