@@ -109,10 +109,36 @@ def test_rkd_turns_off_l2_normalisation():
     ("eval.recall_k=[0]", "eval.recall_k"),
     ("logger.mode=sometimes", "logger.mode"),
     ("backbone.name=vgg", "backbone.name must be one of"),
+    # the runtime's rules that hold on any machine: a sweep stops before its jobs queue for a card
+    ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    ("train.num_workers=-1", "train.num_workers must be auto or an integer of 0 or more, got -1"),
+    ("train.num_workers=true", "train.num_workers must be auto or an integer of 0 or more, got True"),
+    # a sampler's _target_ its keys do not fit: said now, not after the data is read
+    ("sampler._target_=aomd.losses.HardNegatives", "sampler could not be built from its _target_ 'aomd.losses.HardNegatives' "
+     "and its keys .*got an unexpected keyword argument 'cutoff'.*; choose a sampler option"),
 ])
 def test_validation_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate(compose(override))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["loss=triplet,sp"], "Ambiguous value for argument 'loss=triplet,sp': add -m to sweep over the values, or write "
+                          "key=[a,b] for a list."),
+    (["ablation=both"], "Could not override 'ablation'. No match in the defaults list: add the group with +ablation=<option>."),
+])
+def test_hydra_errors_keep_their_advice_in_one_line(argv, message):
+    from aomd.config import check_before_start
+
+    with pytest.raises(ConfigError) as error:
+        check_before_start(argv)
+    assert str(error.value) == message
+
+
+def test_a_bad_logger_mode_from_wandb_mode_says_where_it_came_from(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match=r"got 'sometimes' \(from the environment variable WANDB_MODE\)\.$"):
+        validate(compose())
 
 
 def assert_one_line_error(result, *fragments):
@@ -256,6 +282,12 @@ def test_the_check_before_start_expands_a_preset_as_hydra_does():
     assert len(job_overrides(["-m", "preset=aomd_grid", "loss.mode=1"], "train")) == 5
     assert job_overrides(["-m", "loss=sp,rkd", "train.seed=0,1"], "train") == [
         ["loss=sp", "train.seed=0"], ["loss=sp", "train.seed=1"], ["loss=rkd", "train.seed=0"], ["loss=rkd", "train.seed=1"]]
+    # Hydra's other spelling of -m
+    assert len(job_overrides(["hydra.mode=MULTIRUN", "loss=sp,rkd"], "train")) == 2
+    # swept presets: Hydra would run each one's fixed settings once, neither's sweep
+    with pytest.raises(ConfigError, match=r"^preset=baselines,seeds runs one job per preset with its fixed settings "
+                                          r"only, not the presets' sweeps; run one preset per command"):
+        job_overrides(["-m", "preset=baselines,seeds"], "train")
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -25,6 +26,7 @@ from aomd.errors import ConfigError
 from aomd.losses.terms import TERMS, check_loss, distils
 from aomd.models.backbones import BACKBONES
 from aomd.metrics import SELECTIONS
+from aomd.runtime import check_settings
 
 MAX_JOBS_CHECKED = 256  # a sweep larger than this has its first jobs checked up front, the rest as they start
 
@@ -130,6 +132,11 @@ def _composition_error(error: BaseException) -> str:
         reason = (getattr(cause, "msg", None) or str(cause)).splitlines()[0].rstrip(".")
         return f"Invalid value for `{key}`: {reason}; fix it on the command line or in the config file."
     first = str(error).strip().splitlines()[0].rstrip(".")
+    if first.startswith("Ambiguous value for argument"):  # Hydra's advice follows on lines of its own
+        return f"{first}: add -m to sweep over the values, or write key=[a,b] for a list."
+    override = re.fullmatch(r"Could not override '([\w.]+)'\. No match in the defaults list", first)
+    if override:  # a group the defaults list does not name (an add-on such as ablation)
+        return f"{first}: add the group with +{override.group(1)}=<option>."
     if "Could not load 'schema/" in first:  # a config file of one's own whose schema a plugin registers
         return (f"{first}: the schema it names is registered by a plugin of your own; name its module in "
                 f"AOMD_PLUGINS (README: Extending).")
@@ -174,7 +181,8 @@ def check_train(train, prefix: str = "train") -> None:
     _require(0 <= train.seed < 2**32, f"{prefix}.seed must be between 0 and 2**32 - 1 (NumPy's seeds), got {train.seed}.")
     _require(train.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", train.device) is not None,
              f"train.device must be auto, cpu, cuda or cuda:<index>, got {train.device!r}.")
-    # train.precision and train.num_workers are checked where they are resolved, aomd.runtime.Runtime.resolve
+    if prefix == "train":  # the runtime's settings are the student job's (the teacher trains with them too)
+        check_settings(train.precision, train.num_workers, train.compile, train.cuda_graphs)
 
 
 def check_teacher_objective(teacher, recipe) -> None:
@@ -184,10 +192,11 @@ def check_teacher_objective(teacher, recipe) -> None:
         _require(isinstance(teacher[key], DictConfig),
                  f"teacher.{key} holds the settings of the teacher's own {key} (e.g. {example}), it is not an option of "
                  f"the {key} group; got teacher.{key}={teacher[key]!r}.")
-    check_loss(teacher.loss, recipe, prefix="teacher.loss")
+    # first: the distillation terms' own rules would name the student's keys
     _require(not distils(teacher.loss),
              f"teacher.loss cannot distil ({', '.join(f'teacher.loss.{t.ratio_key}' for t in TERMS.values() if t.distils and teacher.loss.get(t.ratio_key, 0) > 0)}): "
              f"the teacher has no teacher of its own; set those ratios to 0.")
+    check_loss(teacher.loss, recipe, prefix="teacher.loss")
     _require(recipe.epochs >= 1, f"teacher.train.epochs must be at least 1: an untrained network is no teacher, got {recipe.epochs}.")
 
 
@@ -227,11 +236,14 @@ def validate(cfg: DictConfig) -> DictConfig:
                 raise
             raise ConfigError(f"{str(error).removesuffix('.')} (the keys teacher.train leaves null take train's values).") from None
         check_teacher_objective(cfg.teacher, teacher_recipe(cfg))
+    trains_teacher = distils(cfg.loss) and not cfg.teacher.checkpoint
     for prefix, sampler in (("sampler", cfg.sampler), ("teacher.sampler", cfg.teacher.sampler)):
         if isinstance(sampler, DictConfig) and "cutoff" in sampler and "nonzero_loss_cutoff" in sampler:
             _require(0 <= sampler.cutoff < sampler.nonzero_loss_cutoff,
                      f"{prefix}.cutoff must be 0 or more and below {prefix}.nonzero_loss_cutoff, got {sampler.cutoff} "
                      f"and {sampler.nonzero_loss_cutoff}.")
+        if isinstance(sampler, DictConfig) and (prefix == "sampler" or trains_teacher):
+            _check_builds(sampler, prefix)
     _require(len(cfg.eval.recall_k) > 0 and all(k >= 1 for k in cfg.eval.recall_k),
              f"eval.recall_k must be a non-empty list of positive integers, got {list(cfg.eval.recall_k)}.")
     _require(cfg.eval.batch_size >= 1 and cfg.eval.chunk_size >= 1, "eval.batch_size and eval.chunk_size must be at least 1.")
@@ -241,8 +253,9 @@ def validate(cfg: DictConfig) -> DictConfig:
              f"training classes), got {cfg.eval.val_classes}.")
     # W&B's older names, which a WANDB_MODE set for other tools may still hold
     cfg.logger.mode = {"dryrun": "offline", "run": "online"}.get(cfg.logger.mode, cfg.logger.mode)
+    from_environment = " (from the environment variable WANDB_MODE)" if os.environ.get("WANDB_MODE") == cfg.logger.mode else ""
     _require(cfg.logger.mode in ("online", "offline", "disabled"),
-             f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}.")
+             f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}{from_environment}.")
     _require(cfg.logger.init_timeout >= 0, f"logger.init_timeout must be 0 or more seconds, got {cfg.logger.init_timeout}.")
     image_size = cfg.dataset.get("image_size")
     _require(image_size is None or (isinstance(image_size, int) and image_size >= 32),
@@ -251,6 +264,22 @@ def validate(cfg: DictConfig) -> DictConfig:
     _require(base_size is None or image_size is None or base_size >= image_size,
              f"dataset.image_size ({image_size}) cannot be larger than dataset.base_size ({base_size}), the stored size it is cropped from.")
     return cfg
+
+
+def _check_builds(node: DictConfig, prefix: str) -> None:
+    """A small node (a sampler) is built once now: a `_target_` changed to a class its keys do not
+    fit would otherwise fail after the data is read, or a teacher trained."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        advice = ("choose a sampler option (e.g. sampler=semihard) instead of setting sampler._target_" if prefix == "sampler"
+                  else "the teacher's sampler is distance-weighted: set its keys (e.g. teacher.sampler.cutoff=0.6), not its _target_")
+        raise ConfigError(f"{prefix} could not be built from its _target_ {node.get('_target_')!r} and its keys "
+                          f"({str(cause).splitlines()[0]}); {advice}.") from None
 
 
 def check_test_size(recall_k, test_images: int, split: str = "test") -> None:
@@ -273,6 +302,11 @@ def chooses_other_configs(argv: list[str]) -> bool:
     return any(arg.split("=", 1)[0] in HYDRA_CONFIG_FLAGS for arg in argv)
 
 
+def is_multirun(argv: list[str]) -> bool:
+    """Whether the command line starts a sweep: `-m`, `--multirun`, or Hydra's `hydra.mode=MULTIRUN`."""
+    return bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv))
+
+
 def job_overrides(argv: list[str], config_name: str) -> list[list[str]]:
     """The overrides of every job `argv` starts: one list for a single run; for `-m`, the
     combinations of the command line's and the preset's sweeps (BasicSweeper's expansion);
@@ -281,10 +315,14 @@ def job_overrides(argv: list[str], config_name: str) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [arg for arg in argv if not arg.startswith("-")]
-    if not ({"-m", "--multirun"} & set(argv)):
+    if not is_multirun(argv):
         return [overrides]
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
+    swept_presets = [o.input_line for o in parsed if o.key_or_group == "preset" and o.is_sweep_override()]
+    if swept_presets:  # each job would get one preset's fixed settings, and neither preset's sweep
+        raise ConfigError(f"{swept_presets[0]} runs one job per preset with its fixed settings only, not the presets' "
+                          f"sweeps; run one preset per command (-m preset=<name>).")
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     base = compose(fixed, config_name, with_hydra=True)
     params = base.hydra.sweeper.get("params")
@@ -310,7 +348,7 @@ def check_before_start(argv: list[str], config_name: str = "train") -> None:
     except HydraException as error:  # a command line Hydra cannot parse
         raise ConfigError(_composition_error(error)) from None
     # a sweep whose job folders are named by their overrides: each name must fit the file system
-    names_folders = bool({"-m", "--multirun"} & set(argv)) and any(arg.startswith("hydra.sweep.subdir=") for arg in argv)
+    names_folders = is_multirun(argv) and any(arg.startswith("hydra.sweep.subdir=") for arg in argv)
     first_error = folder_error = None
     for number, overrides in enumerate(itertools.islice(jobs, MAX_JOBS_CHECKED)):
         composed = compose(overrides, config_name, with_hydra=names_folders)

@@ -68,6 +68,18 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def check_settings(precision: Any, num_workers: Any, compile: bool, cuda_graphs: bool) -> None:
+    """The rules of the runtime settings that hold on any machine: checked with the config
+    (aomd.config), so that a sweep with a bad value stops before it starts, and again here."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if not (num_workers == "auto" or isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0):
+        raise ConfigError(f"train.num_workers must be auto or an integer of 0 or more, got {num_workers!r}.")
+    if cuda_graphs and compile:
+        raise ConfigError("train.cuda_graphs=true and train.compile=true both take over the teacher's forward; "
+                          "use one of them.")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The resolved device, precision, memory format, compilation and loader settings of a job."""
@@ -101,8 +113,7 @@ class Runtime:
                               f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
         if on_cuda and resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
-        if precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        check_settings(precision, num_workers, compile, cuda_graphs)
         if precision == "auto":
             precision = "bf16" if on_cuda and native_bf16(resolved) else "fp32"
         elif precision == "bf16" and on_cuda and not native_bf16(resolved):
@@ -111,8 +122,6 @@ class Runtime:
         if num_workers == "auto":
             # the CPU trains in the main process (tests and results unchanged); a GPU needs loaders
             num_workers = min(8, max(usable_cpus() - 1, 1)) if on_cuda else 0
-        elif not (isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0):
-            raise ConfigError(f"train.num_workers must be auto or an integer of 0 or more, got {num_workers!r}.")
         if channels_last is None:
             # compiled networks get their memory layout from inductor, which picks channels_last for
             # convolutions itself (`place` keeps their parameters in the standard layout)
@@ -120,9 +129,6 @@ class Runtime:
         if cuda_graphs and not on_cuda:
             raise ConfigError(f"train.cuda_graphs=true needs a CUDA device, but the job runs on {resolved}; "
                               f"use train.cuda_graphs=false.")
-        if cuda_graphs and compile:
-            raise ConfigError("train.cuda_graphs=true and train.compile=true both take over the teacher's forward; "
-                              "use one of them.")
         return cls(
             device=resolved,
             precision=precision,
