@@ -135,6 +135,22 @@ def test_hydra_errors_keep_their_advice_in_one_line(argv, message):
     assert str(error.value) == message
 
 
+def test_a_schedule_that_does_not_do_what_it_says_is_warned_of():
+    """A shortened run keeps its dataset's decay epochs (CUB's 80-epoch schedule in 30 epochs)."""
+    from aomd.config import schedule_warning
+    from aomd.teachers import teacher_recipe
+
+    cfg = validate(compose("dataset=cub200", "dataset.root=/data/cub", "train.epochs=50"))
+    assert schedule_warning(cfg.train) == ("train.lr_decay_epochs [40, 60]: epoch 60 comes after the last one "
+                                           "(train.epochs=50), so the learning rate does not decay there; set "
+                                           "train.lr_decay_epochs for this length.")
+    assert schedule_warning(validate(compose("dataset=cub200", "dataset.root=/data/cub")).train) is None
+    assert schedule_warning(validate(compose("train.epochs=0")).train) is None  # evaluation only
+    assert "raises the learning rate" in schedule_warning(validate(compose("train.lr_decay_gamma=2")).train)
+    teacher = teacher_recipe(validate(compose("loss=sp", "teacher.train.epochs=5")))
+    assert schedule_warning(teacher, "teacher.train").startswith("teacher.train.lr_decay_epochs [10]: epoch 10 comes after")
+
+
 def test_a_bad_logger_mode_from_wandb_mode_says_where_it_came_from(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match=r"got 'sometimes' \(from the environment variable WANDB_MODE\)\.$"):

@@ -185,6 +185,19 @@ def check_train(train, prefix: str = "train") -> None:
         check_settings(train.precision, train.num_workers, train.compile, train.cuda_graphs)
 
 
+def schedule_warning(train, prefix: str = "train") -> str | None:
+    """Why a recipe's learning-rate schedule will not do what it says, or None: decay epochs after
+    its last epoch (a shortened run keeps the dataset's schedule), or a factor that raises the rate."""
+    late = [epoch for epoch in train.lr_decay_epochs if epoch > train.epochs]
+    if late and train.epochs > 0:
+        return (f"{prefix}.lr_decay_epochs {list(train.lr_decay_epochs)}: epoch{'s' * (len(late) > 1)} "
+                f"{', '.join(map(str, late))} come{'s' * (len(late) == 1)} after the last one ({prefix}.epochs="
+                f"{train.epochs}), so the learning rate does not decay there; set {prefix}.lr_decay_epochs for this length.")
+    if train.lr_decay_gamma > 1:
+        return f"{prefix}.lr_decay_gamma is {train.lr_decay_gamma}: each decay epoch raises the learning rate."
+    return None
+
+
 def check_teacher_objective(teacher, recipe) -> None:
     """What a managed teacher is trained with: its own loss settings (a term on its own
     embeddings: it has no teacher), its sampler's settings, and at least one epoch."""

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aomd import resume
 from aomd.build import build_objective
+from aomd.config import schedule_warning
 from aomd.data import RetrievalData
 from aomd.errors import ConfigError, UserError, cannot_write
 from aomd.jobs import train_network
@@ -82,6 +83,9 @@ def train_teacher(cfg: DictConfig, data: RetrievalData, out_dir: Path, runtime: 
     recipe = teacher_recipe(cfg)
     log.info("Training the teacher %s-%d on %s into %s (once; later jobs reuse it).",
              teacher.backbone, teacher.embedding_size, data.name, out_dir)
+    warning = schedule_warning(recipe, "teacher.train")
+    if warning:
+        log.warning(warning)
     resume_from = resume.source("auto", out_dir)
     runtime.seed_everything(recipe.seed)
     # a resumed training's last.pt holds the whole network: no ImageNet weights to load (or download) first

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aomd.build import build_objective, load_data
 from aomd.cli import in_multirun, run_task, start
-from aomd.config import config_dir, validate
+from aomd.config import config_dir, schedule_warning, validate
 from aomd.engine import evaluate
 from aomd.jobs import train_network
 from aomd.losses.terms import distils
@@ -101,6 +101,9 @@ def train(cfg: DictConfig) -> float:
     runtime = Runtime.from_train(cfg.train)  # the job's one device and precision, checked before any work
     if distils(cfg.loss):
         check_given_teacher(cfg)
+    warning = schedule_warning(cfg.train)  # the teacher's recipe is warned of where it trains (aomd.teachers)
+    if warning:
+        log.warning(warning)
     # the data before the networks: a wrong dataset.root is reported before any weight download
     data = load_data(cfg.dataset, cfg.train.batch_size, cfg.eval)
     # after the checks of bad input, which leave the folder as it was
